@@ -1,0 +1,296 @@
+package machines
+
+import (
+	"errors"
+	"fmt"
+	"math"
+	"net"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+	"unicode"
+
+	"golang.org/x/crypto/ssh"
+)
+
+// Defaults a [Machine] gets for what its source leaves unset.
+const (
+	DefaultConnectTimeout = 10 * time.Second
+	DefaultParallelBuilds = 1
+	DefaultSpeed          = 1.0
+)
+
+// MaxParallelBuilds bounds parallel-builds (max jobs in a machines file). Every slot is a file and a
+// scheduler entry; no real builder runs more builds at once than this.
+const MaxParallelBuilds = 1024
+
+// Machine is one remote builder, from the TOML file or from Nix's `builders` setting.
+type Machine struct {
+	Host              string        // hostname, address, or ~/.ssh/config alias (required)
+	Port              int           // 0 = not set (ssh_config or 22 decides)
+	User              string        // "" = not set
+	SSHKey            string        // private key file, "" = agent / ssh_config
+	HostKey           string        // pinned host key, authorized_keys form "ssh-ed25519 AAAA…", "" = use known-hosts
+	KnownHosts        []string      // known_hosts files
+	ConnectTimeout    time.Duration // default 10s
+	Systems           []string      // required, non-empty
+	ParallelBuilds    int           // default 1, >= 1
+	Speed             float64       // default 1.0, > 0
+	Features          []string      // supported system features
+	MandatoryFeatures []string      // only builds that require all of these go here
+	RemoteStore       string        // optional `--store` for the remote nix-store
+	Enabled           bool          // default true
+	Source            string        // where it was defined, e.g. "/etc/nix/offload.toml:14" or "builders:2"
+}
+
+// Name is the machine's identity in logs, status and slot files: "user@host:port" with the parts
+// that are set. An IPv6 address is bracketed when a port follows it ("[::1]:2222").
+func (m Machine) Name() string {
+	h := m.Host
+	if m.Port != 0 {
+		h = net.JoinHostPort(h, strconv.Itoa(m.Port))
+	}
+	if m.User != "" {
+		h = m.User + "@" + h
+	}
+	return h
+}
+
+// Error is one problem found in a configuration, located as precisely as the source allows.
+// Parse, ParseBuilders and Validate return a *Error for a single problem and an [errors.Join] of
+// them, one per line, for several; [errors.As] finds the first either way.
+type Error struct {
+	File string // file name as given to Parse, "builders" for the setting itself; "" if unknown
+	Line int    // 1-based; 0 if unknown
+	Key  string // "machine[2].parallel-builds", "daemon", "field 5 (speed factor)"; "" if none
+	Msg  string
+}
+
+// Error formats the error as "file:line: key: msg", leaving out the parts that are unknown.
+func (e *Error) Error() string {
+	var b strings.Builder
+	switch {
+	case e.File != "" && e.Line > 0:
+		fmt.Fprintf(&b, "%s:%d: ", e.File, e.Line)
+	case e.File != "":
+		b.WriteString(e.File + ": ")
+	case e.Line > 0:
+		fmt.Fprintf(&b, "line %d: ", e.Line)
+	}
+	if e.Key != "" {
+		b.WriteString(e.Key + ": ")
+	}
+	b.WriteString(e.Msg)
+	return b.String()
+}
+
+// joinErrors returns nil, the only error, or all of them joined (one per line).
+func joinErrors(errs []*Error) error {
+	switch len(errs) {
+	case 0:
+		return nil
+	case 1:
+		return errs[0]
+	}
+	out := make([]error, len(errs))
+	for i, e := range errs {
+		out[i] = e
+	}
+	return errors.Join(out...)
+}
+
+// sortErrors orders errors by line (unknown lines first) and drops exact repeats.
+func sortErrors(errs []*Error) []*Error {
+	slices.SortStableFunc(errs, func(a, b *Error) int { return a.Line - b.Line })
+	return slices.CompactFunc(errs, func(a, b *Error) bool { return *a == *b })
+}
+
+// Validate checks a list of machines as a whole: no two share a [Machine.Name], and each one
+// keeps the rules the parsers enforce (a valid host, a port of 0–65535 where 0 means unset,
+// at least one system, 1 to [MaxParallelBuilds] parallel builds, a finite speed above 0, a
+// connect timeout that is not negative (0 means [DefaultConnectTimeout]), a host key that
+// parses). Errors are located by each machine's Source and keyed "machine[i].<toml key>",
+// counting from 1 in list order.
+func Validate(ms []Machine) error {
+	var errs []*Error
+	for i, m := range ms {
+		file, line := splitSource(m.Source)
+		bad := func(key, msg string) {
+			errs = append(errs, &Error{File: file, Line: line, Key: fmt.Sprintf("machine[%d].%s", i+1, key), Msg: msg})
+		}
+		if msg := checkHost(m.Host); msg != "" {
+			bad("host", msg)
+		}
+		if m.Port != 0 {
+			if msg := checkPort(int64(m.Port)); msg != "" {
+				bad("port", msg)
+			}
+		}
+		if len(m.Systems) == 0 {
+			bad("systems", msgNoSystems)
+		}
+		for j, s := range m.Systems {
+			if msg := checkListItem(s); msg != "" {
+				bad(fmt.Sprintf("systems[%d]", j+1), msg)
+			}
+		}
+		for j, s := range m.Features {
+			if msg := checkListItem(s); msg != "" {
+				bad(fmt.Sprintf("features[%d]", j+1), msg)
+			}
+		}
+		for j, s := range m.MandatoryFeatures {
+			if msg := checkListItem(s); msg != "" {
+				bad(fmt.Sprintf("mandatory-features[%d]", j+1), msg)
+			}
+		}
+		if msg := checkParallelBuilds(int64(m.ParallelBuilds)); msg != "" {
+			bad("parallel-builds", msg)
+		}
+		if msg := checkSpeed(m.Speed); msg != "" {
+			bad("speed", msg)
+		}
+		if m.ConnectTimeout < 0 {
+			bad("connect-timeout", fmt.Sprintf("must not be negative, got %s", m.ConnectTimeout))
+		}
+		if m.HostKey != "" {
+			if _, msg := parseHostKey(m.HostKey); msg != "" {
+				bad("host-key", msg)
+			}
+		}
+	}
+	for _, d := range duplicates(ms) {
+		file, line := splitSource(ms[d.second].Source)
+		errs = append(errs, &Error{File: file, Line: line, Key: fmt.Sprintf("machine[%d].host", d.second+1),
+			Msg: fmt.Sprintf("duplicate machine %q; machine[%d]%s has the same user, host and port",
+				ms[d.second].Name(), d.first+1, at(ms[d.first].Source))})
+	}
+	return joinErrors(errs)
+}
+
+// dup names two machines with the same Name, by index; first < second.
+type dup struct{ first, second int }
+
+// duplicates finds every machine whose Name an earlier one already has. Machines with an
+// empty host are left to the host check.
+func duplicates(ms []Machine) []dup {
+	var out []dup
+	seen := make(map[string]int, len(ms))
+	for i, m := range ms {
+		if m.Host == "" {
+			continue
+		}
+		name := m.Name()
+		if j, ok := seen[name]; ok {
+			out = append(out, dup{j, i})
+			continue
+		}
+		seen[name] = i
+	}
+	return out
+}
+
+// at renders a Source as " (at file:line)", or nothing when there is none.
+func at(source string) string {
+	if source == "" {
+		return ""
+	}
+	return " (at " + source + ")"
+}
+
+// splitSource splits "file:line" as written by the parsers; anything else is all file.
+func splitSource(s string) (string, int) {
+	i := strings.LastIndexByte(s, ':')
+	if i < 0 {
+		return s, 0
+	}
+	n, err := strconv.Atoi(s[i+1:])
+	if err != nil || n <= 0 {
+		return s, 0
+	}
+	return s[:i], n
+}
+
+const msgNoSystems = `must not be empty; list the systems this machine builds for, e.g. ["x86_64-linux"]`
+
+// The check functions return "" for a good value and otherwise a message that completes
+// "<key>: …". Both parsers and Validate use them, so the rules cannot drift apart.
+
+func checkHost(h string) string {
+	switch {
+	case h == "":
+		return "must not be empty"
+	case strings.Contains(h, "://"):
+		return fmt.Sprintf("%q is a URL; give the bare host name, and the port and user separately", h)
+	case strings.HasPrefix(h, "-"):
+		return fmt.Sprintf("%q must not start with '-'", h)
+	case strings.ContainsFunc(h, func(r rune) bool { return unicode.IsSpace(r) || unicode.IsControl(r) }):
+		return fmt.Sprintf("%q must not contain spaces or control characters", h)
+	case strings.Contains(h, "@"):
+		return fmt.Sprintf("%q contains '@'; give the user separately", h)
+	case strings.ContainsAny(h, "/[]"):
+		return fmt.Sprintf("%q is not a host name or address (IPv6 addresses go without brackets)", h)
+	case strings.Contains(h, ":") && net.ParseIP(h) == nil:
+		return fmt.Sprintf("%q contains ':'; give the port separately", h)
+	}
+	return ""
+}
+
+func checkPort(p int64) string {
+	if p < 1 || p > 65535 {
+		return fmt.Sprintf("must be between 1 and 65535, got %d", p)
+	}
+	return ""
+}
+
+func checkParallelBuilds(n int64) string {
+	switch {
+	case n < 1:
+		return fmt.Sprintf("must be at least 1, got %d", n)
+	case n > MaxParallelBuilds:
+		return fmt.Sprintf("must be at most %d, got %d", MaxParallelBuilds, n)
+	}
+	return ""
+}
+
+func checkSpeed(f float64) string {
+	switch {
+	case math.IsNaN(f) || math.IsInf(f, 0):
+		return fmt.Sprintf("must be a finite number, got %v", f)
+	case f <= 0:
+		return fmt.Sprintf("must be greater than 0, got %v", f)
+	}
+	return ""
+}
+
+// checkListItem checks one system or feature name. A comma or space inside one name is almost
+// always two names written as one string.
+func checkListItem(s string) string {
+	switch {
+	case s == "":
+		return "must not be empty"
+	case strings.ContainsFunc(s, func(r rune) bool { return r == ',' || unicode.IsSpace(r) || unicode.IsControl(r) }):
+		return fmt.Sprintf("%q must not contain commas, spaces or control characters; write one name per list item", s)
+	}
+	return ""
+}
+
+// parseHostKey accepts exactly one public key in authorized_keys form ("ssh-ed25519 AAAA…
+// [comment]") and returns it as "type base64", without the comment.
+func parseHostKey(s string) (canonical, msg string) {
+	s = strings.TrimSpace(s)
+	if strings.ContainsAny(s, "\r\n") {
+		return "", "must be a single line holding one public key"
+	}
+	key, _, options, rest, err := ssh.ParseAuthorizedKey([]byte(s))
+	switch {
+	case err != nil:
+		return "", fmt.Sprintf(`must be a public key line such as "ssh-ed25519 AAAA…" (the host's /etc/ssh/ssh_host_ed25519_key.pub): %v`, err)
+	case len(options) > 0:
+		return "", fmt.Sprintf(`must be a public key line such as "ssh-ed25519 AAAA…", without the %q in front (known_hosts host names or authorized_keys options)`, strings.Join(options, ","))
+	case len(strings.TrimSpace(string(rest))) > 0:
+		return "", "must hold one public key, found more"
+	}
+	return strings.TrimSuffix(string(ssh.MarshalAuthorizedKey(key)), "\n"), ""
+}
