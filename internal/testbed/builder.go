@@ -1,0 +1,493 @@
+package testbed
+
+import (
+	"bytes"
+	"context"
+	"crypto/ed25519"
+	"crypto/rand"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	mrand "math/rand/v2"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/crypto/ssh"
+)
+
+// Builder is a simulated remote build machine: an sshd on its own loopback address whose
+// processes see their own /nix (Dir/nix) and run this Nix, reached as root with a key.
+// The fields are set by [StartBuilder] and must not be changed.
+type Builder struct {
+	Name       string // "b1", "b2"…: unique in this test process; the Host alias in SSHConfig
+	Nix        Nix    // the Nix that runs on the host (nix-store --serve, builds)
+	Addr       string // 127.0.0.N, the host's own address
+	Port       int    // sshd's port on Addr
+	User       string // "root"
+	HostKey    string // the host's public key in authorized_keys form: "ssh-ed25519 AAAA…"
+	ClientKey  string // path of the unencrypted ed25519 private key the host authorizes
+	KnownHosts string // path of a known_hosts file holding "[Addr]:Port ssh-ed25519 …"
+	SSHConfig  string // path of an ssh_config with "Host Name" (for ssh -F, NIX_SSHOPTS="-F …")
+	Dir        string // the host's directory: Dir/nix is its store, sshd.log its sshd's log
+
+	nixConf string // the host's /etc/nix/nix.conf
+
+	mu      sync.Mutex
+	tb      testing.TB
+	cmd     *exec.Cmd     // the running sshd; nil when killed
+	done    chan struct{} // closed when cmd has been waited for
+	nsFile  *os.File      // holds the namespace of the last sshd, so its id stays unique; nil after Stop
+	ns      nsID
+	lock    net.Listener // reserves Addr among test processes; nil after Stop
+	stopped bool
+}
+
+// BuilderOption changes how [StartBuilder] sets up a host.
+type BuilderOption func(*Builder)
+
+// WithNixConf adds lines to the host's nix.conf, after the test bed's own, e.g.
+// "system-features = kvm big-parallel" for builds that require features.
+func WithNixConf(lines string) BuilderOption {
+	return func(b *Builder) {
+		b.nixConf += strings.TrimSuffix(lines, "\n") + "\n"
+	}
+}
+
+var builderSeq atomic.Int64
+
+// StartBuilder starts a builder host running nix and returns once
+// `ssh -F SSHConfig Name nix-store --version` works on it (or fails the test, with sshd's
+// log, within 20 s). The host stays up until [Builder.Stop], which the test's cleanup
+// calls.
+//
+// The host's sshd runs in a new private mount namespace, set up as for [Nix.Command]:
+// Dir/nix is its /nix, /etc/nix holds the test bed's nix.conf, and /root, the login
+// user's home, is an empty tmpfs so that the machine's dotfiles (a .bashrc that prints or
+// takes time) never reach a session. For a chroot Nix, Dir is also mounted at the same
+// path inside the root. sshd permits only public-key logins as root and up to 64 sessions
+// and 64 unauthenticated connections, and gives sessions NIX_CONF_DIR=/etc/nix.
+func StartBuilder(tb testing.TB, nix Nix, opts ...BuilderOption) *Builder {
+	tb.Helper()
+	RequireRoot(tb)
+	if nix.Root == "" || nix.Version == "" {
+		tb.Fatalf("testbed: StartBuilder with a zero Nix; get one from Lookup or All")
+	}
+	if _, err := os.Stat(filepath.Join(nix.Root, "usr/sbin/sshd")); err != nil {
+		hint := "apt-get install openssh-server"
+		if nix.chroot() {
+			hint = "the root lacks openssh-server: remove " + nix.Root + " and run scripts/testbed-roots"
+		}
+		unavailable(tb, "testbed: no sshd for %v: %v\nhint: %s", nix, err, hint)
+	}
+	if _, err := lookTool("ssh"); err != nil {
+		unavailable(tb, "testbed: no ssh client on the host\nhint: apt-get install openssh-client")
+	}
+
+	b := &Builder{
+		Name:    "b" + strconv.FormatInt(builderSeq.Add(1), 10),
+		Nix:     nix,
+		User:    "root",
+		Dir:     tb.TempDir(),
+		nixConf: baseNixConf,
+		tb:      tb,
+	}
+	for _, o := range opts {
+		o(b)
+	}
+	// Registered after TempDir, so it runs before Dir is removed.
+	tb.Cleanup(b.Stop)
+	if err := b.setUp(); err != nil {
+		tb.Fatalf("testbed: %s: %v", b.Name, err)
+	}
+
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if err := b.startLocked(); err != nil {
+		tb.Fatalf("testbed: %s (%v): %v", b.Name, nix, err)
+	}
+	return b
+}
+
+// setUp reserves an address and writes the keys and configuration files into Dir.
+func (b *Builder) setUp() error {
+	if err := os.Chmod(b.Dir, 0o755); err != nil {
+		return err
+	}
+	if err := os.Mkdir(filepath.Join(b.Dir, "nix"), 0o755); err != nil {
+		return err
+	}
+	// sshd's privilege separation directory; sshd does not start without it.
+	if err := os.MkdirAll(filepath.Join(b.Nix.Root, "run/sshd"), 0o755); err != nil {
+		return err
+	}
+
+	addr, port, lock, err := reserveAddr()
+	if err != nil {
+		return err
+	}
+	b.Addr, b.Port, b.lock = addr, port, lock
+
+	hostKey, err := writeKey(filepath.Join(b.Dir, "hostkey"))
+	if err != nil {
+		return err
+	}
+	clientKey, err := writeKey(filepath.Join(b.Dir, "client_key"))
+	if err != nil {
+		return err
+	}
+	b.HostKey = hostKey
+	b.ClientKey = filepath.Join(b.Dir, "client_key")
+	b.KnownHosts = filepath.Join(b.Dir, "known_hosts")
+	b.SSHConfig = filepath.Join(b.Dir, "ssh_config")
+
+	files := []struct {
+		name, text string
+	}{
+		{"authorized_keys", clientKey + "\n"},
+		{"known_hosts", fmt.Sprintf("[%s]:%d %s\n", b.Addr, b.Port, b.HostKey)},
+		{"ssh_config", b.sshConfigBlock()},
+		{"sshd_config", b.sshdConfig()},
+	}
+	for _, f := range files {
+		if err := os.WriteFile(filepath.Join(b.Dir, f.name), []byte(f.text), 0o644); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// sshConfigBlock returns the "Host Name" block of an ssh_config that reaches b.
+func (b *Builder) sshConfigBlock() string {
+	return fmt.Sprintf(`Host %s
+  HostName %s
+  Port %d
+  User %s
+  IdentityFile %s
+  IdentitiesOnly yes
+  UserKnownHostsFile %s
+  GlobalKnownHostsFile /dev/null
+  StrictHostKeyChecking yes
+  UpdateHostKeys no
+  BatchMode yes
+  ConnectTimeout 10
+  ControlMaster no
+  ControlPath none
+  LogLevel ERROR
+`, b.Name, b.Addr, b.Port, b.User, b.ClientKey, b.KnownHosts)
+}
+
+func (b *Builder) sshdConfig() string {
+	return fmt.Sprintf(`# builder %[1]s, written by internal/testbed
+Port %[2]d
+ListenAddress %[3]s
+AddressFamily inet
+HostKey %[4]s/hostkey
+PidFile none
+AuthorizedKeysFile %[4]s/authorized_keys
+PermitRootLogin prohibit-password
+PubkeyAuthentication yes
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+StrictModes no
+MaxSessions 64
+MaxStartups 64
+UseDNS no
+PrintMotd no
+PrintLastLog no
+SetEnv NIX_CONF_DIR=/etc/nix NIX_USER_CONF_FILES=
+LogLevel VERBOSE
+`, b.Name, b.Port, b.Addr, b.Dir)
+}
+
+// writeKey writes a new ed25519 private key to path (and its public half to path.pub) and
+// returns the public key in authorized_keys form.
+func writeKey(path string) (string, error) {
+	pub, priv, err := ed25519.GenerateKey(rand.Reader)
+	if err != nil {
+		return "", err
+	}
+	block, err := ssh.MarshalPrivateKey(priv, "")
+	if err != nil {
+		return "", err
+	}
+	if err := os.WriteFile(path, pem.EncodeToMemory(block), 0o600); err != nil {
+		return "", err
+	}
+	sshPub, err := ssh.NewPublicKey(pub)
+	if err != nil {
+		return "", err
+	}
+	line := strings.TrimSpace(string(ssh.MarshalAuthorizedKey(sshPub)))
+	return line, os.WriteFile(path+".pub", []byte(line+"\n"), 0o644)
+}
+
+// addrLockPrefix names the abstract unix sockets that reserve builder addresses.
+const addrLockPrefix = "@nix-offload-testbed/"
+
+// reserveAddr picks a loopback address no other builder (of any test process) uses and a
+// port that is free on it. The address stays reserved until lock is closed.
+func reserveAddr() (addr string, port int, lock net.Listener, err error) {
+	first := mrand.IntN(253)
+	for i := range 253 {
+		addr = "127.0.0." + strconv.Itoa(2+(first+i)%253)
+		lock, err := net.Listen("unix", addrLockPrefix+addr)
+		if err != nil {
+			continue // another builder has it
+		}
+		for range 32 {
+			port = 20000 + mrand.IntN(10000)
+			l, err := net.Listen("tcp4", net.JoinHostPort(addr, strconv.Itoa(port)))
+			if err == nil {
+				l.Close()
+				return addr, port, lock, nil
+			}
+		}
+		lock.Close()
+	}
+	return "", 0, nil, errors.New("no free address in 127.0.0.2-254 (253 builders running?)")
+}
+
+// readyTimeout bounds how long StartBuilder and Restart wait for sshd to serve
+// nix-store --version. It takes about 0.5 s, but up to 3.5 s was seen on a 2-CPU machine
+// with a load of 9; an sshd that fails exits and is reported at once.
+const readyTimeout = 20 * time.Second
+
+// startLocked starts sshd and waits until it serves nix-store --version.
+func (b *Builder) startLocked() error {
+	logPath := filepath.Join(b.Dir, "sshd.log")
+	logf, err := os.OpenFile(logPath, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o644)
+	if err != nil {
+		return err
+	}
+	defer logf.Close()
+	spec := nsSpec{
+		root:    b.Nix.Root,
+		store:   filepath.Join(b.Dir, "nix"),
+		mounts:  []string{b.Dir},
+		nixConf: b.nixConf,
+		// Hiding /root would hide Dir too if it lay there.
+		hideHome: !strings.HasPrefix(b.Dir+"/", "/root/") || b.Nix.chroot(),
+	}
+	if err := spec.check(); err != nil {
+		return err
+	}
+	cmd := newNSCommand(spec, []string{"/usr/sbin/sshd", "-D", "-e", "-f", filepath.Join(b.Dir, "sshd_config")})
+	cmd.Env = []string{"PATH=" + defaultPath, "LC_ALL=C"}
+	cmd.Stdout, cmd.Stderr = logf, logf
+	if err := cmd.Start(); err != nil {
+		return err
+	}
+	done := make(chan struct{})
+	go func() {
+		_ = cmd.Wait() // its exit is reported by readiness, Kill and Stop
+		close(done)
+	}()
+	fail := func(err error) error {
+		_ = syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
+		<-done
+		return fmt.Errorf("%v\nsshd.log (%s):\n%s", err, logPath, tail(logPath, 4096))
+	}
+
+	// The process made its namespace before exec, so this is the builder's. Holding it
+	// open keeps the namespace's id from being reused while we look for its processes.
+	nsFile, err := os.Open("/proc/" + strconv.Itoa(cmd.Process.Pid) + "/ns/mnt")
+	if err != nil {
+		return fail(fmt.Errorf("sshd exited at once: %v", err))
+	}
+	ns, err := nsOfFile(nsFile)
+	if err != nil || sharedNS(ns) {
+		nsFile.Close()
+		return fail(fmt.Errorf("sshd is not in a namespace of its own (%v)", err))
+	}
+	if b.nsFile != nil {
+		b.nsFile.Close()
+	}
+	b.cmd, b.done, b.nsFile, b.ns = cmd, done, nsFile, ns
+
+	if err := b.waitReady(done); err != nil {
+		kerr := b.killLocked()
+		return fmt.Errorf("%v%s\nsshd.log (%s):\n%s", err, errSuffix(kerr), logPath, tail(logPath, 4096))
+	}
+	return nil
+}
+
+// waitReady waits until sshd accepts connections and then until nix-store --version
+// works over ssh.
+func (b *Builder) waitReady(done <-chan struct{}) error {
+	ctx, cancel := context.WithTimeout(context.Background(), readyTimeout)
+	defer cancel()
+	hostport := net.JoinHostPort(b.Addr, strconv.Itoa(b.Port))
+	for {
+		c, err := (&net.Dialer{Timeout: 200 * time.Millisecond}).DialContext(ctx, "tcp4", hostport)
+		if err == nil {
+			c.Close()
+			break
+		}
+		select {
+		case <-done:
+			return errors.New("sshd exited before listening")
+		case <-ctx.Done():
+			return fmt.Errorf("sshd does not accept connections on %s after %v: %v", hostport, readyTimeout, err)
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+	cmd := b.sshCommand(ctx, "nix-store", "--version")
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	if err := cmd.Run(); err != nil {
+		return fmt.Errorf("ssh -F %s %s nix-store --version: %v\n%s", b.SSHConfig, b.Name, err, stderr.Bytes())
+	}
+	if !strings.Contains(stdout.String(), b.Nix.Version) {
+		return fmt.Errorf("ssh %s nix-store --version printed %q, want Nix %s", b.Name, stdout.String(), b.Nix.Version)
+	}
+	return nil
+}
+
+// Stop ends the host: SIGKILL to sshd and every process of the host (its sessions and
+// their builds), then releases its namespace, whose mounts go with it, and its address.
+// Dir stays until the test's cleanup removes it. Stop is idempotent; the test's cleanup
+// calls it, and it fails the test if processes survive.
+func (b *Builder) Stop() {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.stopped {
+		return
+	}
+	b.stopped = true
+	err := b.killLocked()
+	if b.nsFile != nil {
+		b.nsFile.Close()
+		b.nsFile = nil
+	}
+	if b.lock != nil {
+		b.lock.Close()
+		b.lock = nil
+	}
+	if err != nil {
+		b.tb.Errorf("testbed: stopping %s: %v", b.Name, err)
+	}
+}
+
+// Kill makes the host die as a machine would: SIGKILL to sshd and every process of the
+// host, at once, without closing anything cleanly. Connections to it break and new ones
+// are refused. Dir (the store) is kept, and so are the address and port:
+// [Builder.Restart] brings the same machine back.
+func (b *Builder) Kill() {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if err := b.killLocked(); err != nil {
+		b.tb.Errorf("testbed: killing %s: %v", b.Name, err)
+	}
+}
+
+func (b *Builder) killLocked() error {
+	if b.cmd == nil {
+		return nil
+	}
+	_ = syscall.Kill(-b.cmd.Process.Pid, syscall.SIGKILL)
+	err := killNS(b.ns, killTimeout)
+	<-b.done
+	b.cmd, b.done = nil, nil
+	return err
+}
+
+// Restart starts a killed host again, with the same address, keys and store, as a machine
+// that reboots. It fails the test if the host is running or stopped.
+func (b *Builder) Restart(tb testing.TB) {
+	tb.Helper()
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	switch {
+	case b.stopped:
+		tb.Fatalf("testbed: Restart of %s after Stop", b.Name)
+	case b.cmd != nil:
+		tb.Fatalf("testbed: Restart of %s, which is running; Kill it first", b.Name)
+	}
+	if err := b.startLocked(); err != nil {
+		tb.Fatalf("testbed: restarting %s: %v", b.Name, err)
+	}
+}
+
+// Processes returns the pids of the processes running in the host, sshd included, sorted:
+// none once it is killed or stopped.
+func (b *Builder) Processes() []int {
+	b.mu.Lock()
+	ns, ok := b.ns, b.nsFile != nil
+	b.mu.Unlock()
+	if !ok {
+		return nil
+	}
+	return pidsIn(ns)
+}
+
+// SSH returns a command that runs argv on the host through `ssh -F SSHConfig -- Name`. As
+// with ssh, the remote login shell (bash) parses argv joined by spaces. Stdin is empty
+// unless the caller sets one.
+func (b *Builder) SSH(argv ...string) *exec.Cmd {
+	return b.sshCommand(context.Background(), argv...)
+}
+
+func (b *Builder) sshCommand(ctx context.Context, argv ...string) *exec.Cmd {
+	return exec.CommandContext(ctx, mustTool("ssh"), append([]string{"-F", b.SSHConfig, "--", b.Name}, argv...)...)
+}
+
+// Run runs a command on the host, as [Builder.SSH] does, and returns its stdout. It fails
+// the test, with the command's stderr, if ssh or the command fails.
+func (b *Builder) Run(tb testing.TB, argv ...string) string {
+	tb.Helper()
+	cmd := b.SSH(argv...)
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	if err := cmd.Run(); err != nil {
+		tb.Fatalf("testbed: on %s: %s: %v\n%s", b.Name, strings.Join(argv, " "), err, stderr.Bytes())
+	}
+	return stdout.String()
+}
+
+// SSHConfigFile writes one ssh_config with the Host blocks of all the builders, for
+// clients that take a single file, such as Nix's own hook with
+// NIX_SSHOPTS="-F <file>" and --builders 'ssh://b1 …; ssh://b2 …'.
+func SSHConfigFile(tb testing.TB, builders ...*Builder) string {
+	tb.Helper()
+	var buf strings.Builder
+	for _, b := range builders {
+		buf.WriteString(b.sshConfigBlock())
+	}
+	path := filepath.Join(tb.TempDir(), "ssh_config")
+	if err := os.WriteFile(path, []byte(buf.String()), 0o644); err != nil {
+		tb.Fatalf("testbed: %v", err)
+	}
+	return path
+}
+
+// tail returns the last n bytes of the file at path, or why it cannot.
+func tail(path string, n int64) string {
+	f, err := os.Open(path)
+	if err != nil {
+		return err.Error()
+	}
+	defer f.Close()
+	if fi, err := f.Stat(); err == nil && fi.Size() > n {
+		_, _ = f.Seek(-n, 2)
+	}
+	var buf bytes.Buffer
+	_, _ = buf.ReadFrom(f)
+	return buf.String()
+}
+
+func errSuffix(err error) string {
+	if err == nil {
+		return ""
+	}
+	return " (and " + err.Error() + ")"
+}
