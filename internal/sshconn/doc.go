@@ -1,0 +1,34 @@
+// Package sshconn opens verified SSH connections to build machines with
+// golang.org/x/crypto/ssh.
+//
+// A [machines.Machine] is first turned into a [Target] by [Resolve], which
+// fills what the machine leaves unset from OpenSSH's configuration files
+// (~/.ssh/config, /etc/ssh/ssh_config), so `host = "builder1"` may be an alias
+// exactly as it is for `ssh builder1`. [Dial] then connects, checks the host
+// key, authenticates and starts keepalives.
+//
+// # Host keys
+//
+// There is no connection without a verified host key. A machine either pins
+// its key (`host-key`, as in Nix's machines file) or the key must be listed
+// in one of its known-hosts files. An unknown host is refused, never trusted
+// on first use; the error shows the key the host offered so that an operator
+// can compare it out of band and pin it. Failures are a [*HostKeyError].
+//
+// x/crypto/ssh asks a server for ECDSA or RSA host keys before Ed25519, so a
+// client that knows only a host's Ed25519 key would be offered another type
+// and reject it as a mismatch. Dial therefore sets HostKeyAlgorithms to the
+// types of the keys it will accept.
+//
+// # Authentication
+//
+// Private key files (unencrypted; an encrypted key must be loaded into an
+// agent) and, when SSH_AUTH_SOCK is set, the keys of ssh-agent. Key material
+// and passphrases never appear in errors or logs: only file names do.
+//
+// # Liveness
+//
+// A connection sends keepalive@openssh.com requests and closes itself when
+// the peer stops answering, so a vanished machine turns into an error on
+// every session of that connection rather than a hang.
+package sshconn
