@@ -18,7 +18,6 @@ import (
 	"sync"
 	"sync/atomic"
 	"syscall"
-	"testing"
 	"time"
 
 	"golang.org/x/crypto/ssh"
@@ -42,7 +41,7 @@ type Builder struct {
 	nixConf string // the host's /etc/nix/nix.conf
 
 	mu      sync.Mutex
-	tb      testing.TB
+	tb      TB
 	cmd     *exec.Cmd     // the running sshd; nil when killed
 	done    chan struct{} // closed when cmd has been waited for
 	nsFile  *os.File      // holds the namespace of the last sshd, so its id stays unique; nil after Stop
@@ -75,7 +74,7 @@ var builderSeq atomic.Int64
 // takes time) never reach a session. For a chroot Nix, Dir is also mounted at the same
 // path inside the root. sshd permits only public-key logins as root and up to 64 sessions
 // and 64 unauthenticated connections, and gives sessions NIX_CONF_DIR=/etc/nix.
-func StartBuilder(tb testing.TB, nix Nix, opts ...BuilderOption) *Builder {
+func StartBuilder(tb TB, nix Nix, opts ...BuilderOption) *Builder {
 	tb.Helper()
 	RequireRoot(tb)
 	if nix.Root == "" || nix.Version == "" {
@@ -403,7 +402,7 @@ func (b *Builder) killLocked() error {
 
 // Restart starts a killed host again, with the same address, keys and store, as a machine
 // that reboots. It fails the test if the host is running or stopped.
-func (b *Builder) Restart(tb testing.TB) {
+func (b *Builder) Restart(tb TB) {
 	tb.Helper()
 	b.mu.Lock()
 	defer b.mu.Unlock()
@@ -443,7 +442,7 @@ func (b *Builder) sshCommand(ctx context.Context, argv ...string) *exec.Cmd {
 
 // Run runs a command on the host, as [Builder.SSH] does, and returns its stdout. It fails
 // the test, with the command's stderr, if ssh or the command fails.
-func (b *Builder) Run(tb testing.TB, argv ...string) string {
+func (b *Builder) Run(tb TB, argv ...string) string {
 	tb.Helper()
 	cmd := b.SSH(argv...)
 	var stdout, stderr bytes.Buffer
@@ -457,7 +456,7 @@ func (b *Builder) Run(tb testing.TB, argv ...string) string {
 // SSHConfigFile writes one ssh_config with the Host blocks of all the builders, for
 // clients that take a single file, such as Nix's own hook with
 // NIX_SSHOPTS="-F <file>" and --builders 'ssh://b1 …; ssh://b2 …'.
-func SSHConfigFile(tb testing.TB, builders ...*Builder) string {
+func SSHConfigFile(tb TB, builders ...*Builder) string {
 	tb.Helper()
 	var buf strings.Builder
 	for _, b := range builders {

@@ -8,7 +8,6 @@ import (
 	"path/filepath"
 	"strings"
 	"syscall"
-	"testing"
 	"time"
 )
 
@@ -62,7 +61,7 @@ func (n Nix) Command(storeDir string, mounts []string, argv ...string) *exec.Cmd
 // NewStore returns a new empty directory that [Nix.Command] can mount at /nix; Nix creates
 // its store and database there on first use. It is removed when the test ends, after the
 // test's cleanups registered later have run; stop every process using it before then.
-func NewStore(tb testing.TB) string {
+func NewStore(tb TB) string {
 	tb.Helper()
 	dir := tb.TempDir()
 	if err := os.Chmod(dir, 0o755); err != nil {

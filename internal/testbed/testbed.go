@@ -59,7 +59,6 @@ import (
 	"strings"
 	"sync"
 	"syscall"
-	"testing"
 )
 
 // Nix is one Nix installation the test bed can run.
@@ -213,7 +212,7 @@ func stderrOf(err error) string {
 // works) from the host or the Debian roots. When there is none, or the machine cannot run
 // the test bed at all (see [RequireRoot]), it skips the test with what is missing and how
 // to get it.
-func Lookup(tb testing.TB, version string) Nix {
+func Lookup(tb TB, version string) Nix {
 	tb.Helper()
 	RequireRoot(tb)
 	if series(version) != version {
@@ -245,7 +244,7 @@ func Lookup(tb testing.TB, version string) Nix {
 
 // All returns every Nix the test bed can run, one per series, the host's first. It skips
 // the test if there is none.
-func All(tb testing.TB) []Nix {
+func All(tb TB) []Nix {
 	tb.Helper()
 	RequireRoot(tb)
 	var seen []string
@@ -272,7 +271,7 @@ func All(tb testing.TB) []Nix {
 // RequireRoot skips the test unless the process is root and can create a mount namespace
 // and find mount, chroot and friends. The first call in a process also ends the processes
 // left in the namespaces of test processes that died (see "Stopping processes").
-func RequireRoot(tb testing.TB) {
+func RequireRoot(tb TB) {
 	tb.Helper()
 	if err := canRunTestbed(); err != nil {
 		unavailable(tb, "testbed: %v", err)
@@ -306,7 +305,7 @@ var canRunTestbed = sync.OnceValue(func() error {
 })
 
 // unavailable skips the test, or fails it when NIX_OFFLOAD_TESTBED_REQUIRE=1.
-func unavailable(tb testing.TB, format string, args ...any) {
+func unavailable(tb TB, format string, args ...any) {
 	tb.Helper()
 	if os.Getenv("NIX_OFFLOAD_TESTBED_REQUIRE") == "1" {
 		tb.Fatalf(format+"\n(NIX_OFFLOAD_TESTBED_REQUIRE=1 turns this skip into a failure)", args...)
