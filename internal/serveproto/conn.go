@@ -1,0 +1,275 @@
+package serveproto
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"math"
+	"sync/atomic"
+	"time"
+)
+
+// Handshake constants (nix 2.8.0 src/libstore/serve-protocol.hh).
+const (
+	serveMagic1 = 0x390c9deb // client → server
+	serveMagic2 = 0x5452eecb // server → client
+
+	// ClientVersion is the protocol version this client announces: 2.7, as
+	// every Nix from 2.4 to 2.34 and Lix do. Servers from 2.23 on use the
+	// smaller of both versions, so a 2.35 server (0x208) answers in the 2.7
+	// form too.
+	ClientVersion = 0x207
+
+	// serverMajor is the only major version spoken.
+	serverMajor = 0x200
+)
+
+// Version is a serve protocol version: the major version in bits 8–15, the
+// minor in bits 0–7.
+type Version uint64
+
+// Major returns the major version, 2 for every Nix 2.x.
+func (v Version) Major() int { return int(v>>8) & 0xff }
+
+// Minor returns the minor version; see the package documentation for what
+// each one adds.
+func (v Version) Minor() int { return int(v) & 0xff }
+
+func (v Version) String() string { return fmt.Sprintf("%d.%d", v.Major(), v.Minor()) }
+
+// Options configure a [Conn].
+type Options struct {
+	// Explain, when set, is called with the error of any read/write that
+	// failed on the stream (EOF, broken pipe) — always a [*StreamError] —
+	// and its result replaces that error. The serve protocol has no error
+	// frames: the server reports a failure ("error: path … is not valid")
+	// on its stderr and exits, so the transport uses Explain to wait
+	// briefly for the remote process and attach its stderr and exit
+	// status. The returned error should wrap err; nil keeps err. With
+	// Explain nil, errors are returned as they are.
+	Explain func(err error) error
+}
+
+// Conn is the client side of one `nix-store --serve --write` session.
+//
+// Operations run one at a time: a Conn is not safe for concurrent use,
+// except that [Conn.Close] may be called at any time. After an operation
+// fails with anything but an argument error or a [*BuildPathsError], the
+// stream may be out of step, so the Conn is broken: every later call
+// returns the same error at once.
+type Conn struct {
+	rr  *recordingReader // the transport's reader, to tell a dead stream from a bad NAR
+	r   *bufio.Reader
+	w   *bufio.Writer
+	opt Options
+
+	server Version
+	err    error // sticky: the error that broke the Conn
+	closed atomic.Bool
+}
+
+// Handshake starts a session on a transport whose r is the server's stdout
+// and w its stdin. It sends the magic 0x390c9deb and [ClientVersion],
+// expects 0x5452eecb and the server's version, and accepts any server of
+// major version 2. If the server sends something else first (a login shell
+// printing text, a `command not found`), the error quotes what arrived.
+//
+// Handshake blocks until the server has sent 8 bytes or its stdout ends;
+// a transport that needs a deadline closes the pipes when it passes. The
+// Conn buffers r and w and flushes w after each request; it never closes
+// either.
+func Handshake(r io.Reader, w io.Writer, opt Options) (*Conn, error) {
+	rr := &recordingReader{r: r}
+	c := &Conn{rr: rr, r: bufio.NewReader(rr), w: bufio.NewWriter(w), opt: opt}
+	h := &handshakeOp{}
+	if err := c.do(h); err != nil {
+		return nil, err
+	}
+	c.server = h.server
+	return c, nil
+}
+
+// handshakeOp is the greeting exchange (nix 2.8.0 src/nix-store/nix-store.cc
+// opServe, src/libstore/legacy-ssh-store.cc openConnection). It is no
+// command: nothing precedes the magic.
+type handshakeOp struct {
+	server Version
+}
+
+func (*handshakeOp) name() string     { return "Handshake" }
+func (*handshakeOp) command() command { return 0 }
+
+func (*handshakeOp) writeRequest(e *encoder) error {
+	e.u64(serveMagic1)
+	e.u64(ClientVersion)
+	return nil
+}
+
+func (h *handshakeOp) readReply(d *decoder) error {
+	var magic [8]byte
+	n, err := io.ReadFull(d.r, magic[:])
+	if err == nil && binary.LittleEndian.Uint64(magic[:]) == serveMagic2 {
+		v, err := d.uint32("server version")
+		if err != nil {
+			return err
+		}
+		h.server = Version(v)
+		if v&0xff00 != serverMajor {
+			return &ProtocolError{Op: d.op, Field: "server version",
+				Err: fmt.Errorf("version %s (%#x): %w; this client speaks 2.x", h.server, v, ErrUnsupported)}
+		}
+		return nil
+	}
+	got := quoteGreeting(magic[:n], d.r)
+	if err != nil {
+		if n == 0 {
+			return d.streamErr("magic", err)
+		}
+		return d.streamErr("magic", fmt.Errorf("got %s, then: %w", got, err))
+	}
+	return d.protoErr("magic", "the server did not speak the serve protocol; got %s", got)
+}
+
+// quoteGreeting quotes what the server sent instead of the magic, with
+// whatever else is already buffered, without blocking for more.
+func quoteGreeting(first []byte, r *bufio.Reader) string {
+	b := bytes.Clone(first)
+	if k := min(r.Buffered(), maxGreetingQuote-len(b)); k > 0 {
+		more, _ := r.Peek(k)
+		b = append(b, more...)
+	}
+	s := fmt.Sprintf("%q", b)
+	if r.Buffered() > maxGreetingQuote-len(first) {
+		s += " (truncated)"
+	}
+	return s
+}
+
+// ServerVersion returns the version the server announced.
+func (c *Conn) ServerVersion() Version { return c.server }
+
+// minor is the minor version that shapes messages: the server's, but at
+// most ClientVersion's. Servers before Nix 2.23 never exceed 7; later ones
+// use the smaller of both versions themselves.
+func (c *Conn) minor() int { return min(c.server.Minor(), Version(ClientVersion).Minor()) }
+
+// Err returns the error that broke the Conn, [ErrClosed] after Close, or
+// nil while the Conn is usable.
+func (c *Conn) Err() error {
+	if c.err != nil {
+		return c.err
+	}
+	if c.closed.Load() {
+		return ErrClosed
+	}
+	return nil
+}
+
+// Close marks the Conn unusable. It closes nothing: the reader and writer
+// belong to the transport.
+//
+// To cancel a build that is under way, close the transport's stdin (the
+// writer given to Handshake; over ssh, the ssh process's stdin): the server
+// watches its stdin for hang-up during BuildPaths and BuildDerivation,
+// interrupts the build and exits without a reply (nix 2.8.0 MonitorFdHup in
+// src/nix-store/nix-store.cc). Never half-close stdin while waiting for a
+// reply for any other reason.
+func (c *Conn) Close() error {
+	c.closed.Store(true)
+	return nil
+}
+
+// command is the u64 that starts every request (ServeCommand in nix 2.8.0
+// src/libstore/serve-protocol.hh).
+type command uint64
+
+const (
+	cmdQueryValidPaths command = 1
+	cmdQueryPathInfos  command = 2
+	cmdDumpStorePath   command = 3
+	cmdImportPaths     command = 4
+	cmdExportPaths     command = 5 // not used: removed from servers in Nix 2.32
+	cmdBuildPaths      command = 6
+	cmdQueryClosure    command = 7
+	cmdBuildDerivation command = 8
+	cmdAddToStoreNar   command = 9
+)
+
+// operation is one request and its reply. Each has a struct in ops.go or
+// build.go holding the request's fields and the decoded reply.
+type operation interface {
+	name() string
+	// command is the opcode sent first, or 0 for the handshake.
+	command() command
+	// writeRequest writes everything after the opcode. Transport errors
+	// stay in the encoder; a returned error is one of the caller's side
+	// (e.g. a NAR reader that failed).
+	writeRequest(e *encoder) error
+	readReply(d *decoder) error
+}
+
+// do runs one operation and keeps the Conn's state: on failure the Conn is
+// broken, and stream errors pass through Options.Explain.
+func (c *Conn) do(op operation) error {
+	if err := c.Err(); err != nil {
+		return err
+	}
+	e := &encoder{w: c.w}
+	if cmd := op.command(); cmd != 0 {
+		e.u64(uint64(cmd))
+	}
+	err := op.writeRequest(e)
+	if err == nil {
+		err = e.flush()
+	}
+	if err != nil {
+		if e.err != nil {
+			// The transport writer failed, whatever the NAR copy
+			// reported on top of it.
+			err = &StreamError{Op: op.name(), Writing: true, Err: e.err}
+		}
+		return c.fail(err)
+	}
+	if err := op.readReply(&decoder{r: c.r, op: op.name()}); err != nil {
+		return c.fail(err)
+	}
+	return nil
+}
+
+func (c *Conn) fail(err error) error {
+	var se *StreamError
+	if c.opt.Explain != nil && errors.As(err, &se) {
+		if e := c.opt.Explain(err); e != nil {
+			err = e
+		}
+	}
+	c.err = err
+	return err
+}
+
+// checkPaths validates store paths given by the caller, before anything is
+// sent: a bad path would make the server exit.
+func checkPaths(op, what string, paths []string) error {
+	for _, p := range paths {
+		if err := checkStorePath(p); err != nil {
+			return fmt.Errorf("serveproto: %s: %s: %w", op, what, err)
+		}
+	}
+	return nil
+}
+
+// seconds converts a duration to the whole seconds Nix takes, rounding up
+// so that a positive duration never becomes 0 ("no limit").
+func seconds(field string, d time.Duration) (uint64, error) {
+	s := math.Ceil(d.Seconds())
+	if s <= 0 {
+		return 0, nil
+	}
+	if s > math.MaxUint32 {
+		return 0, fmt.Errorf("%s: %v s exceeds %d s", field, s, uint64(math.MaxUint32))
+	}
+	return uint64(s), nil
+}

@@ -1,0 +1,362 @@
+package serveproto
+
+import (
+	"bufio"
+	"encoding/binary"
+	"fmt"
+	"io"
+	"math"
+	"slices"
+)
+
+// Limits on what a reply may contain. Each count or length read from the
+// wire is checked against one of these before anything is read or
+// allocated, and buffers grow with the bytes that really arrive, so a
+// claimed length of 2^60 is a [*ProtocolError], not an allocation.
+const (
+	// MaxStorePathLen is the longest store path: "/nix/store/" (11 bytes),
+	// a 32-character hash, "-" and a name of at most 211 characters
+	// (nix 2.8.0 src/libstore/path.cc checkName).
+	MaxStorePathLen = len(StoreDir) + 1 + 32 + 1 + 211
+
+	// MaxPathSetLen bounds the paths in one reply set (QueryValidPaths,
+	// QueryClosure, a path's references). Real closures have tens of
+	// thousands of paths; a million paths of at most 255 bytes still fit
+	// comfortably in memory.
+	MaxPathSetLen = 1 << 20
+
+	// MaxHashLen bounds a narHash string: "sha512:" and 128 hex digits is
+	// the longest form Nix prints.
+	MaxHashLen = 256
+
+	// MaxContentAddressLen bounds a content address ("fixed:r:sha512:" and
+	// 128 hex digits is the longest).
+	MaxContentAddressLen = 1024
+
+	// MaxSigs bounds the signatures on one path; a store path carries one
+	// per signing key, so a handful in practice.
+	MaxSigs = 1024
+
+	// MaxSigLen bounds one signature: a key name, ":" and 88 characters of
+	// base64 for an Ed25519 signature.
+	MaxSigLen = 1024
+
+	// MaxErrorMsgLen bounds the error message of a BuildResult or a
+	// BuildPaths failure. Nix 2.8 sends one line; newer versions may
+	// append the last lines of the build log.
+	MaxErrorMsgLen = 1 << 20
+
+	// MaxBuiltOutputs bounds the builtOutputs map of a BuildResult: one
+	// entry per output of the derivation, which has a handful.
+	MaxBuiltOutputs = 4096
+
+	// MaxDrvOutputLen bounds a builtOutputs key ("sha256:" + 64 hex digits
+	// + "!" + output name).
+	MaxDrvOutputLen = 1024
+
+	// MaxRealisationLen bounds a builtOutputs value, a realisation as JSON;
+	// its dependentRealisations can list one entry per input output.
+	MaxRealisationLen = 1 << 20
+
+	// maxGreetingQuote bounds how much of a non-protocol greeting (text a
+	// login shell printed) is quoted in the error.
+	maxGreetingQuote = 256
+
+	// readChunk is how much a string read allocates ahead of the bytes
+	// that have actually arrived.
+	readChunk = 64 << 10
+)
+
+// StoreDir is the only store directory this package speaks about; the
+// serve protocol sends full paths, so both sides must use the same one.
+const StoreDir = "/nix/store"
+
+// encoder writes one request to the buffered transport writer. The first
+// error is kept and later writes are skipped; flush reports it.
+type encoder struct {
+	w   *bufio.Writer
+	err error
+	buf [8]byte
+}
+
+func (e *encoder) Write(p []byte) (int, error) {
+	if e.err != nil {
+		return 0, e.err
+	}
+	n, err := e.w.Write(p)
+	if err != nil {
+		e.err = err
+	}
+	return n, err
+}
+
+func (e *encoder) u64(v uint64) {
+	binary.LittleEndian.PutUint64(e.buf[:], v)
+	e.Write(e.buf[:])
+}
+
+func (e *encoder) bool(b bool) {
+	if b {
+		e.u64(1)
+	} else {
+		e.u64(0)
+	}
+}
+
+var zeroPad [8]byte
+
+func (e *encoder) str(s string) {
+	e.u64(uint64(len(s)))
+	if e.err != nil {
+		return
+	}
+	if _, err := e.w.WriteString(s); err != nil {
+		e.err = err
+		return
+	}
+	if p := padLen(uint64(len(s))); p > 0 {
+		e.Write(zeroPad[:p])
+	}
+}
+
+// strs writes a list in the given order.
+func (e *encoder) strs(ss []string) {
+	e.u64(uint64(len(ss)))
+	for _, s := range ss {
+		e.str(s)
+	}
+}
+
+// set writes a set as Nix does: sorted byte-wise, without duplicates.
+func (e *encoder) set(ss []string) {
+	e.strs(sortedSet(ss))
+}
+
+func (e *encoder) flush() error {
+	if e.err == nil {
+		e.err = e.w.Flush()
+	}
+	return e.err
+}
+
+func sortedSet(ss []string) []string {
+	s := slices.Clone(ss)
+	slices.Sort(s)
+	return slices.Compact(s)
+}
+
+func padLen(n uint64) int { return int((8 - n%8) % 8) }
+
+// decoder reads one reply from the buffered transport reader. Its errors
+// name the operation and the field: a read that fails is a *StreamError
+// (io.EOF becomes io.ErrUnexpectedEOF: a reply never ends early on
+// purpose), malformed bytes are a *ProtocolError.
+type decoder struct {
+	r   *bufio.Reader
+	op  string
+	buf [8]byte
+}
+
+func (d *decoder) streamErr(field string, err error) error {
+	if err == io.EOF {
+		err = io.ErrUnexpectedEOF
+	}
+	return &StreamError{Op: d.op, Field: field, Err: err}
+}
+
+func (d *decoder) protoErr(field string, format string, args ...any) error {
+	return &ProtocolError{Op: d.op, Field: field, Err: fmt.Errorf(format, args...)}
+}
+
+func (d *decoder) u64(field string) (uint64, error) {
+	if _, err := io.ReadFull(d.r, d.buf[:]); err != nil {
+		return 0, d.streamErr(field, err)
+	}
+	return binary.LittleEndian.Uint64(d.buf[:]), nil
+}
+
+// uint32 reads a u64 that Nix reads with readInt or into an unsigned int:
+// values above 2^32-1 are rejected (nix 2.8.0 src/libutil/serialise.hh
+// readNum).
+func (d *decoder) uint32(field string) (uint32, error) {
+	v, err := d.u64(field)
+	if err != nil {
+		return 0, err
+	}
+	if v > math.MaxUint32 {
+		return 0, d.protoErr(field, "value %d exceeds %d", v, uint64(math.MaxUint32))
+	}
+	return uint32(v), nil
+}
+
+// int64 reads a u64 that Nix reads into a time_t: values above 2^63-1 are
+// rejected.
+func (d *decoder) int64(field string) (int64, error) {
+	v, err := d.u64(field)
+	if err != nil {
+		return 0, err
+	}
+	if v > math.MaxInt64 {
+		return 0, d.protoErr(field, "value %d exceeds %d", v, uint64(math.MaxInt64))
+	}
+	return int64(v), nil
+}
+
+// bool reads a u64 that Nix reads into a bool: only 0 and 1 are accepted.
+func (d *decoder) bool(field string) (bool, error) {
+	v, err := d.u64(field)
+	if err != nil {
+		return false, err
+	}
+	switch v {
+	case 0:
+		return false, nil
+	case 1:
+		return true, nil
+	}
+	return false, d.protoErr(field, "bool value %d is neither 0 nor 1", v)
+}
+
+// expect reads a u64 that must have the value want.
+func (d *decoder) expect(field string, want uint64) error {
+	v, err := d.u64(field)
+	if err != nil {
+		return err
+	}
+	if v != want {
+		return d.protoErr(field, "got %d, want %d", v, want)
+	}
+	return nil
+}
+
+// str reads a string of at most max bytes and checks its padding.
+func (d *decoder) str(field string, max int) (string, error) {
+	n, err := d.u64(field)
+	if err != nil {
+		return "", err
+	}
+	if n > uint64(max) {
+		return "", d.protoErr(field, "length %d exceeds %d", n, max)
+	}
+	// Grow with the data: a truncated reply claiming max bytes costs at
+	// most one chunk.
+	buf := make([]byte, 0, min(int(n), readChunk))
+	for len(buf) < int(n) {
+		k := min(int(n)-len(buf), readChunk)
+		buf = slices.Grow(buf, k)
+		if _, err := io.ReadFull(d.r, buf[len(buf):len(buf)+k]); err != nil {
+			return "", d.streamErr(field, err)
+		}
+		buf = buf[:len(buf)+k]
+	}
+	if p := padLen(n); p > 0 {
+		if _, err := io.ReadFull(d.r, d.buf[:p]); err != nil {
+			return "", d.streamErr(field, err)
+		}
+		for _, b := range d.buf[:p] {
+			if b != 0 {
+				return "", d.protoErr(field, "non-zero padding % x", d.buf[:p])
+			}
+		}
+	}
+	return string(buf), nil
+}
+
+// count reads a collection size of at most max.
+func (d *decoder) count(field string, max int) (int, error) {
+	field = subField(field, "count")
+	n, err := d.u64(field)
+	if err != nil {
+		return 0, err
+	}
+	if n > uint64(max) {
+		return 0, d.protoErr(field, "%d exceeds %d", n, max)
+	}
+	return int(n), nil
+}
+
+// strs reads a list or set of at most maxCount strings of at most maxLen
+// bytes each. elem names one element in errors ("path 3").
+func (d *decoder) strs(field, elem string, maxCount, maxLen int) ([]string, error) {
+	n, err := d.count(field, maxCount)
+	if err != nil {
+		return nil, err
+	}
+	var out []string // not preallocated: n came from the wire
+	for i := range n {
+		s, err := d.str(elemField(field, elem, i), maxLen)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, s)
+	}
+	return out, nil
+}
+
+// paths reads a set of store paths and checks each one's syntax.
+func (d *decoder) paths(field string) ([]string, error) {
+	ps, err := d.strs(field, "path", MaxPathSetLen, MaxStorePathLen)
+	if err != nil {
+		return nil, err
+	}
+	for i, p := range ps {
+		if err := checkStorePath(p); err != nil {
+			return nil, &ProtocolError{Op: d.op, Field: elemField(field, "path", i), Err: err}
+		}
+	}
+	return ps, nil
+}
+
+// optPath reads a store path or "" (none).
+func (d *decoder) optPath(field string) (string, error) {
+	p, err := d.str(field, MaxStorePathLen)
+	if err != nil || p == "" {
+		return p, err
+	}
+	if err := checkStorePath(p); err != nil {
+		return "", &ProtocolError{Op: d.op, Field: field, Err: err}
+	}
+	return p, nil
+}
+
+func elemField(field, elem string, i int) string {
+	return subField(field, fmt.Sprintf("%s %d", elem, i))
+}
+
+// subField names a part of field: "references: path 2".
+func subField(field, sub string) string {
+	if field == "" {
+		return sub
+	}
+	return field + ": " + sub
+}
+
+// recordingWriter remembers the first error of the writer it wraps, so a
+// failed NAR copy can be blamed on the right side.
+type recordingWriter struct {
+	w   io.Writer
+	err error
+}
+
+func (r *recordingWriter) Write(p []byte) (int, error) {
+	n, err := r.w.Write(p)
+	if err != nil && r.err == nil {
+		r.err = err
+	}
+	return n, err
+}
+
+// recordingReader remembers the first error of the reader it wraps,
+// io.EOF included.
+type recordingReader struct {
+	r   io.Reader
+	err error
+}
+
+func (r *recordingReader) Read(p []byte) (int, error) {
+	n, err := r.r.Read(p)
+	if err != nil && r.err == nil {
+		r.err = err
+	}
+	return n, err
+}
