@@ -8,6 +8,7 @@ import (
 	"io/fs"
 	"net"
 	"os"
+	"strings"
 	"sync"
 	"time"
 
@@ -41,6 +42,9 @@ type ConnectError struct {
 }
 
 func (e *ConnectError) Error() string {
+	if strings.Contains(e.Name, e.Addr) {
+		return fmt.Sprintf("ssh: cannot connect to %s: %v", e.Name, e.Err)
+	}
 	return fmt.Sprintf("ssh: cannot connect to %s (%s): %v", e.Name, e.Addr, e.Err)
 }
 func (e *ConnectError) Unwrap() error { return e.Err }

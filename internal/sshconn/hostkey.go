@@ -36,24 +36,28 @@ type HostKeyError struct {
 }
 
 func (e *HostKeyError) Error() string {
+	where := e.Name
+	if !strings.Contains(e.Name, e.Addr) {
+		where += " (" + e.Addr + ")"
+	}
 	offered := "no key"
 	if e.Offered != nil {
 		offered = e.Offered.Type() + " " + ssh.FingerprintSHA256(e.Offered)
 	}
 	switch {
 	case e.Problem == HostKeyMismatch && e.Pinned:
-		return fmt.Sprintf("ssh: host key mismatch for %s (%s): host offers %s, host-key pins %s",
-			e.Name, e.Addr, offered, strings.Join(e.Want, ", "))
+		return fmt.Sprintf("ssh: host key mismatch for %s: host offers %s, host-key pins %s",
+			where, offered, strings.Join(e.Want, ", "))
 	case e.Problem == HostKeyMismatch:
-		return fmt.Sprintf("ssh: host key mismatch for %s (%s): host offers %s, known hosts have %s",
-			e.Name, e.Addr, offered, strings.Join(e.Want, ", "))
+		return fmt.Sprintf("ssh: host key mismatch for %s: host offers %s, known hosts have %s",
+			where, offered, strings.Join(e.Want, ", "))
 	default:
 		files := "none of the known-hosts files exists"
 		if len(e.Files) > 0 {
 			files = "not found in " + strings.Join(e.Files, ", ")
 		}
-		return fmt.Sprintf("ssh: unknown host key for %s (%s): host offers %s, %s; "+
-			"verify it and set host-key or add it to a known-hosts file", e.Name, e.Addr, offered, files)
+		return fmt.Sprintf("ssh: unknown host key for %s: host offers %s, %s; "+
+			"verify it and set host-key or add it to a known-hosts file", where, offered, files)
 	}
 }
 

@@ -1,0 +1,86 @@
+package transport
+
+import (
+	"errors"
+	"io"
+	"strings"
+	"testing"
+)
+
+func TestServeCommandQuotesForTheRemoteShell(t *testing.T) {
+	if got := ServeCommand(""); got != "nix-store --serve --write" {
+		t.Errorf("ServeCommand(\"\") = %q", got)
+	}
+	got := ServeCommand("local?root=/tmp/my store&x='1'")
+	want := `nix-store --serve --write --store 'local?root=/tmp/my store&x='\''1'\'''`
+	if got != want {
+		t.Errorf("got  %s\nwant %s", got, want)
+	}
+}
+
+func TestTailKeepsTheEnd(t *testing.T) {
+	tb := &tailBuffer{max: 8}
+	tb.Write([]byte("0123"))
+	tb.Write([]byte("456789"))
+	if tb.String() != "23456789" {
+		t.Errorf("tail %q", tb.String())
+	}
+	tb.Write([]byte("abcdefghijkl"))
+	if tb.String() != "efghijkl" {
+		t.Errorf("tail %q", tb.String())
+	}
+}
+
+func TestErrorTextPrefersNixErrors(t *testing.T) {
+	tail := "copying path x\nerror: path '/nix/store/x' is not valid\n       more context\n"
+	if got := errorText(tail); got != "error: path '/nix/store/x' is not valid; more context" {
+		t.Errorf("errorText = %q", got)
+	}
+	if got := errorText("a\nb\nc\nd\n"); got != "b; c; d" {
+		t.Errorf("errorText without error: = %q", got)
+	}
+}
+
+// A process that dies explains the broken stream with its stderr and exit
+// status; errors that are not stream failures pass through unchanged.
+func TestExplainLocal(t *testing.T) {
+	s, err := Local([]string{"/bin/sh", "-c", "read x; echo 'error: boom' >&2; exit 3"}, Options{Name: "peer"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	io.WriteString(s.Stdin(), "go\n")
+	_, err = io.ReadAll(s.Stdout())
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := s.Explain(io.ErrUnexpectedEOF)
+	var re *RemoteError
+	if !errors.As(got, &re) || got.Error() != "peer: nix-store --serve: error: boom (exit status 3)" {
+		t.Errorf("Explain = %v", got)
+	}
+	if !errors.Is(got, io.ErrUnexpectedEOF) {
+		t.Error("explained error does not wrap the stream error")
+	}
+	other := errors.New("bad bytes")
+	if s.Explain(other) != other {
+		t.Error("a protocol error was rewritten")
+	}
+}
+
+// Close ends a process that ignores its stdin.
+func TestCloseKillsStubbornProcess(t *testing.T) {
+	s, err := Local([]string{"/bin/sh", "-c", "trap '' HUP; exec sleep 300"}, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.Close()
+	select {
+	case <-s.Done():
+	default:
+		t.Fatal("process still running after Close")
+	}
+	if !strings.Contains(exitText(s.exitErr), "killed") {
+		t.Errorf("exit %q, want killed", exitText(s.exitErr))
+	}
+}
