@@ -1,0 +1,79 @@
+package main
+
+import (
+	"encoding/base64"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+func base64Line(s string) string { return base64.StdEncoding.EncodeToString([]byte(s)) }
+
+func TestParseVersionAndClock(t *testing.T) {
+	t0 := time.Unix(1000, 0)
+	t1 := time.Unix(1002, 0) // round trip midpoint: 1001
+	ver, skew := parseVersionAndClock("nix-store (Nix) 2.26.3\n1031\n", t0, t1)
+	if ver != "2.26.3" || skew == nil || *skew != 30 {
+		t.Errorf("got %q, %v; want 2.26.3, +30s", ver, skew)
+	}
+	ver, skew = parseVersionAndClock("nix-store (Nix) 2.8.0\n1001.250000000\n", t0, t1)
+	if ver != "2.8.0" || skew == nil || *skew != 0.3 {
+		t.Errorf("fractional: got %q, %v; want +0.3s", ver, *skew)
+	}
+	ver, skew = parseVersionAndClock("nix-store (Nix) 2.8.0\n1001.%N\n", t0, t1)
+	if skew == nil || *skew != 0 {
+		t.Errorf("date without %%N: got %v", skew)
+	}
+	ver, skew = parseVersionAndClock("garbage\n", t0, t1)
+	if ver != "" || skew != nil {
+		t.Errorf("garbage parsed as %q, %v", ver, skew)
+	}
+}
+
+func TestIsHookInvocation(t *testing.T) {
+	for args, want := range map[string]bool{
+		"3":                   true, // Nix 2.8: <hook> <verbosity>
+		"__build-remote 0":    true, // list-valued build-hook with extra args
+		"check":               false,
+		"":                    false,
+		"check 3":             true, // but run() matches subcommands first
+		"12":                  false,
+		"version --verbose x": false,
+	} {
+		if got := isHookInvocation(strings.Fields(args)); got != want {
+			t.Errorf("isHookInvocation(%q) = %v, want %v", args, got, want)
+		}
+	}
+}
+
+// A broken configuration is a usage error (exit 2) that names file and line,
+// before anything is contacted.
+func TestCheckConfigErrors(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "offload.toml")
+	os.WriteFile(p, []byte("[[machine]]\nhost = \"b1\"\nsystems = [\"x86_64-linux\"]\nparalel-builds = 4\n"), 0o644)
+	code, _, errOut := runCLI(t, "check", "-config", p)
+	if code != exitUsage || !strings.Contains(errOut, "offload.toml:4") || !strings.Contains(errOut, `did you mean "parallel-builds"`) {
+		t.Errorf("exit %d, stderr %q", code, errOut)
+	}
+
+	empty := filepath.Join(t.TempDir(), "empty.toml")
+	os.WriteFile(empty, nil, 0o644)
+	code, _, errOut = runCLI(t, "check", "-config", empty)
+	if code != exitUsage || !strings.Contains(errOut, "no machines configured") {
+		t.Errorf("empty config: exit %d, stderr %q", code, errOut)
+	}
+
+	good := filepath.Join(t.TempDir(), "good.toml")
+	os.WriteFile(good, []byte("[[machine]]\nhost = \"b1\"\nsystems = [\"x86_64-linux\"]\n"), 0o644)
+	code, _, errOut = runCLI(t, "check", "-config", good, "b7")
+	if code != exitUsage || !strings.Contains(errOut, `no machine "b7"`) {
+		t.Errorf("unknown machine: exit %d, stderr %q", code, errOut)
+	}
+
+	code, _, errOut = runCLI(t, "frobnicate")
+	if code != exitUsage || !strings.Contains(errOut, "unknown command") {
+		t.Errorf("unknown command: exit %d, stderr %q", code, errOut)
+	}
+}

@@ -1,0 +1,383 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"math"
+	"os"
+	"runtime"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"text/tabwriter"
+	"time"
+
+	sshconfig "github.com/kevinburke/ssh_config"
+	gonar "github.com/nix-community/go-nix/pkg/nar"
+	"github.com/nix-community/go-nix/pkg/nixbase32"
+
+	"github.com/nix-offload/nix-offload/internal/machines"
+	"github.com/nix-offload/nix-offload/internal/serveproto"
+	"github.com/nix-offload/nix-offload/internal/sshconn"
+	"github.com/nix-offload/nix-offload/internal/transport"
+)
+
+// checkParallel bounds how many machines are checked at once.
+const checkParallel = 8
+
+// checkResult is one machine's row. Durations are zero when the step did
+// not run. It is also the -json output, one object per machine.
+type checkResult struct {
+	Machine    string        `json:"machine"`
+	Address    string        `json:"address"`
+	HostKey    string        `json:"hostKey,omitempty"`     // "pinned ssh-ed25519 SHA256:…" / "known-hosts …"
+	Protocol   string        `json:"protocol,omitempty"`    // serve protocol version of the remote, "2.7"
+	NixVersion string        `json:"nixVersion,omitempty"`  // remote `nix-store --version`
+	Connect    time.Duration `json:"connectNs,omitempty"`   // TCP + SSH handshake + auth
+	RoundTrip  time.Duration `json:"roundTripNs,omitempty"` // send, query, fetch a small path
+	ClockSkew  *float64      `json:"clockSkewSeconds,omitempty"`
+	OK         bool          `json:"ok"`
+	Error      string        `json:"error,omitempty"`
+	Hint       string        `json:"hint,omitempty"`
+}
+
+type checkOptions struct {
+	config   string
+	builders string
+	json     bool
+	names    []string
+}
+
+func runCheck(ctx context.Context, args []string, stdout io.Writer) error {
+	fs := flag.NewFlagSet("check", flag.ContinueOnError)
+	fs.SetOutput(io.Discard)
+	var opt checkOptions
+	fs.StringVar(&opt.config, "config", "", "configuration file (TOML)")
+	fs.StringVar(&opt.builders, "builders", "", "Nix machines specification, used when there is no TOML configuration")
+	fs.BoolVar(&opt.json, "json", false, "print one JSON object per machine")
+	if err := fs.Parse(args); err != nil {
+		return usageError{fmt.Sprintf("check: %v\n\n%s", err, usage)}
+	}
+	opt.names = fs.Args()
+
+	cfg, err := loadConfig(opt.config, opt.builders, nixSystem())
+	if err != nil {
+		return err
+	}
+	ms, err := selectMachines(cfg.Machines, opt.names)
+	if err != nil {
+		return err
+	}
+	if len(ms) == 0 {
+		return &configError{fmt.Errorf("no machines configured in %s", cfg.Path)}
+	}
+
+	results := make([]checkResult, len(ms))
+	sem := make(chan struct{}, checkParallel)
+	var wg sync.WaitGroup
+	for i, m := range ms {
+		wg.Go(func() {
+			sem <- struct{}{}
+			defer func() { <-sem }()
+			results[i] = checkMachine(ctx, m, sshconfig.DefaultUserSettings)
+		})
+	}
+	wg.Wait()
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+
+	if opt.json {
+		enc := json.NewEncoder(stdout)
+		for _, r := range results {
+			if err := enc.Encode(r); err != nil {
+				return err
+			}
+		}
+	} else {
+		printCheckTable(stdout, results)
+	}
+	failed := 0
+	for _, r := range results {
+		if !r.OK {
+			failed++
+		}
+	}
+	if failed > 0 {
+		return &failedError{fmt.Sprintf("check: %d of %d machines failed", failed, len(results))}
+	}
+	return nil
+}
+
+// selectMachines keeps the machines named on the command line (by Name() or
+// Host), all of them if none is named.
+func selectMachines(all []machines.Machine, names []string) ([]machines.Machine, error) {
+	if len(names) == 0 {
+		return all, nil
+	}
+	var out []machines.Machine
+	for _, n := range names {
+		i := slices.IndexFunc(all, func(m machines.Machine) bool { return m.Name() == n || m.Host == n })
+		if i < 0 {
+			known := make([]string, len(all))
+			for j, m := range all {
+				known[j] = m.Name()
+			}
+			return nil, usageError{fmt.Sprintf("check: no machine %q (configured: %s)", n, strings.Join(known, ", "))}
+		}
+		out = append(out, all[i])
+	}
+	return out, nil
+}
+
+// checkMachine runs every check on one machine and never returns an error:
+// a failure is recorded in the result with the step that failed.
+func checkMachine(ctx context.Context, m machines.Machine, sshCfg sshconn.SSHConfig) checkResult {
+	t := sshconn.Resolve(m, sshCfg)
+	r := checkResult{Machine: m.Name(), Address: t.Addr}
+	fail := func(step string, err error) checkResult {
+		r.Error = fmt.Sprintf("%s: %v", step, err)
+		r.Hint = hintFor(err)
+		return r
+	}
+
+	start := time.Now()
+	client, err := sshconn.Dial(ctx, t)
+	if err != nil {
+		return fail("connect", err)
+	}
+	defer client.Close()
+	r.Connect = time.Since(start)
+	if t.HostKey != "" {
+		r.HostKey = "pinned " + client.HostKey.Type()
+	} else {
+		r.HostKey = "known-hosts " + client.HostKey.Type()
+	}
+
+	// Remote Nix version and clock, in one exec. (%N is GNU date; a date
+	// without it prints "%N" literally, and the whole seconds still count.)
+	t0 := time.Now()
+	out, err := client.Output(ctx, "nix-store --version && date +%s.%N")
+	t1 := time.Now()
+	if err != nil {
+		return fail("remote nix-store --version", err)
+	}
+	r.NixVersion, r.ClockSkew = parseVersionAndClock(string(out), t0, t1)
+
+	sess, err := transport.SSH(client.Client, transport.ServeCommand(m.RemoteStore), transport.Options{Name: m.Name()})
+	if err != nil {
+		return fail("start nix-store --serve", err)
+	}
+	defer sess.Close()
+	stopOnCancel := context.AfterFunc(ctx, func() { sess.Close() })
+	defer stopOnCancel()
+	conn, err := serveproto.Handshake(sess.Stdout(), sess.Stdin(), serveproto.Options{Explain: sess.Explain})
+	if err != nil {
+		return fail("serve handshake", err)
+	}
+	r.Protocol = conn.ServerVersion().String()
+
+	start = time.Now()
+	if err := storeRoundTrip(conn); err != nil {
+		return fail("store round trip", err)
+	}
+	r.RoundTrip = time.Since(start)
+	r.OK = true
+	return r
+}
+
+// parseVersionAndClock reads the output of `nix-store --version && date +%s.%N`:
+// the version ("2.26.3") and the remote clock minus ours, in seconds, taking
+// the middle of the round trip as the moment `date` ran.
+func parseVersionAndClock(out string, t0, t1 time.Time) (string, *float64) {
+	var ver string
+	var skew *float64
+	for _, line := range strings.Split(strings.TrimSpace(out), "\n") {
+		line = strings.TrimSpace(line)
+		if strings.HasPrefix(line, "nix-store ") {
+			f := strings.Fields(line)
+			ver = f[len(f)-1]
+			continue
+		}
+		secs, err := strconv.ParseFloat(line, 64)
+		if err != nil {
+			secs, err = strconv.ParseFloat(strings.TrimSuffix(line, ".%N"), 64)
+		}
+		if err == nil {
+			mid := t0.Add(t1.Sub(t0) / 2)
+			s := math.Round((secs-float64(mid.UnixNano())/1e9)*10) / 10
+			skew = &s
+		}
+	}
+	return ver, skew
+}
+
+// storeRoundTrip sends a small, unique, content-addressed path to the
+// machine, checks that the machine reports it valid with the hash we sent,
+// and fetches it back byte for byte.
+func storeRoundTrip(conn *serveproto.Conn) error {
+	narBytes, sum, err := checkNAR()
+	if err != nil {
+		return err
+	}
+	path := serveproto.MakeSourcePath("nix-offload-check", sum)
+	info := serveproto.PathInfo{
+		Path:    path,
+		NarHash: "sha256:" + nixbase32.EncodeToString(sum[:]),
+		NarSize: uint64(len(narBytes)),
+		CA:      "fixed:r:sha256:" + nixbase32.EncodeToString(sum[:]),
+	}
+	if conn.ServerVersion().Minor() >= 5 {
+		err = conn.AddToStoreNar(info, bytes.NewReader(narBytes))
+	} else {
+		err = conn.ImportPaths([]serveproto.ExportItem{{Info: info, NAR: bytes.NewReader(narBytes)}})
+	}
+	if err != nil {
+		return fmt.Errorf("sending %s: %w", path, err)
+	}
+	valid, err := conn.QueryValidPaths([]string{path}, false, false)
+	if err != nil {
+		return err
+	}
+	if !slices.Contains(valid, path) {
+		return fmt.Errorf("machine accepted %s but does not report it valid", path)
+	}
+	infos, err := conn.QueryPathInfos([]string{path})
+	if err != nil {
+		return err
+	}
+	if len(infos) != 1 || infos[0].Path != path {
+		return fmt.Errorf("machine returned no path info for %s", path)
+	}
+	if infos[0].NarSize != info.NarSize || !sameHash(infos[0].NarHash, sum) {
+		return fmt.Errorf("machine records %s with narSize %d, narHash %s; sent %d, %s",
+			path, infos[0].NarSize, infos[0].NarHash, info.NarSize, info.NarHash)
+	}
+	var back bytes.Buffer
+	st, err := conn.DumpStorePath(path, &back)
+	if err != nil {
+		return err
+	}
+	if st.SHA256 != sum || !bytes.Equal(back.Bytes(), narBytes) {
+		return fmt.Errorf("fetched %s back with a different content (narHash %s)", path, st.NixHash())
+	}
+	return nil
+}
+
+// checkNAR makes the NAR of a one-file store path whose content is unique to
+// this run, so the round trip always sends bytes.
+func checkNAR() ([]byte, [32]byte, error) {
+	nonce := make([]byte, 16)
+	rand.Read(nonce)
+	host, _ := os.Hostname()
+	content := fmt.Sprintf("nix-offload check from %s at %s\n%s\n", host, time.Now().UTC().Format(time.RFC3339), hex.EncodeToString(nonce))
+	var buf bytes.Buffer
+	w, err := gonar.NewWriter(&buf)
+	if err != nil {
+		return nil, [32]byte{}, err
+	}
+	if err := w.WriteHeader(&gonar.Header{Path: "/", Type: gonar.TypeRegular, Size: int64(len(content))}); err != nil {
+		return nil, [32]byte{}, err
+	}
+	if _, err := io.WriteString(w, content); err != nil {
+		return nil, [32]byte{}, err
+	}
+	if err := w.Close(); err != nil {
+		return nil, [32]byte{}, err
+	}
+	return buf.Bytes(), sha256.Sum256(buf.Bytes()), nil
+}
+
+// sameHash compares a hash as Nix prints it ("sha256:<nix32>", or hex) with
+// a digest.
+func sameHash(s string, sum [32]byte) bool {
+	s = strings.TrimPrefix(s, "sha256:")
+	if b, err := nixbase32.DecodeString(s); err == nil && bytes.Equal(b, sum[:]) {
+		return true
+	}
+	b, err := hex.DecodeString(s)
+	return err == nil && bytes.Equal(b, sum[:])
+}
+
+// hintFor says what to do about the errors people meet first.
+func hintFor(err error) string {
+	var hk *sshconn.HostKeyError
+	var ce *sshconn.ConnectError
+	msg := err.Error()
+	switch {
+	case errors.As(err, &hk) && hk.Problem == sshconn.HostKeyMismatch:
+		return "the machine's host key changed or the configured key is wrong; if the change is expected, update host-key or known-hosts"
+	case errors.As(err, &hk):
+		return "compare the offered key with the machine's /etc/ssh/ssh_host_*_key.pub, then set host-key or add it to known-hosts"
+	case strings.Contains(msg, "unable to authenticate"):
+		return "the machine did not accept our key: add the public half of ssh-key to the user's authorized_keys"
+	case strings.Contains(msg, "lacks a valid signature") || strings.Contains(msg, "not privileged"):
+		return "the SSH user must be root or in trusted-users of the machine's Nix"
+	case strings.Contains(msg, "command not found") || strings.Contains(msg, "protocol mismatch"):
+		return "nix-store must be on the PATH of a non-interactive shell of the SSH user, and the shell must print nothing"
+	case errors.As(err, &ce):
+		return "is the machine up and is sshd listening on that address?"
+	}
+	return ""
+}
+
+func printCheckTable(w io.Writer, results []checkResult) {
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "MACHINE\tADDRESS\tHOST KEY\tPROTOCOL\tNIX\tCONNECT\tROUND TRIP\tCLOCK SKEW\tVERDICT")
+	for _, r := range results {
+		skew := "-"
+		if r.ClockSkew != nil {
+			skew = fmt.Sprintf("%+.0fs", *r.ClockSkew)
+			if math.Abs(*r.ClockSkew) < 0.5 {
+				skew = "0s"
+			}
+		}
+		verdict := "ok"
+		if !r.OK {
+			verdict = "FAILED"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", r.Machine, r.Address, dash(r.HostKey),
+			dash(r.Protocol), dash(r.NixVersion), ms(r.Connect), ms(r.RoundTrip), skew, verdict)
+	}
+	tw.Flush()
+	for _, r := range results {
+		if !r.OK {
+			fmt.Fprintf(w, "\n%s: %s\n", r.Machine, r.Error)
+			if r.Hint != "" {
+				fmt.Fprintf(w, "  hint: %s\n", r.Hint)
+			}
+		}
+	}
+}
+
+func dash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
+}
+
+func ms(d time.Duration) string {
+	if d == 0 {
+		return "-"
+	}
+	return fmt.Sprintf("%dms", d.Milliseconds())
+}
+
+// nixSystem is the default system for machines-file entries that name none.
+func nixSystem() string {
+	arch := map[string]string{"amd64": "x86_64", "arm64": "aarch64", "386": "i686"}[runtime.GOARCH]
+	if arch == "" {
+		arch = runtime.GOARCH
+	}
+	return arch + "-" + runtime.GOOS
+}

@@ -1,0 +1,102 @@
+// Command nix-offload-hook is a drop-in replacement for Nix's remote build
+// hook, and the tools around it.
+//
+//	nix-offload-hook check [-config FILE] [-json] [MACHINE…]   test every machine
+//	nix-offload-hook version                                      print the version
+//	nix-offload-hook <verbosity>                                  hook mode (build-hook = …)
+//
+// Exit codes: 0 success; 1 a command failed (for check: some machine failed);
+// 2 usage or configuration error.
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"strconv"
+	"syscall"
+)
+
+const (
+	exitOK     = 0
+	exitFailed = 1
+	exitUsage  = 2
+)
+
+// errUsage marks errors that should exit with exitUsage.
+type usageError struct{ msg string }
+
+func (e usageError) Error() string { return e.msg }
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	code := run(ctx, os.Args[1:], os.Stdout, os.Stderr)
+	stop()
+	os.Exit(code)
+}
+
+// run dispatches to a subcommand and maps its error to an exit code.
+func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+	var err error
+	switch {
+	case len(args) > 0 && args[0] == "check":
+		err = runCheck(ctx, args[1:], stdout)
+	case len(args) > 0 && args[0] == "version":
+		fmt.Fprintln(stdout, "nix-offload-hook", version())
+	case len(args) > 0 && (args[0] == "help" || args[0] == "-h" || args[0] == "--help"):
+		fmt.Fprint(stdout, usage)
+	case isHookInvocation(args):
+		err = runHook(ctx, args)
+	default:
+		err = usageError{fmt.Sprintf("unknown command %q\n\n%s", args[0], usage)}
+	}
+	if err == nil {
+		return exitOK
+	}
+	if errors.Is(err, context.Canceled) {
+		return exitFailed
+	}
+	fmt.Fprintf(stderr, "nix-offload-hook: %v\n", err)
+	var ue usageError
+	var ce *configError
+	if errors.As(err, &ue) || errors.As(err, &ce) {
+		return exitUsage
+	}
+	var fe *failedError
+	if errors.As(err, &fe) {
+		return exitFailed
+	}
+	return exitFailed
+}
+
+// isHookInvocation reports whether Nix started us as its build hook: every
+// Nix version appends the verbosity (a small number) as the last argument,
+// after any extra arguments from a list-valued build-hook setting.
+func isHookInvocation(args []string) bool {
+	if len(args) == 0 {
+		return false
+	}
+	n, err := strconv.Atoi(args[len(args)-1])
+	return err == nil && n >= 0 && n <= 7
+}
+
+// failedError is a command that ran and reports failure (exit 1) after it
+// already printed why.
+type failedError struct{ msg string }
+
+func (e *failedError) Error() string { return e.msg }
+
+const usage = `usage:
+  nix-offload-hook check [-config FILE] [-builders SPEC] [-json] [MACHINE...]
+      connect to every configured machine (or the named ones) and test it:
+      host key, serve protocol, remote Nix, a store round trip, clock skew
+  nix-offload-hook version
+  nix-offload-hook VERBOSITY
+      build hook mode: set build-hook = /path/to/nix-offload-hook in nix.conf
+
+configuration: -config, else $NIX_OFFLOAD_CONFIG, else /etc/nix/offload.toml,
+else Nix's machines file (-builders, default @/etc/nix/machines)
+`
