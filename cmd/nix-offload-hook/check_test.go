@@ -22,7 +22,7 @@ func TestParseVersionAndClock(t *testing.T) {
 	if ver != "2.8.0" || skew == nil || *skew != 0.3 {
 		t.Errorf("fractional: got %q, %v; want +0.3s", ver, *skew)
 	}
-	ver, skew = parseVersionAndClock("nix-store (Nix) 2.8.0\n1001.%N\n", t0, t1)
+	_, skew = parseVersionAndClock("nix-store (Nix) 2.8.0\n1001.%N\n", t0, t1)
 	if skew == nil || *skew != 0 {
 		t.Errorf("date without %%N: got %v", skew)
 	}
