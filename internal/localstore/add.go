@@ -1,0 +1,370 @@
+package localstore
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/nix-community/go-nix/pkg/nixhash"
+	"github.com/nix-offload/nix-offload/internal/nar"
+	"github.com/nix-offload/nix-offload/internal/serveproto"
+)
+
+// tempPrefix starts the name of the staging directory AddOutputs makes in
+// the store directory. It begins with a dot, so it is never a store path:
+// Nix's garbage collector and `nix-store --verify` leave it alone, and no
+// store path can collide with it.
+const tempPrefix = ".nix-offload-"
+
+// maxRegisterStderr bounds the stderr of `nix-store --register-validity`
+// kept for an error message.
+const maxRegisterStderr = 16 << 10
+
+// errNAREnded is what a fetch function gets if it writes past the end of
+// the NAR it was asked for.
+var errNAREnded = errors.New("localstore: the NAR has ended; no more bytes are read")
+
+// output is a checked element of AddOutputs' infos.
+type output struct {
+	path    string // StoreDir/base
+	base    string
+	deriver string
+	refs    []string
+	size    int64
+	sha256  []byte
+	hash    string // narHash as "sha256:<nix32>", from the verified bytes
+	staged  string // the restored tree in the staging directory
+}
+
+// AddOutputs makes the outputs of a remote build valid in the local store,
+// while nix-daemon's worker holds the locks on them. See the package
+// documentation for why it works this way and what it guarantees.
+//
+// infos are the outputs as the machine reported them: Path, NarHash (a
+// SHA-256 in any form Nix prints), NarSize, References and Deriver are
+// used; CA and Sigs are not recorded. Outputs that are valid already are
+// skipped without a fetch. For each of the others fetch(path, w) must write
+// the path's NAR to w and return when it has written it all or a write
+// fails. It is called once per path, one at a time, in the order of infos,
+// on a goroutine of its own while AddOutputs waits for it, so it may use
+// what the caller's goroutine owns (a serveproto.Conn to the machine).
+// AddOutputs waits for fetch to return, after an error too: to give up on a
+// machine that stalls, close its transport, which makes fetch fail.
+//
+// Each reference must be valid already or be one of infos; references
+// between infos may go either way but not form a cycle. Everything in infos
+// is checked before anything is fetched or touched: malformed store paths
+// (a hostile machine picks these names), duplicates and impossible sizes
+// are errors.
+//
+// On any error, nothing this call put in the store stays: not the staging
+// directory, and not a path at its final name that did not become valid.
+// AddOutputs ends the read session before and after it changes the store,
+// so later reads see the new paths.
+func (s *Store) AddOutputs(infos []serveproto.PathInfo, fetch func(path string, w io.Writer) error) error {
+	if s.closed {
+		return ErrClosed
+	}
+	outs, err := s.checkOutputs(infos)
+	if err != nil {
+		return err
+	}
+	if len(outs) == 0 {
+		return nil
+	}
+
+	// A fresh session, so that paths registered since it last asked
+	// are not reported invalid from its cache (see reset).
+	s.reset()
+	todo, err := s.missingOutputs(outs)
+	if err != nil || len(todo) == 0 {
+		return err
+	}
+	defer s.reset()
+
+	tmp, err := os.MkdirTemp(s.opt.RealStoreDir, tempPrefix)
+	if err != nil {
+		return fmt.Errorf("localstore: staging directory: %w", err)
+	}
+	defer os.RemoveAll(tmp)
+	for _, o := range todo {
+		o.staged = filepath.Join(tmp, o.base)
+		if err := restoreOutput(o, fetch); err != nil {
+			return err
+		}
+	}
+
+	// Every NAR is verified: put the trees at their names and register
+	// them together.
+	var placed []*output
+	for _, o := range todo {
+		if err := s.place(o); err != nil {
+			return errors.Join(err, s.removeUnregistered(placed))
+		}
+		placed = append(placed, o)
+	}
+	if err := s.register(placed); err != nil {
+		return errors.Join(err, s.removeUnregistered(placed))
+	}
+	return nil
+}
+
+// checkOutputs validates infos without touching anything.
+func (s *Store) checkOutputs(infos []serveproto.PathInfo) ([]*output, error) {
+	dir := s.opt.StoreDir
+	outs := make([]*output, 0, len(infos))
+	seen := make(map[string]bool, len(infos))
+	sha256Algo := nixhash.SHA256
+	for i, info := range infos {
+		fail := func(format string, args ...any) error {
+			return fmt.Errorf("localstore: output %d (%q): %s", i, info.Path, fmt.Sprintf(format, args...))
+		}
+		base, err := checkStorePath(dir, info.Path)
+		if err != nil {
+			return nil, fail("%v", err)
+		}
+		if seen[info.Path] {
+			return nil, fail("listed twice")
+		}
+		seen[info.Path] = true
+		if info.Deriver != "" {
+			if _, err := checkStorePath(dir, info.Deriver); err != nil {
+				return nil, fail("deriver: %v", err)
+			}
+		}
+		for _, ref := range info.References {
+			if _, err := checkStorePath(dir, ref); err != nil {
+				return nil, fail("reference: %v", err)
+			}
+		}
+		if info.NarSize == 0 || info.NarSize > uint64(nar.DefaultLimits.MaxNARSize) {
+			return nil, fail("narSize %d is outside 1..%d", info.NarSize, nar.DefaultLimits.MaxNARSize)
+		}
+		h, err := nixhash.ParseAny(info.NarHash, &sha256Algo)
+		if err != nil {
+			return nil, fail("narHash %q: %v", info.NarHash, err)
+		}
+		outs = append(outs, &output{
+			path:    info.Path,
+			base:    base,
+			deriver: info.Deriver,
+			refs:    info.References,
+			size:    int64(info.NarSize),
+			sha256:  h.Digest(),
+		})
+	}
+	return outs, nil
+}
+
+// missingOutputs returns the outputs that are not valid yet, after checking
+// that every reference outside the batch is valid.
+func (s *Store) missingOutputs(outs []*output) ([]*output, error) {
+	inBatch := make(map[string]bool, len(outs))
+	query := make([]string, 0, len(outs))
+	for _, o := range outs {
+		inBatch[o.path] = true
+		query = append(query, o.path)
+	}
+	var external []string
+	for _, o := range outs {
+		for _, ref := range o.refs {
+			if !inBatch[ref] && !slices.Contains(external, ref) {
+				external = append(external, ref)
+			}
+		}
+	}
+	valid, err := s.Valid(append(query, external...))
+	if err != nil {
+		return nil, err
+	}
+	isValid := make(map[string]bool, len(valid))
+	for _, p := range valid {
+		isValid[p] = true
+	}
+	var missingRefs []string
+	for _, ref := range external {
+		if !isValid[ref] {
+			missingRefs = append(missingRefs, ref)
+		}
+	}
+	if len(missingRefs) > 0 {
+		slices.Sort(missingRefs)
+		return nil, fmt.Errorf("localstore: outputs refer to paths that are neither valid here nor among the outputs: %w", &NotValidError{Paths: missingRefs})
+	}
+	var todo []*output
+	for _, o := range outs {
+		if !isValid[o.path] {
+			todo = append(todo, o)
+		}
+	}
+	return todo, nil
+}
+
+// restoreOutput unpacks o's NAR, as fetch writes it, at o.staged and checks
+// it against narSize and narHash. It reads at most narSize bytes. On error
+// nothing is left at o.staged, and fetch has returned.
+func restoreOutput(o *output, fetch func(string, io.Writer) error) error {
+	pr, pw := io.Pipe()
+	fetched := make(chan error, 1)
+	go func() {
+		err := fetch(o.path, pw)
+		pw.CloseWithError(err) // nil: the reader sees EOF
+		fetched <- err
+	}()
+	// The reader reads exactly what the grammar asks for, so a NAR of
+	// narSize bytes never asks for more, and a longer one fails at byte
+	// narSize+1 (never read) with ErrSizeMismatch.
+	st, rerr := nar.Restore(o.staged, &sizeLimit{r: pr, n: o.size}, nar.DefaultLimits)
+	if rerr != nil {
+		pr.CloseWithError(rerr) // a blocked write in fetch returns this
+	} else {
+		pr.CloseWithError(errNAREnded)
+	}
+	ferr := <-fetched
+
+	var err error
+	switch {
+	case rerr != nil:
+		// If fetch failed first, rerr wraps its error.
+		err = fmt.Errorf("NAR: %w", rerr)
+	case ferr != nil:
+		err = fmt.Errorf("fetching the NAR: %w", ferr)
+	case st.Size != o.size:
+		err = fmt.Errorf("NAR: %w: %d bytes, but the machine reported narSize %d", nar.ErrSizeMismatch, st.Size, o.size)
+	case !bytes.Equal(st.SHA256[:], o.sha256):
+		var want nar.Stats
+		copy(want.SHA256[:], o.sha256)
+		err = fmt.Errorf("NAR: %w: got %s, but the machine reported %s", nar.ErrHashMismatch, st.NixHash(), want.NixHash())
+	}
+	if err != nil {
+		if rerr == nil {
+			os.RemoveAll(o.staged)
+		}
+		return fmt.Errorf("localstore: output %s: %w", o.path, err)
+	}
+	o.hash = st.NixHash()
+	return nil
+}
+
+// sizeLimit reads at most n bytes from r; a read beyond them fails with
+// ErrSizeMismatch without reading.
+type sizeLimit struct {
+	r io.Reader
+	n int64
+}
+
+func (l *sizeLimit) Read(p []byte) (int, error) {
+	if l.n <= 0 {
+		return 0, fmt.Errorf("%w: the NAR is longer than its narSize", nar.ErrSizeMismatch)
+	}
+	if int64(len(p)) > l.n {
+		p = p[:l.n]
+	}
+	n, err := l.r.Read(p)
+	l.n -= int64(n)
+	return n, err
+}
+
+// place moves a staged output to its name in the store, after removing
+// what an earlier, failed attempt left there (it is invalid: checked by
+// missingOutputs, and the worker's lock keeps others from registering it).
+func (s *Store) place(o *output) error {
+	dst := filepath.Join(s.opt.RealStoreDir, o.base)
+	if _, err := os.Lstat(dst); err == nil {
+		if err := os.RemoveAll(dst); err != nil {
+			return fmt.Errorf("localstore: removing the invalid %s left by an earlier attempt: %w", o.path, err)
+		}
+	} else if !errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("localstore: %w", err)
+	}
+	if err := os.Rename(o.staged, dst); err != nil {
+		return fmt.Errorf("localstore: moving %s into place: %w", o.path, err)
+	}
+	return nil
+}
+
+// register runs one `nix-store --register-validity --hash-given` for outs
+// (nix 2.8.0 src/libstore/store-api.cc decodeValidPathInfo). Nix adds them
+// in one database transaction, checks that every reference is valid or in
+// the batch and that they form no cycle, and canonicalises their metadata
+// (mode 0444/0555, mtime 1, owner).
+func (s *Store) register(outs []*output) error {
+	var in strings.Builder
+	for _, o := range outs {
+		in.WriteString(o.path + "\n")
+		in.WriteString(o.hash + "\n")
+		in.WriteString(strconv.FormatInt(o.size, 10) + "\n")
+		in.WriteString(o.deriver + "\n")
+		in.WriteString(strconv.Itoa(len(o.refs)) + "\n")
+		for _, ref := range o.refs {
+			in.WriteString(ref + "\n")
+		}
+	}
+	cmd := s.opt.Command(s.opt.NixStore, "--register-validity", "--hash-given")
+	cmd.Stdin = strings.NewReader(in.String())
+	stderr := &tailBuffer{max: maxRegisterStderr}
+	cmd.Stdout, cmd.Stderr = io.Discard, stderr
+	cmd.WaitDelay = 5 * time.Second
+	if err := cmd.Run(); err != nil {
+		msg := strings.TrimSpace(stderr.String())
+		if msg == "" {
+			msg = "(no output)"
+		}
+		return fmt.Errorf("localstore: %s --register-validity: %w: %s", s.opt.NixStore, err, msg)
+	}
+	return nil
+}
+
+// removeUnregistered removes those of outs that are not valid. It asks a
+// new session, because a failed registration may still have committed: a
+// valid path is never removed, and if validity cannot be checked, nothing
+// is removed (Nix deletes invalid leftovers itself before it builds a path
+// again) and the error says so.
+func (s *Store) removeUnregistered(outs []*output) error {
+	if len(outs) == 0 {
+		return nil
+	}
+	s.reset()
+	paths := make([]string, len(outs))
+	for i, o := range outs {
+		paths[i] = o.path
+	}
+	valid, err := s.Valid(paths)
+	if err != nil {
+		return fmt.Errorf("localstore: cannot tell which outputs became valid, so %s stay in place: %w", strings.Join(paths, ", "), err)
+	}
+	var errs []error
+	for _, o := range outs {
+		if slices.Contains(valid, o.path) {
+			continue
+		}
+		if err := os.RemoveAll(filepath.Join(s.opt.RealStoreDir, o.base)); err != nil {
+			errs = append(errs, fmt.Errorf("localstore: removing unregistered %s: %w", o.path, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// tailBuffer keeps the last max bytes written to it.
+type tailBuffer struct {
+	max int
+	buf []byte
+}
+
+func (t *tailBuffer) Write(p []byte) (int, error) {
+	t.buf = append(t.buf, p...)
+	if len(t.buf) > t.max {
+		t.buf = t.buf[len(t.buf)-t.max:]
+	}
+	return len(p), nil
+}
+
+func (t *tailBuffer) String() string { return string(t.buf) }

@@ -1,0 +1,420 @@
+package localstore
+
+import (
+	"bytes"
+	"crypto/sha256"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"slices"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/nix-community/go-nix/pkg/nixhash"
+	"github.com/nix-offload/nix-offload/internal/nar"
+	"github.com/nix-offload/nix-offload/internal/serveproto"
+	"github.com/nix-offload/nix-offload/internal/testbed"
+)
+
+// The integration test runs on every Nix of the test bed. Store "remote" (B)
+// builds a few derivations; their outputs are then added to store "local"
+// (A) with AddOutputs while the test holds the locks nix-daemon's worker
+// would hold, as it does while the hook runs.
+
+// addBound is how long AddOutputs may take for a few small paths. A method
+// that waits for the worker's lock would never finish.
+const addBound = 20 * time.Second
+
+func nixSystem(t *testing.T) string {
+	switch runtime.GOARCH {
+	case "amd64":
+		return "x86_64-linux"
+	case "arm64":
+		return "aarch64-linux"
+	}
+	t.Skipf("skipping: no Nix system type known for GOARCH %s", runtime.GOARCH)
+	return ""
+}
+
+// bed is one test bed store and a Store on it.
+type bed struct {
+	nix   testbed.Nix
+	dir   string // bound over /nix
+	store *Store
+}
+
+func newBed(t *testing.T, nix testbed.Nix) *bed {
+	t.Helper()
+	dir := testbed.NewStore(t)
+	return &bed{nix: nix, dir: dir, store: openStore(t, nix, dir, nil)}
+}
+
+// openStore opens a Store on dir. wrap, if set, may replace the commands
+// the Store runs.
+func openStore(t *testing.T, nix testbed.Nix, dir string, wrap func(argv []string) []string) *Store {
+	t.Helper()
+	s, err := Open(Options{
+		RealStoreDir: filepath.Join(dir, "store"),
+		Command: func(argv ...string) *exec.Cmd {
+			if wrap != nil {
+				argv = wrap(argv)
+			}
+			return nix.Command(dir, nil, argv...)
+		},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	return s
+}
+
+// real is where this process finds a store path of the bed.
+func (b *bed) real(path string) string {
+	return filepath.Join(b.dir, "store", strings.TrimPrefix(path, DefaultStoreDir+"/"))
+}
+
+// run runs a command with the bed's Nix on its store and returns stdout.
+func (b *bed) run(t *testing.T, argv ...string) string {
+	t.Helper()
+	out, err := b.try(argv...)
+	if err != nil {
+		t.Fatalf("%s: %v", strings.Join(argv, " "), err)
+	}
+	return out
+}
+
+func (b *bed) try(argv ...string) (string, error) {
+	cmd := b.nix.Command(b.dir, nil, argv...)
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	if err := cmd.Run(); err != nil {
+		return stdout.String(), fmt.Errorf("%w\n%s", err, stderr.String())
+	}
+	return stdout.String(), nil
+}
+
+// holdLock takes the lock nix-daemon's worker holds on an output while the
+// hook runs, and keeps it until the test ends.
+func (b *bed) holdLock(t *testing.T, path string) {
+	t.Helper()
+	name := b.real(path) + ".lock"
+	f, err := os.OpenFile(name, os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.Close() })
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+		t.Fatalf("flock %s: %v", name, err)
+	}
+	// Proof that it is held: another open file description cannot take it.
+	g, err := os.Open(name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer g.Close()
+	if err := syscall.Flock(int(g.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); !errors.Is(err, syscall.EWOULDBLOCK) {
+		t.Fatalf("a second flock on %s: %v, want EWOULDBLOCK", name, err)
+	}
+}
+
+// checkClean fails unless path is absent, invalid, and the store directory
+// holds no staging directory.
+func (b *bed) checkClean(t *testing.T, path string) {
+	t.Helper()
+	if _, err := os.Lstat(b.real(path)); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("%s: Lstat: %v, want it not to exist", path, err)
+	}
+	ents, err := os.ReadDir(filepath.Join(b.dir, "store"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range ents {
+		if strings.HasPrefix(e.Name(), tempPrefix) {
+			t.Errorf("staging directory %s left in the store", e.Name())
+		}
+	}
+	valid, err := b.store.Valid([]string{path})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(valid) != 0 {
+		t.Errorf("%s is valid", path)
+	}
+}
+
+// checkValid fails unless path is valid in the bed with the info the
+// remote reported, and passes `nix-store --verify-path`.
+func (b *bed) checkValid(t *testing.T, want serveproto.PathInfo) {
+	t.Helper()
+	got, err := b.store.PathInfos([]string{want.Path})
+	if err != nil {
+		t.Fatal(err)
+	}
+	g := got[0]
+	if g.NarHash != want.NarHash || g.NarSize != want.NarSize || g.Deriver != want.Deriver || !slices.Equal(g.References, want.References) {
+		t.Errorf("recorded %+v\nwant %+v", g, want)
+	}
+	sha := nixhash.SHA256
+	h, err := nixhash.ParseAny(strings.TrimSpace(b.run(t, "nix-store", "-q", "--hash", want.Path)), &sha)
+	if err != nil {
+		t.Fatal(err)
+	}
+	w, err := nixhash.ParseAny(want.NarHash, &sha)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(h.Digest(), w.Digest()) {
+		t.Errorf("nix-store -q --hash: %s, want %s", h, want.NarHash)
+	}
+	if d := strings.TrimSpace(b.run(t, "nix-store", "-q", "--deriver", want.Path)); d != want.Deriver {
+		t.Errorf("nix-store -q --deriver: %q, want %q", d, want.Deriver)
+	}
+	b.run(t, "nix-store", "--verify-path", want.Path)
+}
+
+func TestIntegration(t *testing.T) {
+	system := nixSystem(t)
+	for _, nix := range testbed.All(t) {
+		t.Run(nix.Series(), func(t *testing.T) {
+			t.Parallel()
+			testIntegration(t, nix, system)
+		})
+	}
+}
+
+func testIntegration(t *testing.T, nix testbed.Nix, system string) {
+	remote := newBed(t, nix)
+	local := newBed(t, nix)
+	r := remote.store
+
+	// In the remote: a, b referring to a, and m with two outputs, out
+	// referring to dev.
+	expr := fmt.Sprintf(`let
+  mk = name: script: derivation { inherit name; system = %q; builder = "/bin/sh"; args = ["-c" script]; };
+  a = mk "localstore-a" "echo a > $out";
+  b = mk "localstore-b" "echo ${a} > $out";
+  m = derivation { name = "localstore-m"; system = %q; builder = "/bin/sh"; outputs = ["out" "dev"];
+                   args = ["-c" "echo dev > $dev; echo $dev > $out"]; };
+in [ a b m.out m.dev ]`, system, system)
+	built := strings.Fields(remote.run(t, "nix-build", "--no-out-link", "-E", expr))
+	if len(built) != 4 {
+		t.Fatalf("nix-build printed %q", built)
+	}
+	a, b, mOut, mDev := built[0], built[1], built[2], built[3]
+	missing := DefaultStoreDir + "/00000000000000000000000000000000-localstore-missing"
+
+	t.Run("read", func(t *testing.T) {
+		valid, err := r.Valid([]string{b, missing, a})
+		if want := sorted(a, b); err != nil || !slices.Equal(valid, want) {
+			t.Errorf("Valid: %q, %v; want %q", valid, err, want)
+		}
+		closure, err := r.Closure([]string{b})
+		if want := sorted(a, b); err != nil || !slices.Equal(closure, want) {
+			t.Errorf("Closure: %q, %v; want %q", closure, err, want)
+		}
+		infos, err := r.PathInfos([]string{b, a})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if infos[0].Path != b || infos[1].Path != a || !slices.Equal(infos[0].References, []string{a}) ||
+			!strings.HasSuffix(infos[0].Deriver, "-localstore-b.drv") {
+			t.Errorf("PathInfos: %+v", infos)
+		}
+		var buf bytes.Buffer
+		st, err := r.Dump(b, &buf)
+		if err != nil {
+			t.Fatal(err)
+		}
+		sum := sha256.Sum256(buf.Bytes())
+		if st.SHA256 != sum || st.NixHash() != infos[0].NarHash || uint64(buf.Len()) != infos[0].NarSize {
+			t.Errorf("Dump: %d bytes hashing to %x; Stats %+v; recorded %s, %d bytes", buf.Len(), sum, st, infos[0].NarHash, infos[0].NarSize)
+		}
+		// Invalid paths are typed errors, and the session survives them.
+		_, err = r.PathInfos([]string{a, missing})
+		checkNotValid(t, "PathInfos", err, missing)
+		_, err = r.Closure([]string{missing})
+		checkNotValid(t, "Closure", err, missing)
+		_, err = r.Dump(missing, io.Discard)
+		checkNotValid(t, "Dump", err, missing)
+		if _, err := r.Valid([]string{"/nix/store/../etc/passwd"}); err == nil {
+			t.Error("Valid accepted a malformed path")
+		}
+		if valid, err := r.Valid([]string{a}); err != nil || len(valid) != 1 {
+			t.Errorf("Valid after the errors: %q, %v", valid, err)
+		}
+	})
+	if t.Failed() {
+		return
+	}
+
+	infos, err := r.PathInfos([]string{a, b, mOut, mDev})
+	if err != nil {
+		t.Fatal(err)
+	}
+	infoA, infoB, infoOut, infoDev := infos[0], infos[1], infos[2], infos[3]
+	nars := make(map[string][]byte)
+	for _, p := range built {
+		var buf bytes.Buffer
+		if _, err := r.Dump(p, &buf); err != nil {
+			t.Fatal(err)
+		}
+		nars[p] = buf.Bytes()
+	}
+	fetched := 0
+	fromRemote := func(path string, w io.Writer) error {
+		fetched++
+		_, err := r.Dump(path, w)
+		return err
+	}
+
+	l := local.store
+	// Starts the local store, and makes its session see a and b as invalid
+	// (Nix caches that), which AddOutputs must not be fooled by.
+	if _, err := l.PathInfos([]string{a, b}); !errors.As(err, new(*NotValidError)) {
+		t.Fatalf("PathInfos in the empty local store: %v", err)
+	}
+	for _, p := range built {
+		local.holdLock(t, p)
+	}
+
+	t.Run("reference not valid", func(t *testing.T) {
+		fetched = 0
+		err := l.AddOutputs([]serveproto.PathInfo{infoB}, fromRemote)
+		checkNotValid(t, "AddOutputs", err, a)
+		if fetched != 0 {
+			t.Errorf("%d fetches", fetched)
+		}
+		local.checkClean(t, b)
+	})
+
+	t.Run("with the lock held", func(t *testing.T) {
+		d := timedAdd(t, l, []serveproto.PathInfo{infoA}, fromRemote)
+		t.Logf("%s: AddOutputs of one path with its lock held: %v", nix, d)
+		// checkValid asks the Store that was told a is invalid before.
+		local.checkValid(t, infoA)
+		local.checkClean(t, a+"-none") // no staging directory left
+		fetched = 0
+		if err := l.AddOutputs([]serveproto.PathInfo{infoA}, fromRemote); err != nil || fetched != 0 {
+			t.Errorf("again: %v, %d fetches; want nothing to do", err, fetched)
+		}
+	})
+
+	t.Run("failures leave nothing", func(t *testing.T) {
+		wrongHash := infoB
+		wrongHash.NarHash = infoA.NarHash
+		tooLong := infoB
+		tooLong.NarSize -= 8
+		tests := []struct {
+			name  string
+			info  serveproto.PathInfo
+			fetch func(string, io.Writer) error
+			want  error
+		}{
+			{"wrong narHash", wrongHash, fromRemote, nar.ErrHashMismatch},
+			{"NAR longer than narSize", tooLong, fromRemote, nar.ErrSizeMismatch},
+			{"truncated", infoB, func(path string, w io.Writer) error {
+				w.Write(nars[path][:len(nars[path])/2])
+				return errors.New("connection to the machine lost")
+			}, nil},
+		}
+		for _, tt := range tests {
+			t.Run(tt.name, func(t *testing.T) {
+				err := l.AddOutputs([]serveproto.PathInfo{tt.info}, tt.fetch)
+				if err == nil {
+					t.Fatal("accepted")
+				}
+				t.Log(err)
+				if tt.want != nil && !errors.Is(err, tt.want) {
+					t.Errorf("error does not wrap %v", tt.want)
+				}
+				local.checkClean(t, b)
+			})
+		}
+		// The trees were in place when registration failed: they go again.
+		t.Run("registration fails", func(t *testing.T) {
+			base := strings.TrimPrefix(b, DefaultStoreDir+"/")
+			failing := openStore(t, nix, local.dir, func(argv []string) []string {
+				if !slices.Contains(argv, "--register-validity") {
+					return argv
+				}
+				return []string{"/bin/sh", "-c", `cat >/dev/null; test -e "/nix/store/$0" && echo "error: injected failure with $0 in place" >&2; exit 1`, base}
+			})
+			err := failing.AddOutputs([]serveproto.PathInfo{infoB}, fromRemote)
+			if err == nil || !strings.Contains(err.Error(), "injected failure with "+base+" in place") {
+				t.Fatalf("got %v, want the injected failure", err)
+			}
+			t.Log(err)
+			local.checkClean(t, b)
+		})
+	})
+
+	t.Run("stale invalid path replaced", func(t *testing.T) {
+		stale := local.real(b)
+		if err := os.MkdirAll(filepath.Join(stale, "sub"), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(stale, "sub", "half-written"), []byte("x"), 0o444); err != nil {
+			t.Fatal(err)
+		}
+		os.Chmod(filepath.Join(stale, "sub"), 0o555)
+		d := timedAdd(t, l, []serveproto.PathInfo{infoB}, fromRemote)
+		t.Logf("%s: AddOutputs over a stale directory: %v", nix, d)
+		local.checkValid(t, infoB)
+		var buf bytes.Buffer
+		if _, err := l.Dump(b, &buf); err != nil || !bytes.Equal(buf.Bytes(), nars[b]) {
+			t.Errorf("local NAR of b differs from the remote's (%v)", err)
+		}
+	})
+
+	t.Run("outputs referring to each other", func(t *testing.T) {
+		if !slices.Equal(infoOut.References, []string{mDev}) {
+			t.Fatalf("out's references: %q, want [%s]", infoOut.References, mDev)
+		}
+		fetched = 0
+		d := timedAdd(t, l, []serveproto.PathInfo{infoOut, infoDev}, fromRemote) // referrer first
+		t.Logf("%s: AddOutputs of two outputs with their locks held: %v", nix, d)
+		if fetched != 2 {
+			t.Errorf("%d fetches, want 2", fetched)
+		}
+		local.checkValid(t, infoOut)
+		local.checkValid(t, infoDev)
+		if refs := strings.Fields(local.run(t, "nix-store", "-q", "--references", mOut)); !slices.Equal(refs, []string{mDev}) {
+			t.Errorf("nix-store -q --references %s: %q", mOut, refs)
+		}
+	})
+}
+
+func timedAdd(t *testing.T, s *Store, infos []serveproto.PathInfo, fetch func(string, io.Writer) error) time.Duration {
+	t.Helper()
+	start := time.Now()
+	done := make(chan error, 1)
+	go func() { done <- s.AddOutputs(infos, fetch) }()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(addBound):
+		t.Fatalf("AddOutputs still running after %v: blocked by the lock?", addBound)
+	}
+	return time.Since(start)
+}
+
+func checkNotValid(t *testing.T, op string, err error, paths ...string) {
+	t.Helper()
+	var nv *NotValidError
+	if !errors.As(err, &nv) || !slices.Equal(nv.Paths, paths) {
+		t.Errorf("%s: %v; want a NotValidError for %q", op, err, paths)
+	}
+}
+
+func sorted(paths ...string) []string {
+	return slices.Sorted(slices.Values(paths))
+}

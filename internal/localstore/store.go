@@ -1,0 +1,271 @@
+package localstore
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"os/exec"
+	"slices"
+	"strings"
+
+	"github.com/nix-offload/nix-offload/internal/nar"
+	"github.com/nix-offload/nix-offload/internal/serveproto"
+	"github.com/nix-offload/nix-offload/internal/transport"
+)
+
+// DefaultStoreDir is the store directory Nix uses unless built otherwise,
+// and the only one the serve protocol client speaks about.
+const DefaultStoreDir = serveproto.StoreDir
+
+// ErrClosed is returned by every method after [Store.Close].
+var ErrClosed = errors.New("localstore: store is closed")
+
+// Options configure a [Store].
+type Options struct {
+	// NixStore is the nix-store binary: "nix-store", looked up on PATH,
+	// if empty.
+	NixStore string
+
+	// StoreDir is the store directory as Nix names it, the prefix of every
+	// store path: DefaultStoreDir if empty. Only "/nix/store" is supported,
+	// because the serve protocol client speaks only about that one.
+	StoreDir string
+
+	// RealStoreDir is where StoreDir is found on this process's file
+	// system, for the files AddOutputs writes itself (restore, rename,
+	// removal); StoreDir if empty. The hook runs in nix-daemon's mount
+	// namespace, where both are the same. They differ when the nix-store
+	// commands run in another mount namespace than this process: the test
+	// bed binds a directory D over /nix for each Nix, so a path
+	// /nix/store/<base> that nix-store sees is D/store/<base> here, and
+	// RealStoreDir is D/store.
+	RealStoreDir string
+
+	// Command makes the command that runs nix-store with argv (argv[0] is
+	// NixStore). It must leave Stdin, Stdout and Stderr unset. Tests use it
+	// to run nix-store in a test bed namespace. exec.Command if nil.
+	Command func(argv ...string) *exec.Cmd
+}
+
+// Store is the local Nix store, as the build hook sees it.
+//
+// It reads through a `nix-store --serve` session (without --write: every
+// read is allowed to any user, and nothing can be changed through it),
+// started on first use and again after a failure broke it. It writes only
+// through [Store.AddOutputs]. The session sees the store as it was when it
+// first looked at a path: see [Store.Refresh].
+//
+// A Store is not safe for concurrent use: call one method at a time. Close
+// may not be called while another method runs either.
+type Store struct {
+	opt      Options
+	closed   bool
+	sess     *transport.Session // nil until first use, and after a reset
+	conn     *serveproto.Conn   // on sess
+	sessName string
+}
+
+// Open returns a Store for the local store that opt describes. It starts no
+// process: the read session starts with the first method that needs it.
+func Open(opt Options) (*Store, error) {
+	if opt.NixStore == "" {
+		opt.NixStore = "nix-store"
+	}
+	if opt.StoreDir == "" {
+		opt.StoreDir = DefaultStoreDir
+	}
+	if opt.StoreDir != DefaultStoreDir {
+		return nil, fmt.Errorf("localstore: store directory %q is not supported: the serve protocol client speaks only about %s", opt.StoreDir, DefaultStoreDir)
+	}
+	if opt.RealStoreDir == "" {
+		opt.RealStoreDir = opt.StoreDir
+	}
+	if opt.Command == nil {
+		opt.Command = func(argv ...string) *exec.Cmd { return exec.Command(argv[0], argv[1:]...) }
+	}
+	return &Store{opt: opt, sessName: "local store"}, nil
+}
+
+// Close ends the read session, if one is running. It is idempotent.
+func (s *Store) Close() error {
+	s.closed = true
+	s.reset()
+	return nil
+}
+
+// Refresh ends the read session, so that the next read sees what other
+// processes have changed in the store since. A `nix-store --serve` process
+// remembers that a path was invalid (see reset): without Refresh, a path
+// that another process made valid may still be reported invalid.
+// AddOutputs does this itself.
+func (s *Store) Refresh() {
+	s.reset()
+}
+
+// reset ends the read session; the next read starts a new one. AddOutputs
+// calls it before and after it changes the store, because a serve session
+// does not see every change made by another process: its Nix caches that a
+// path was found invalid (Store::pathInfoCache, negative entries live for
+// an hour), so after QueryPathInfos of a path that another process then
+// registers, the same session would still call it invalid.
+func (s *Store) reset() {
+	if s.conn != nil {
+		s.conn.Close()
+		s.conn = nil
+	}
+	if s.sess != nil {
+		s.sess.Close()
+		s.sess = nil
+	}
+}
+
+// session returns a usable serve connection, starting a new session if
+// there is none or the last one broke.
+func (s *Store) session() (*serveproto.Conn, error) {
+	if s.closed {
+		return nil, ErrClosed
+	}
+	if s.conn != nil && s.conn.Err() == nil {
+		return s.conn, nil
+	}
+	s.reset()
+	cmd := s.opt.Command(s.opt.NixStore, "--serve")
+	sess, err := transport.LocalCmd(cmd, transport.Options{Name: s.sessName})
+	if err != nil {
+		return nil, fmt.Errorf("localstore: starting %s --serve: %w", s.opt.NixStore, err)
+	}
+	conn, err := serveproto.Handshake(sess.Stdout(), sess.Stdin(), serveproto.Options{Explain: sess.Explain})
+	if err != nil {
+		sess.Close()
+		return nil, fmt.Errorf("localstore: %w", err)
+	}
+	s.sess, s.conn = sess, conn
+	return conn, nil
+}
+
+// NotValidError reports store paths that are not valid in the local store.
+type NotValidError struct {
+	Paths []string // sorted
+}
+
+func (e *NotValidError) Error() string {
+	if len(e.Paths) == 1 {
+		return fmt.Sprintf("localstore: %s is not valid in the local store", e.Paths[0])
+	}
+	return fmt.Sprintf("localstore: %d paths are not valid in the local store: %s", len(e.Paths), strings.Join(e.Paths, ", "))
+}
+
+// Valid returns those of paths that are valid in the local store, sorted.
+// Malformed paths are an error, and nothing is sent.
+func (s *Store) Valid(paths []string) ([]string, error) {
+	if err := s.checkPaths(paths); err != nil {
+		return nil, err
+	}
+	c, err := s.session()
+	if err != nil {
+		return nil, err
+	}
+	valid, err := c.QueryValidPaths(paths, false, false)
+	if err != nil {
+		return nil, fmt.Errorf("localstore: %w", err)
+	}
+	return valid, nil
+}
+
+// requireValid returns a *NotValidError if some of paths are not valid.
+func (s *Store) requireValid(paths []string) error {
+	valid, err := s.Valid(paths)
+	if err != nil {
+		return err
+	}
+	var missing []string
+	for _, p := range paths {
+		if !slices.Contains(valid, p) && !slices.Contains(missing, p) {
+			missing = append(missing, p)
+		}
+	}
+	if len(missing) > 0 {
+		slices.Sort(missing)
+		return &NotValidError{Paths: missing}
+	}
+	return nil
+}
+
+// Closure returns the closure of paths in the local store: the paths and
+// everything they refer to, recursively, sorted (QueryClosure without the
+// outputs of derivations). It returns a *NotValidError if one of paths is
+// not valid.
+func (s *Store) Closure(paths []string) ([]string, error) {
+	// The server exits on an invalid path, so ask first: the error is
+	// typed and the session survives.
+	if err := s.requireValid(paths); err != nil {
+		return nil, err
+	}
+	closure, err := s.conn.QueryClosure(paths, false)
+	if err != nil {
+		return nil, fmt.Errorf("localstore: %w", err)
+	}
+	return closure, nil
+}
+
+// PathInfos returns what the local store records of paths, in the order of
+// paths. It returns a *NotValidError if one of them is not valid.
+func (s *Store) PathInfos(paths []string) ([]serveproto.PathInfo, error) {
+	if err := s.checkPaths(paths); err != nil {
+		return nil, err
+	}
+	c, err := s.session()
+	if err != nil {
+		return nil, err
+	}
+	infos, err := c.QueryPathInfos(paths)
+	if err != nil {
+		return nil, fmt.Errorf("localstore: %w", err)
+	}
+	byPath := make(map[string]serveproto.PathInfo, len(infos))
+	for _, info := range infos {
+		byPath[info.Path] = info
+	}
+	out := make([]serveproto.PathInfo, 0, len(paths))
+	var missing []string
+	for _, p := range paths {
+		info, ok := byPath[p]
+		if !ok {
+			if !slices.Contains(missing, p) {
+				missing = append(missing, p)
+			}
+			continue
+		}
+		out = append(out, info)
+	}
+	if len(missing) > 0 {
+		slices.Sort(missing)
+		return nil, &NotValidError{Paths: missing}
+	}
+	return out, nil
+}
+
+// Dump writes the NAR of a valid path to w and returns its narSize and
+// narHash, computed from the bytes written. It returns a *NotValidError if
+// path is not valid. An error from w ends the read session (the rest of
+// the NAR is still in its stream); the next call starts a new one.
+func (s *Store) Dump(path string, w io.Writer) (nar.Stats, error) {
+	if err := s.requireValid([]string{path}); err != nil {
+		return nar.Stats{}, err
+	}
+	st, err := s.conn.DumpStorePath(path, w)
+	if err != nil {
+		return nar.Stats{}, fmt.Errorf("localstore: %w", err)
+	}
+	return st, nil
+}
+
+// checkPaths rejects malformed store paths before anything is sent.
+func (s *Store) checkPaths(paths []string) error {
+	for _, p := range paths {
+		if _, err := checkStorePath(s.opt.StoreDir, p); err != nil {
+			return fmt.Errorf("localstore: %w", err)
+		}
+	}
+	return nil
+}
