@@ -65,9 +65,9 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	if errors.As(err, &ue) || errors.As(err, &ce) {
 		return exitUsage
 	}
-	var fe *failedError
-	if errors.As(err, &fe) {
-		return exitFailed
+	var xe *exitCodeError
+	if errors.As(err, &xe) {
+		return xe.code
 	}
 	return exitFailed
 }
