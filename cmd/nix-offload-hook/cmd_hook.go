@@ -338,6 +338,7 @@ func (h *hook) build(ctx context.Context, req *hookproto.Request, m machines.Mac
 				h.log.Stop(copyAct)
 			}
 			h.gate.open.Store(true)
+			sess.StderrIsLog()
 		},
 	})
 	var be *offload.BuildError

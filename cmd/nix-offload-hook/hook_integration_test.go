@@ -253,6 +253,7 @@ func TestHookBuildFailure(t *testing.T) {
 	if err == nil {
 		t.Fatal("nix-build of a failing derivation succeeded")
 	}
+	t.Logf("nix-build said:\n%s", errOut)
 	for _, want := range []string{"build of '", "on '" + machineName(b) + "' failed", "exit code 3", "about to fail"} {
 		if !strings.Contains(errOut, want) {
 			t.Errorf("nix-build output lacks %q:\n%s", want, errOut)
@@ -351,4 +352,87 @@ func (l *lockedBuf) Write(p []byte) (int, error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return l.b.Write(p)
+}
+
+// TestHookSilentBuildTimesOut: max-silent-time reaches the machine, the
+// build stops with a clear message and Nix's timeout status.
+func TestHookSilentBuildTimesOut(t *testing.T) {
+	nix := testbed.Lookup(t, "2.8")
+	b := testbed.StartBuilder(t, nix)
+	env := newOffloadEnv(t, "", b)
+	store := testbed.NewStore(t)
+	expr := env.writeExpr(t, fmt.Sprintf(`derivation { name = "silent"; salt = %q; system = "x86_64-linux";
+		builder = "/bin/sh"; args = ["-c" "echo going quiet; /bin/sleep 60; echo > $out"]; }`, randomHex(8)))
+	start := time.Now()
+	_, errOut, err := nixBuild(t, nix, store, env, "--option", "max-silent-time", "2", expr)
+	if err == nil {
+		t.Fatal("a silent build succeeded despite max-silent-time")
+	}
+	t.Logf("failed after %v; nix-build said:\n%s", time.Since(start).Round(time.Millisecond), errOut)
+	if !strings.Contains(errOut, "silence") && !strings.Contains(errOut, "timed out") {
+		t.Errorf("no timeout reason in:\n%s", errOut)
+	}
+	if ee, ok := err.(*exec.ExitError); !ok || ee.ExitCode() != 101 {
+		t.Errorf("nix-build exit %v, want 101 (timed out)", err)
+	}
+	waitUntil(t, func() bool { return len(sleepers(b)) == 0 }, "the remote build to stop")
+}
+
+// TestHookMachineDiesMidBuild: after acceptance a lost machine fails the
+// build clearly (it is not left hanging) and names the machine.
+func TestHookMachineDiesMidBuild(t *testing.T) {
+	nix := testbed.Lookup(t, "2.8")
+	b := testbed.StartBuilder(t, nix)
+	env := newOffloadEnv(t, "", b)
+	store := testbed.NewStore(t)
+	expr := env.writeExpr(t, fmt.Sprintf(`derivation { name = "orphan"; salt = %q; system = "x86_64-linux";
+		builder = "/bin/sh"; args = ["-c" "echo sleeping; /bin/sleep 300; echo > $out"]; }`, randomHex(8)))
+	done := make(chan struct{})
+	var errOut string
+	var err error
+	go func() {
+		defer close(done)
+		_, errOut, err = nixBuild(t, nix, store, env, expr)
+	}()
+	waitUntil(t, func() bool { return len(sleepers(b)) > 0 }, "the build to run on the builder")
+	b.Kill()
+	select {
+	case <-done:
+	case <-time.After(60 * time.Second): // a bound on a hang, not a timing assertion
+		t.Fatal("nix-build still running a minute after its machine died")
+	}
+	if err == nil {
+		t.Fatal("nix-build succeeded although its machine died")
+	}
+	t.Logf("nix-build said:\n%s", errOut)
+	if !strings.Contains(errOut, machineName(b)) {
+		t.Errorf("the failure does not name the machine:\n%s", errOut)
+	}
+}
+
+// TestHookSkipsUnreachableMachine: the preferred machine is down; the build
+// goes to the next one and the log says why.
+func TestHookSkipsUnreachableMachine(t *testing.T) {
+	nix := testbed.Lookup(t, "2.8")
+	dead := testbed.StartBuilder(t, nix)
+	good := testbed.StartBuilder(t, nix)
+	dead.Stop()
+	env := newOffloadEnv(t, "", good)
+	// The dead machine is faster, so it is tried first.
+	extra := machineTOML(dead, true) + "parallel-builds = 4\nspeed = 10.0\n"
+	cfg, _ := os.ReadFile(env.config)
+	os.WriteFile(env.config, append(cfg, []byte("\n"+extra)...), 0o644)
+	env.mounts = append(env.mounts, filepath.Dir(dead.ClientKey))
+	store := testbed.NewStore(t)
+	expr := env.writeExpr(t, graphExpr(randomHex(8)))
+	out, errOut, err := nixBuild(t, nix, store, env, expr)
+	if err != nil {
+		t.Fatalf("nix-build: %v\n%s", err, errOut)
+	}
+	if got := storeFile(t, store, out); got != graphRoot {
+		t.Errorf("root output %q", got)
+	}
+	if !strings.Contains(errOut, "cannot use '"+machineName(dead)+"'") || !strings.Contains(errOut, "connection refused") {
+		t.Errorf("no word about skipping the dead machine:\n%s", errOut)
+	}
 }

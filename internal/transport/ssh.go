@@ -88,7 +88,7 @@ func exitText(err error) string {
 	case errors.As(err, &xe):
 		return xe.String()
 	case errors.As(err, &missing):
-		return "connection closed without an exit status"
+		return "connection lost, no exit status"
 	default:
 		return err.Error()
 	}

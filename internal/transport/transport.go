@@ -26,6 +26,7 @@ import (
 	"os"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 )
@@ -90,6 +91,8 @@ type Session struct {
 	proc   process
 	tail   *tailBuffer
 
+	logOnly atomic.Bool // stderr is now a build log: only error: lines explain failures
+
 	stderrDone chan struct{} // closed when stderr hit EOF
 	exited     chan struct{} // closed when the process ended
 	exitErr    error         // valid after exited
@@ -152,6 +155,11 @@ func (s *Session) Stdout() io.Reader { return s.stdout }
 // Done is closed when the process has ended.
 func (s *Session) Done() <-chan struct{} { return s.exited }
 
+// StderrIsLog tells the session that from now on stderr carries a build's
+// log, so only Nix's own `error:` lines may explain a failure, never the
+// last lines a builder printed. Call it when the build command is sent.
+func (s *Session) StderrIsLog() { s.logOnly.Store(true) }
+
 // Stderr returns the kept tail of stderr.
 func (s *Session) Stderr() string { return s.tail.String() }
 
@@ -173,7 +181,7 @@ func (s *Session) Explain(err error) error {
 		}
 	case <-t.C:
 	}
-	re := &RemoteError{Name: s.name, Err: err, Stderr: errorText(s.tail.String())}
+	re := &RemoteError{Name: s.name, Err: err, Stderr: errorText(s.tail.String(), s.logOnly.Load())}
 	select {
 	case <-s.exited:
 		re.Exit = exitText(s.exitErr)
@@ -210,13 +218,17 @@ func isStreamFailure(err error) bool {
 }
 
 // errorText picks what explains a failure from the end of stderr: the
-// `error: …` paragraph Nix printed, else the last non-empty lines.
-func errorText(tail string) string {
+// `error: …` paragraph Nix printed, else (unless stderr is a build log) the
+// last non-empty lines.
+func errorText(tail string, logOnly bool) string {
 	lines := strings.Split(strings.TrimRight(tail, "\n"), "\n")
 	for i := len(lines) - 1; i >= 0; i-- {
 		if strings.HasPrefix(lines[i], "error:") {
 			return joinTrimmed(lines[i:], 8)
 		}
+	}
+	if logOnly {
+		return ""
 	}
 	start := max(len(lines)-3, 0)
 	return joinTrimmed(lines[start:], 3)

@@ -33,11 +33,18 @@ func TestTailKeepsTheEnd(t *testing.T) {
 
 func TestErrorTextPrefersNixErrors(t *testing.T) {
 	tail := "copying path x\nerror: path '/nix/store/x' is not valid\n       more context\n"
-	if got := errorText(tail); got != "error: path '/nix/store/x' is not valid; more context" {
+	if got := errorText(tail, false); got != "error: path '/nix/store/x' is not valid; more context" {
 		t.Errorf("errorText = %q", got)
 	}
-	if got := errorText("a\nb\nc\nd\n"); got != "b; c; d" {
+	if got := errorText(tail, true); got != "error: path '/nix/store/x' is not valid; more context" {
+		t.Errorf("errorText of a build log = %q", got)
+	}
+	if got := errorText("a\nb\nc\nd\n", false); got != "b; c; d" {
 		t.Errorf("errorText without error: = %q", got)
+	}
+	// A builder's last words are not the reason its connection died.
+	if got := errorText("building\nsleeping\n", true); got != "" {
+		t.Errorf("errorText of a build log without error: = %q", got)
 	}
 }
 
