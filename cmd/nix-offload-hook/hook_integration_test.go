@@ -200,11 +200,11 @@ func runNix(t *testing.T, nix testbed.Nix, store string, env offloadEnv, argv ..
 	return string(out)
 }
 
-// TestHookThroughDaemon: a real nix-daemon runs the hook for a client.
+// TestHookThroughDaemon: a real nix-daemon of each version runs the hook
+// for a client.
 func TestHookThroughDaemon(t *testing.T) {
-	for _, version := range []string{"2.8", "2.34"} {
-		t.Run(version, func(t *testing.T) {
-			nix := testbed.Lookup(t, version)
+	for _, nix := range testbed.All(t) {
+		t.Run(nix.Version, func(t *testing.T) {
 			b := testbed.StartBuilder(t, nix)
 			env := newOffloadEnv(t, "", b)
 			store := testbed.NewStore(t)
