@@ -77,3 +77,32 @@ func TestCheckConfigErrors(t *testing.T) {
 		t.Errorf("unknown command: exit %d, stderr %q", code, errOut)
 	}
 }
+
+// The TOML file wins over Nix's machines; without one, the hook takes Nix's
+// `builders` exactly as given, so `--builders ”` means no remote builds.
+func TestConfigChoice(t *testing.T) {
+	dir := t.TempDir()
+	toml := filepath.Join(dir, "offload.toml")
+	os.WriteFile(toml, []byte("[[machine]]\nhost = \"from-toml\"\nsystems = [\"x86_64-linux\"]\n"), 0o644)
+
+	t.Setenv("NIX_OFFLOAD_CONFIG", toml)
+	cfg, err := loadConfig("", "ssh://from-builders x86_64-linux", "x86_64-linux")
+	if err != nil || len(cfg.Machines) != 1 || cfg.Machines[0].Host != "from-toml" {
+		t.Fatalf("with $NIX_OFFLOAD_CONFIG: %+v, %v", cfg, err)
+	}
+
+	if fileExistsForTest(defaultConfigPath) {
+		t.Skipf("%s exists on this machine; the builders fallback cannot be tested here", defaultConfigPath)
+	}
+	t.Setenv("NIX_OFFLOAD_CONFIG", "")
+	cfg, err = loadConfig("", "ssh://from-builders x86_64-linux", "x86_64-linux")
+	if err != nil || len(cfg.Machines) != 1 || cfg.Machines[0].Host != "from-builders" {
+		t.Fatalf("builders fallback: %+v, %v", cfg, err)
+	}
+	cfg, err = loadConfig("", "", "x86_64-linux")
+	if err != nil || len(cfg.Machines) != 0 {
+		t.Fatalf("empty builders must mean no machines: %+v, %v", cfg, err)
+	}
+}
+
+func fileExistsForTest(p string) bool { _, err := os.Stat(p); return err == nil }

@@ -69,6 +69,9 @@ func runCheck(ctx context.Context, args []string, stdout io.Writer) error {
 	}
 	opt.names = fs.Args()
 
+	if opt.builders == "" {
+		opt.builders = defaultBuilders
+	}
 	cfg, err := loadConfig(opt.config, opt.builders, nixSystem())
 	if err != nil {
 		return err

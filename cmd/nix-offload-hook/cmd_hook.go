@@ -123,7 +123,7 @@ func (h *hook) serve(ctx context.Context) error {
 	}
 	h.cfg = cfg
 	if len(cfg.Machines) == 0 {
-		h.log.Msg(hookproto.LvlInfo, "nix-offload: no remote machines configured; building locally")
+		h.log.Msg(hookproto.LvlInfo, fmt.Sprintf("nix-offload: no remote machines configured in %s; building locally", cfg.Path))
 		return hookproto.DeclinePermanently(h.out)
 	}
 	h.down = map[string]string{}

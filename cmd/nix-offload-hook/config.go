@@ -9,33 +9,42 @@ import (
 // defaultConfigPath is read when neither -config nor $NIX_OFFLOAD_CONFIG is set.
 const defaultConfigPath = "/etc/nix/offload.toml"
 
+// defaultBuilders is what `check` reads without a TOML file, as Nix does
+// when `builders` is not set.
+const defaultBuilders = "@/etc/nix/machines"
+
 // configError is a configuration that cannot be used (exit 2).
 type configError struct{ err error }
 
 func (e *configError) Error() string { return e.err.Error() }
 func (e *configError) Unwrap() error { return e.err }
 
-// loadConfig finds and parses the configuration: an explicit path, else
-// $NIX_OFFLOAD_CONFIG, else /etc/nix/offload.toml, else Nix's machines
-// format in builders (as the `builders` setting; "" means @/etc/nix/machines).
-func loadConfig(path, builders, system string) (*machines.Config, error) {
-	if path == "" {
-		path = os.Getenv("NIX_OFFLOAD_CONFIG")
-	}
-	if path == "" {
-		if _, err := os.Stat(defaultConfigPath); err == nil {
-			path = defaultConfigPath
-		}
-	}
+// configFile returns the TOML configuration to read: path if given, else
+// $NIX_OFFLOAD_CONFIG, else /etc/nix/offload.toml if it exists; "" when
+// there is none and Nix's machines format applies.
+func configFile(path string) string {
 	if path != "" {
-		cfg, err := machines.Load(path)
+		return path
+	}
+	if p := os.Getenv("NIX_OFFLOAD_CONFIG"); p != "" {
+		return p
+	}
+	if _, err := os.Stat(defaultConfigPath); err == nil {
+		return defaultConfigPath
+	}
+	return ""
+}
+
+// loadConfig reads the TOML configuration when there is one (see
+// configFile), else the machines in builders, Nix's machines format as in
+// its `builders` setting ("" = no machines).
+func loadConfig(path, builders, system string) (*machines.Config, error) {
+	if f := configFile(path); f != "" {
+		cfg, err := machines.Load(f)
 		if err != nil {
 			return nil, &configError{err}
 		}
 		return cfg, nil
-	}
-	if builders == "" {
-		builders = "@/etc/nix/machines"
 	}
 	ms, err := machines.ParseBuilders(builders, system, os.ReadFile)
 	if err != nil {
@@ -44,5 +53,5 @@ func loadConfig(path, builders, system string) (*machines.Config, error) {
 	if err := machines.Validate(ms); err != nil {
 		return nil, &configError{err}
 	}
-	return &machines.Config{Path: "builders", Machines: ms}, nil
+	return &machines.Config{Path: machines.BuildersName, Machines: ms}, nil
 }

@@ -436,3 +436,36 @@ func TestHookSkipsUnreachableMachine(t *testing.T) {
 		t.Errorf("no word about skipping the dead machine:\n%s", errOut)
 	}
 }
+
+// TestHookUsesNixBuilders: without offload.toml the hook takes Nix's own
+// `builders` setting, so an existing setup moves over by changing only
+// build-hook; `--builders ”` still turns remote builds off.
+func TestHookUsesNixBuilders(t *testing.T) {
+	nix := testbed.Lookup(t, "2.26")
+	b := testbed.StartBuilder(t, nix)
+	env := newOffloadEnv(t, "", b)
+	store := testbed.NewStore(t)
+	spec := fmt.Sprintf("ssh://root@%s:%d x86_64-linux %s 4 1 - - %s", b.Addr, b.Port, b.ClientKey, base64Line(b.HostKey))
+	expr := env.writeExpr(t, graphExpr(randomHex(8)))
+	run := func(builders string) (string, string, error) {
+		cmd := nix.Command(store, env.mounts, "nix-build", "--max-jobs", "0", "--no-out-link",
+			"--option", "build-hook", hookBinary(t), "--option", "substituters", "", "--builders", builders, expr)
+		cmd.Env = append(cmd.Env, "NIX_OFFLOAD_CONFIG=")
+		var stdout, stderr bytes.Buffer
+		cmd.Stdout, cmd.Stderr = &stdout, &stderr
+		err := cmd.Run()
+		testbed.KillCommand(cmd)
+		return strings.TrimSpace(stdout.String()), stderr.String(), err
+	}
+
+	if _, errOut, err := run(""); err == nil || !strings.Contains(errOut, "no remote machines configured") {
+		t.Errorf("--builders '' with max-jobs 0: err %v, want a failure that says no machines are configured:\n%s", err, errOut)
+	}
+	out, errOut, err := run(spec)
+	if err != nil {
+		t.Fatalf("nix-build --builders: %v\n%s", err, errOut)
+	}
+	if got := storeFile(t, store, out); got != graphRoot {
+		t.Errorf("root output %q", got)
+	}
+}
