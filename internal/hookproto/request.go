@@ -32,17 +32,13 @@ type Request struct {
 // of a hook that accepted nothing. Any other failure is a [*ReadError]; a
 // keyword other than "try" is one too.
 func ReadRequest(r io.Reader) (*Request, error) {
-	d := decoder{r: r, msg: "try"}
-	var first [8]byte
-	if n, err := io.ReadFull(r, first[:]); err != nil {
-		if err == io.EOF && n == 0 {
-			return nil, io.EOF
-		}
-		return nil, d.fail("keyword", err)
+	d := newDecoder(r, "try")
+	kw, err := d.r.String(maxKeywordLen)
+	if err == io.EOF { // before the first byte
+		return nil, io.EOF
 	}
-	kw, err := d.strBody("keyword", leU64(first), maxKeywordLen)
 	if err != nil {
-		return nil, err
+		return nil, d.fail("keyword", err)
 	}
 	if kw != "try" {
 		return nil, d.failf("keyword", "got %q, want \"try\"", kw)
@@ -73,7 +69,7 @@ func ReadRequest(r io.Reader) (*Request, error) {
 // closes stdin. Call it at once after [Accept]: Nix reads the hook's
 // stderr again only after writing them.
 func ReadAccepted(r io.Reader) (inputs []string, wantedOutputs []string, err error) {
-	d := decoder{r: r, msg: "accepted"}
+	d := newDecoder(r, "accepted")
 	if inputs, err = d.strs("inputPaths", "path", MaxInputPaths, MaxPathLen); err != nil {
 		return nil, nil, err
 	}

@@ -30,7 +30,7 @@ type Settings map[string]string
 // [io.ErrUnexpectedEOF]; see [MaxSettings], [MaxSettingNameLen] and
 // [MaxSettingValueLen] for the limits.
 func ReadSettings(r io.Reader) (Settings, error) {
-	d := decoder{r: r, msg: "settings"}
+	d := newDecoder(r, "settings")
 	s := Settings{}
 	for i := 0; ; i++ {
 		field := fmt.Sprintf("setting %d", i)

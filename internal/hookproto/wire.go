@@ -1,10 +1,10 @@
 package hookproto
 
 import (
-	"encoding/binary"
 	"fmt"
 	"io"
-	"slices"
+
+	"github.com/nix-offload/nix-offload/internal/wire"
 )
 
 // Limits on what Nix may send on stdin. Every count and length read is
@@ -56,7 +56,7 @@ const (
 
 	// readChunk is how much a string read allocates ahead of the bytes
 	// that have actually arrived.
-	readChunk = 64 << 10
+	readChunk = wire.ReadChunk
 )
 
 // ReadError reports stdin bytes that do not follow the layout Nix writes
@@ -78,15 +78,22 @@ func (e *ReadError) Error() string {
 
 func (e *ReadError) Unwrap() error { return e.Err }
 
-// decoder reads one message from stdin. It reads exactly the bytes of the
-// message and never more, so consecutive calls may share an unbuffered
-// reader.
+// decoder reads one message from stdin with a [wire.Reader], which reads
+// exactly the bytes of the message and never more, so consecutive calls
+// may share an unbuffered reader.
 type decoder struct {
-	r   io.Reader
+	r   *wire.Reader
 	msg string
-	buf [8]byte
 }
 
+func newDecoder(r io.Reader, msg string) *decoder {
+	return &decoder{r: wire.NewReader(r), msg: msg}
+}
+
+// fail wraps an error of the wire reader, a [*wire.FormatError] or an I/O
+// error, for field. io.EOF becomes io.ErrUnexpectedEOF: only ReadRequest
+// may meet the end of stdin between messages, and it checks for that
+// itself.
 func (d *decoder) fail(field string, err error) error {
 	if err == io.EOF {
 		err = io.ErrUnexpectedEOF
@@ -99,79 +106,41 @@ func (d *decoder) failf(field, format string, args ...any) error {
 }
 
 func (d *decoder) u64(field string) (uint64, error) {
-	if _, err := io.ReadFull(d.r, d.buf[:]); err != nil {
+	v, err := d.r.Uint64()
+	if err != nil {
 		return 0, d.fail(field, err)
 	}
-	return binary.LittleEndian.Uint64(d.buf[:]), nil
+	return v, nil
 }
 
 // bool reads a u64 that must be 0 or 1.
 func (d *decoder) bool(field string) (bool, error) {
-	v, err := d.u64(field)
+	v, err := d.r.Bool()
 	if err != nil {
-		return false, err
+		return false, d.fail(field, err)
 	}
-	switch v {
-	case 0:
-		return false, nil
-	case 1:
-		return true, nil
-	}
-	return false, d.failf(field, "value %d is neither 0 nor 1", v)
+	return v, nil
 }
 
 // str reads a string of at most max bytes and checks its padding.
 func (d *decoder) str(field string, max int) (string, error) {
-	n, err := d.u64(field)
+	s, err := d.r.String(max)
 	if err != nil {
-		return "", err
+		return "", d.fail(field, err)
 	}
-	return d.strBody(field, n, max)
-}
-
-// strBody reads the bytes and padding of a string whose length n has been
-// read.
-func (d *decoder) strBody(field string, n uint64, max int) (string, error) {
-	if n > uint64(max) {
-		return "", d.failf(field, "length %d exceeds %d", n, max)
-	}
-	// Grow with the data: a truncated stream claiming max bytes costs at
-	// most one chunk.
-	buf := make([]byte, 0, min(int(n), readChunk))
-	for len(buf) < int(n) {
-		k := min(int(n)-len(buf), readChunk)
-		buf = slices.Grow(buf, k)
-		if _, err := io.ReadFull(d.r, buf[len(buf):len(buf)+k]); err != nil {
-			return "", d.fail(field, err)
-		}
-		buf = buf[:len(buf)+k]
-	}
-	if p := padLen(n); p > 0 {
-		if _, err := io.ReadFull(d.r, d.buf[:p]); err != nil {
-			return "", d.fail(field, err)
-		}
-		for _, b := range d.buf[:p] {
-			if b != 0 {
-				return "", d.failf(field, "non-zero padding % x", d.buf[:p])
-			}
-		}
-	}
-	return string(buf), nil
+	return s, nil
 }
 
 // strs reads a list of at most maxCount strings of at most maxLen bytes
 // each; elem names one element in errors ("feature 2"). An empty list is
 // nil.
 func (d *decoder) strs(field, elem string, maxCount, maxLen int) ([]string, error) {
-	n, err := d.u64(field + ": count")
+	n, err := d.r.Count(maxCount)
 	if err != nil {
-		return nil, err
-	}
-	if n > uint64(maxCount) {
-		return nil, d.failf(field+": count", "%d exceeds %d", n, maxCount)
+		return nil, d.fail(field+": count", err)
 	}
 	var out []string // not preallocated: n came from the wire
-	for i := range int(n) {
+	for i := range n {
 		s, err := d.str(fmt.Sprintf("%s: %s %d", field, elem, i), maxLen)
 		if err != nil {
 			return nil, err
@@ -180,7 +149,3 @@ func (d *decoder) strs(field, elem string, maxCount, maxLen int) ([]string, erro
 	}
 	return out, nil
 }
-
-func padLen(n uint64) int { return int((8 - n%8) % 8) }
-
-func leU64(b [8]byte) uint64 { return binary.LittleEndian.Uint64(b[:]) }

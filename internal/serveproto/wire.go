@@ -3,10 +3,13 @@ package serveproto
 import (
 	"bufio"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"io"
 	"math"
 	"slices"
+
+	"github.com/nix-offload/nix-offload/internal/wire"
 )
 
 // Limits on what a reply may contain. Each count or length read from the
@@ -61,10 +64,6 @@ const (
 	// maxGreetingQuote bounds how much of a non-protocol greeting (text a
 	// login shell printed) is quoted in the error.
 	maxGreetingQuote = 256
-
-	// readChunk is how much a string read allocates ahead of the bytes
-	// that have actually arrived.
-	readChunk = 64 << 10
 )
 
 // StoreDir is the only store directory this package speaks about; the
@@ -114,7 +113,7 @@ func (e *encoder) str(s string) {
 		e.err = err
 		return
 	}
-	if p := padLen(uint64(len(s))); p > 0 {
+	if p := wire.PadLen(uint64(len(s))); p > 0 {
 		e.Write(zeroPad[:p])
 	}
 }
@@ -145,16 +144,33 @@ func sortedSet(ss []string) []string {
 	return slices.Compact(s)
 }
 
-func padLen(n uint64) int { return int((8 - n%8) % 8) }
-
 // decoder reads one reply from the buffered transport reader. Its errors
 // name the operation and the field: a read that fails is a *StreamError
 // (io.EOF becomes io.ErrUnexpectedEOF: a reply never ends early on
 // purpose), malformed bytes are a *ProtocolError.
 type decoder struct {
-	r   *bufio.Reader
-	op  string
-	buf [8]byte
+	r  *bufio.Reader
+	op string
+	w  *wire.Reader // made by the wire method on first use
+}
+
+// wire returns the wire reader over r. It reads exactly what it is asked
+// for, so r stays usable directly (the greeting, NARs).
+func (d *decoder) wire() *wire.Reader {
+	if d.w == nil {
+		d.w = wire.NewReader(d.r)
+	}
+	return d.w
+}
+
+// fail wraps an error of the wire reader for field: a [*wire.FormatError]
+// is a *ProtocolError, anything else a *StreamError.
+func (d *decoder) fail(field string, err error) error {
+	var fe *wire.FormatError
+	if errors.As(err, &fe) {
+		return &ProtocolError{Op: d.op, Field: field, Err: err}
+	}
+	return d.streamErr(field, err)
 }
 
 func (d *decoder) streamErr(field string, err error) error {
@@ -169,10 +185,11 @@ func (d *decoder) protoErr(field string, format string, args ...any) error {
 }
 
 func (d *decoder) u64(field string) (uint64, error) {
-	if _, err := io.ReadFull(d.r, d.buf[:]); err != nil {
-		return 0, d.streamErr(field, err)
+	v, err := d.wire().Uint64()
+	if err != nil {
+		return 0, d.fail(field, err)
 	}
-	return binary.LittleEndian.Uint64(d.buf[:]), nil
+	return v, nil
 }
 
 // uint32 reads a u64 that Nix reads with readInt or into an unsigned int:
@@ -204,17 +221,15 @@ func (d *decoder) int64(field string) (int64, error) {
 
 // bool reads a u64 that Nix reads into a bool: only 0 and 1 are accepted.
 func (d *decoder) bool(field string) (bool, error) {
-	v, err := d.u64(field)
+	b, err := d.wire().Bool()
+	if fe := (*wire.FormatError)(nil); errors.As(err, &fe) {
+		// Fields such as "isNonDeterministic" do not say they are bools.
+		return false, d.protoErr(field, "bool %w", fe)
+	}
 	if err != nil {
-		return false, err
+		return false, d.fail(field, err)
 	}
-	switch v {
-	case 0:
-		return false, nil
-	case 1:
-		return true, nil
-	}
-	return false, d.protoErr(field, "bool value %d is neither 0 nor 1", v)
+	return b, nil
 }
 
 // expect reads a u64 that must have the value want.
@@ -231,48 +246,21 @@ func (d *decoder) expect(field string, want uint64) error {
 
 // str reads a string of at most max bytes and checks its padding.
 func (d *decoder) str(field string, max int) (string, error) {
-	n, err := d.u64(field)
+	s, err := d.wire().String(max)
 	if err != nil {
-		return "", err
+		return "", d.fail(field, err)
 	}
-	if n > uint64(max) {
-		return "", d.protoErr(field, "length %d exceeds %d", n, max)
-	}
-	// Grow with the data: a truncated reply claiming max bytes costs at
-	// most one chunk.
-	buf := make([]byte, 0, min(int(n), readChunk))
-	for len(buf) < int(n) {
-		k := min(int(n)-len(buf), readChunk)
-		buf = slices.Grow(buf, k)
-		if _, err := io.ReadFull(d.r, buf[len(buf):len(buf)+k]); err != nil {
-			return "", d.streamErr(field, err)
-		}
-		buf = buf[:len(buf)+k]
-	}
-	if p := padLen(n); p > 0 {
-		if _, err := io.ReadFull(d.r, d.buf[:p]); err != nil {
-			return "", d.streamErr(field, err)
-		}
-		for _, b := range d.buf[:p] {
-			if b != 0 {
-				return "", d.protoErr(field, "non-zero padding % x", d.buf[:p])
-			}
-		}
-	}
-	return string(buf), nil
+	return s, nil
 }
 
 // count reads a collection size of at most max.
 func (d *decoder) count(field string, max int) (int, error) {
 	field = subField(field, "count")
-	n, err := d.u64(field)
+	n, err := d.wire().Count(max)
 	if err != nil {
-		return 0, err
+		return 0, d.fail(field, err)
 	}
-	if n > uint64(max) {
-		return 0, d.protoErr(field, "%d exceeds %d", n, max)
-	}
-	return int(n), nil
+	return n, nil
 }
 
 // strs reads a list or set of at most maxCount strings of at most maxLen
