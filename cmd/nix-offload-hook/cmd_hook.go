@@ -189,19 +189,43 @@ func (h *hook) try(ctx context.Context, sl *slots.Dir, req *hookproto.Request) (
 		if slot == nil {
 			continue // lost a race with another hook: decide again
 		}
+		// The local store's read session starts while we dial: both are
+		// process or network start-up on the critical path.
+		local, warmed, err := h.openLocal()
+		if err != nil {
+			slot.Release()
+			return false, err
+		}
 		sess, conn, client, err := h.connect(ctx, m)
 		if err != nil {
+			warmed()
+			local.Close()
 			slot.Release()
 			h.down[m.Name()] = err.Error()
 			h.log.Msg(hookproto.LvlWarn, fmt.Sprintf("nix-offload: cannot use '%s' for '%s': %v", m.Name(), req.DrvPath, err))
 			continue // the next machine, or a decline that says why
 		}
-		err = h.build(ctx, req, m, sess, conn)
+		err = h.build(ctx, req, m, sess, conn, local, warmed)
+		warmed()
+		local.Close()
 		sess.Close()
 		client.Close()
 		slot.Release()
 		return true, err
 	}
+}
+
+// openLocal opens the local store and starts its read session in the
+// background. warmed waits until that is done and says whether it worked;
+// the store must not be used, or closed, before warmed returned.
+func (h *hook) openLocal() (local *localstore.Store, warmed func() error, err error) {
+	local, err = localstore.Open(localstore.Options{})
+	if err != nil {
+		return nil, nil, err
+	}
+	done := make(chan error, 1)
+	go func() { done <- local.Warm() }()
+	return local, sync.OnceValue(func() error { return <-done }), nil
 }
 
 // reply sends a non-accepting verdict and says why.
@@ -273,7 +297,8 @@ func (g *logGate) attach(w io.Writer) {
 }
 
 // build runs an accepted request to the end.
-func (h *hook) build(ctx context.Context, req *hookproto.Request, m machines.Machine, sess *transport.Session, conn *serveproto.Conn) error {
+func (h *hook) build(ctx context.Context, req *hookproto.Request, m machines.Machine, sess *transport.Session,
+	conn *serveproto.Conn, local *localstore.Store, warmed func() error) error {
 	drv, err := readDerivation(req.DrvPath)
 	if err != nil {
 		// Not accepted yet: this is ours to explain, and Nix can build it.
@@ -296,11 +321,9 @@ func (h *hook) build(ctx context.Context, req *hookproto.Request, m machines.Mac
 	defer buildLog.Close(2 * time.Second)
 	h.gate.attach(buildLog)
 
-	local, err := localstore.Open(localstore.Options{})
-	if err != nil {
-		return err
+	if err := warmed(); err != nil {
+		return fmt.Errorf("local store: %w", err)
 	}
-	defer local.Close()
 
 	opts := serveproto.BuildOptions{
 		MaxSilentTime: h.settings.Seconds("max-silent-time", 0),

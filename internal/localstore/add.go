@@ -67,8 +67,8 @@ type output struct {
 //
 // On any error, nothing this call put in the store stays: not the staging
 // directory, and not a path at its final name that did not become valid.
-// AddOutputs ends the read session before and after it changes the store,
-// so later reads see the new paths.
+// Later reads see the new paths: AddOutputs starts a fresh read session
+// first if the current one may hold a stale "invalid" for one of them.
 func (s *Store) AddOutputs(infos []serveproto.PathInfo, fetch func(path string, w io.Writer) error) error {
 	if s.closed {
 		return ErrClosed
@@ -81,14 +81,18 @@ func (s *Store) AddOutputs(infos []serveproto.PathInfo, fetch func(path string, 
 		return nil
 	}
 
-	// A fresh session, so that paths registered since it last asked
-	// are not reported invalid from its cache (see reset).
-	s.reset()
+	// A fresh session if this one may report one of these paths invalid
+	// from its cache (see reset).
+	for _, o := range outs {
+		if s.missing[o.path] || slices.ContainsFunc(o.refs, func(r string) bool { return s.missing[r] }) {
+			s.reset()
+			break
+		}
+	}
 	todo, err := s.missingOutputs(outs)
 	if err != nil || len(todo) == 0 {
 		return err
 	}
-	defer s.reset()
 
 	tmp, err := os.MkdirTemp(s.opt.RealStoreDir, tempPrefix)
 	if err != nil {

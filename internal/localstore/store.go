@@ -63,6 +63,10 @@ type Store struct {
 	sess     *transport.Session // nil until first use, and after a reset
 	conn     *serveproto.Conn   // on sess
 	sessName string
+	// missing holds the paths sess reported invalid to QueryPathInfos:
+	// its Nix now caches them as invalid (see reset), so a write of one of
+	// them needs a fresh session. QueryValidPaths caches nothing.
+	missing map[string]bool
 }
 
 // Open returns a Store for the local store that opt describes. It starts no
@@ -95,20 +99,23 @@ func (s *Store) Close() error {
 
 // Refresh ends the read session, so that the next read sees what other
 // processes have changed in the store since. A `nix-store --serve` process
-// remembers that a path was invalid (see reset): without Refresh, a path
-// that another process made valid may still be reported invalid.
-// AddOutputs does this itself.
+// remembers that a path was invalid once PathInfos found it so (see reset):
+// without Refresh, a path that another process made valid may still be
+// reported invalid. AddOutputs takes care of the paths it writes itself.
 func (s *Store) Refresh() {
 	s.reset()
 }
 
-// reset ends the read session; the next read starts a new one. AddOutputs
-// calls it before and after it changes the store, because a serve session
-// does not see every change made by another process: its Nix caches that a
-// path was found invalid (Store::pathInfoCache, negative entries live for
-// an hour), so after QueryPathInfos of a path that another process then
-// registers, the same session would still call it invalid.
+// reset ends the read session; the next read starts a new one. A serve
+// session does not see every change made by another process: after
+// QueryPathInfos found a path invalid, its Nix caches that
+// (Store::pathInfoCache, negative entries live for an hour), and the same
+// session keeps calling the path invalid once another process registered
+// it. QueryValidPaths alone leaves no such entry (checked on Nix 2.8, 2.26
+// and 2.34), so AddOutputs resets only when the session's PathInfos saw
+// one of the paths it writes as missing: one warm session serves a build.
 func (s *Store) reset() {
+	clear(s.missing)
 	if s.conn != nil {
 		s.conn.Close()
 		s.conn = nil
@@ -117,6 +124,14 @@ func (s *Store) reset() {
 		s.sess.Close()
 		s.sess = nil
 	}
+}
+
+// Warm starts the read session now, so that the first read does not wait
+// for nix-store to start. Like every method it must not run concurrently
+// with another method of s.
+func (s *Store) Warm() error {
+	_, err := s.session()
+	return err
 }
 
 // session returns a usable serve connection, starting a new session if
@@ -231,6 +246,10 @@ func (s *Store) PathInfos(paths []string) ([]serveproto.PathInfo, error) {
 	for _, p := range paths {
 		info, ok := byPath[p]
 		if !ok {
+			if s.missing == nil {
+				s.missing = map[string]bool{}
+			}
+			s.missing[p] = true
 			if !slices.Contains(missing, p) {
 				missing = append(missing, p)
 			}
