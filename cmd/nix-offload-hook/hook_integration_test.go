@@ -121,6 +121,12 @@ func nixBuild(t *testing.T, nix testbed.Nix, store string, env offloadEnv, args 
 		"--option", "build-hook", hookBinary(t), "--option", "substituters", ""}, args...)
 	cmd := nix.Command(store, env.mounts, argv...)
 	cmd.Env = append(cmd.Env, "NIX_OFFLOAD_CONFIG="+env.config)
+	return runCmd(cmd)
+}
+
+// runCmd runs a test bed command to the end, ends whatever it left in its
+// namespace, and returns its trimmed stdout and its stderr.
+func runCmd(cmd *exec.Cmd) (string, string, error) {
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	err := cmd.Run()
@@ -223,18 +229,15 @@ func TestHookThroughDaemon(t *testing.T) {
 			expr := env.writeExpr(t, graphExpr(randomHex(8)))
 			client := nix.Command(store, env.mounts, "nix-build", "--no-out-link", expr)
 			client.Env = append(client.Env, "NIX_REMOTE=daemon")
-			var stdout, stderr bytes.Buffer
-			client.Stdout, client.Stderr = &stdout, &stderr
-			err := client.Run()
-			testbed.KillCommand(client)
+			out, errOut, err := runCmd(client)
 			if err != nil {
-				t.Fatalf("nix-build through the daemon: %v\n%s\ndaemon:\n%s", err, stderr.String(), daemonErr.String())
+				t.Fatalf("nix-build through the daemon: %v\n%s\ndaemon:\n%s", err, errOut, daemonErr.String())
 			}
-			if got := storeFile(t, store, strings.TrimSpace(stdout.String())); got != graphRoot {
+			if got := storeFile(t, store, out); got != graphRoot {
 				t.Errorf("root output %q", got)
 			}
-			if !strings.Contains(stderr.String(), "remote log line from root") {
-				t.Errorf("client did not see the remote log:\n%s", stderr.String())
+			if !strings.Contains(errOut, "remote log line from root") {
+				t.Errorf("client did not see the remote log:\n%s", errOut)
 			}
 		})
 	}
@@ -277,18 +280,15 @@ func TestHookDeclinesUnsupportedFeature(t *testing.T) {
 		"--option", "build-hook", hookBinary(t), "--option", "substituters", "",
 		"--option", "system-features", "kvm", expr)
 	cmd.Env = append(cmd.Env, "NIX_OFFLOAD_CONFIG="+env.config)
-	var stdout, stderr bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &stdout, &stderr
-	err := cmd.Run()
-	testbed.KillCommand(cmd)
+	out, errOut, err := runCmd(cmd)
 	if err != nil {
-		t.Fatalf("nix-build: %v\n%s", err, stderr.String())
+		t.Fatalf("nix-build: %v\n%s", err, errOut)
 	}
-	if got := storeFile(t, store, strings.TrimSpace(stdout.String())); got != "local" {
+	if got := storeFile(t, store, out); got != "local" {
 		t.Errorf("output %q", got)
 	}
-	if !strings.Contains(stderr.String(), "not offloading") || !strings.Contains(stderr.String(), "kvm") {
-		t.Errorf("no reason given for building locally:\n%s", stderr.String())
+	if !strings.Contains(errOut, "not offloading") || !strings.Contains(errOut, "kvm") {
+		t.Errorf("no reason given for building locally:\n%s", errOut)
 	}
 }
 
@@ -451,11 +451,7 @@ func TestHookUsesNixBuilders(t *testing.T) {
 		cmd := nix.Command(store, env.mounts, "nix-build", "--max-jobs", "0", "--no-out-link",
 			"--option", "build-hook", hookBinary(t), "--option", "substituters", "", "--builders", builders, expr)
 		cmd.Env = append(cmd.Env, "NIX_OFFLOAD_CONFIG=")
-		var stdout, stderr bytes.Buffer
-		cmd.Stdout, cmd.Stderr = &stdout, &stderr
-		err := cmd.Run()
-		testbed.KillCommand(cmd)
-		return strings.TrimSpace(stdout.String()), stderr.String(), err
+		return runCmd(cmd)
 	}
 
 	if _, errOut, err := run(""); err == nil || !strings.Contains(errOut, "no remote machines configured") {
