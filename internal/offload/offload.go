@@ -195,20 +195,14 @@ func fetchOutputs(conn *serveproto.Conn, local Local, job Job, res *serveproto.B
 		}
 		paths = append(paths, p)
 	}
-	valid, err := local.Valid(paths)
+	// Nix hands the hook only outputs that are not valid here, and
+	// AddOutputs skips any that are: no local query first.
+	infos, err := conn.QueryPathInfos(paths)
 	if err != nil {
 		return err
 	}
-	missing := without(paths, valid)
-	if len(missing) == 0 {
-		return nil
-	}
-	infos, err := conn.QueryPathInfos(missing)
-	if err != nil {
-		return err
-	}
-	if got := len(infos); got != len(missing) {
-		return fmt.Errorf("the machine reports %d of %d outputs valid after building", got, len(missing))
+	if got := len(infos); got != len(paths) {
+		return fmt.Errorf("the machine reports %d of %d outputs valid after building", got, len(paths))
 	}
 	if ev.Fetching != nil {
 		var total uint64
@@ -223,7 +217,7 @@ func fetchOutputs(conn *serveproto.Conn, local Local, job Job, res *serveproto.B
 	}); err != nil {
 		return err
 	}
-	valid, err = local.Valid(paths)
+	valid, err := local.Valid(paths)
 	if err != nil {
 		return err
 	}
