@@ -224,7 +224,7 @@ func TestHookThroughDaemon(t *testing.T) {
 			}
 			t.Cleanup(func() { testbed.KillCommand(daemon); daemon.Wait() })
 			sock := filepath.Join(store, "var/nix/daemon-socket/socket")
-			waitUntil(t, func() bool { _, err := os.Stat(sock); return err == nil }, "daemon socket")
+			testbed.WaitFor(t, time.Minute, "daemon socket", func() bool { _, err := os.Stat(sock); return err == nil })
 
 			expr := env.writeExpr(t, graphExpr(randomHex(8)))
 			client := nix.Command(store, env.mounts, "nix-build", "--no-out-link", expr)
@@ -305,18 +305,16 @@ func TestHookInterrupt(t *testing.T) {
 		"--option", "build-hook", hookBinary(t), "--option", "substituters", "", expr}
 	cmd := nix.Command(store, env.mounts, argv...)
 	cmd.Env = append(cmd.Env, "NIX_OFFLOAD_CONFIG="+env.config)
-	var stderr lockedBuf
-	cmd.Stderr = &stderr
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { testbed.KillCommand(cmd) })
-	waitUntil(t, func() bool { return len(sleepers(b)) > 0 }, "the build to run on the builder")
+	testbed.WaitFor(t, time.Minute, "the build to run on the builder", func() bool { return len(sleepers(b)) > 0 })
 	// Ctrl-C: SIGINT to nix-build's process group.
 	syscall.Kill(-cmd.Process.Pid, syscall.SIGINT)
 	cmd.Wait()
 	stopped := time.Now()
-	waitUntil(t, func() bool { return len(sleepers(b)) == 0 }, "the remote build to stop")
+	testbed.WaitFor(t, time.Minute, "the remote build to stop", func() bool { return len(sleepers(b)) == 0 })
 	t.Logf("remote build gone %v after nix-build exited", time.Since(stopped).Round(time.Millisecond))
 }
 
@@ -329,29 +327,6 @@ func sleepers(b *testbed.Builder) []int {
 		}
 	}
 	return out
-}
-
-// waitUntil polls cond; the bound only keeps a broken build from hanging.
-func waitUntil(t *testing.T, cond func() bool, what string) {
-	t.Helper()
-	deadline := time.Now().Add(60 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-}
-
-type lockedBuf struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuf) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
 }
 
 // TestHookSilentBuildTimesOut: max-silent-time reaches the machine, the
@@ -375,7 +350,7 @@ func TestHookSilentBuildTimesOut(t *testing.T) {
 	if ee, ok := err.(*exec.ExitError); !ok || ee.ExitCode() != 101 {
 		t.Errorf("nix-build exit %v, want 101 (timed out)", err)
 	}
-	waitUntil(t, func() bool { return len(sleepers(b)) == 0 }, "the remote build to stop")
+	testbed.WaitFor(t, time.Minute, "the remote build to stop", func() bool { return len(sleepers(b)) == 0 })
 }
 
 // TestHookMachineDiesMidBuild: after acceptance a lost machine fails the
@@ -394,7 +369,7 @@ func TestHookMachineDiesMidBuild(t *testing.T) {
 		defer close(done)
 		_, errOut, err = nixBuild(t, nix, store, env, expr)
 	}()
-	waitUntil(t, func() bool { return len(sleepers(b)) > 0 }, "the build to run on the builder")
+	testbed.WaitFor(t, time.Minute, "the build to run on the builder", func() bool { return len(sleepers(b)) > 0 })
 	b.Kill()
 	select {
 	case <-done:

@@ -26,7 +26,7 @@ const (
 	exitUsage  = 2
 )
 
-// errUsage marks errors that should exit with exitUsage.
+// usageError marks errors that should exit with exitUsage.
 type usageError struct{ msg string }
 
 func (e usageError) Error() string { return e.msg }

@@ -128,8 +128,7 @@ func suite(t *testing.T, o opener) {
 		if !res.Status.Success() {
 			t.Fatalf("build failed: %v %s", res.Status, res.ErrorMsg)
 		}
-		waitFor(t, func() bool { return strings.Contains(log.String(), "log line 2999 of a chatty build") },
-			"last log line in the sink")
+		testbed.WaitFor(t, 20*time.Second, "last log line in the sink", func() bool { return strings.Contains(log.String(), "log line 2999 of a chatty build") })
 		if !strings.Contains(log.String(), "log line 0 of a chatty build\n") {
 			t.Errorf("first log line missing from the sink")
 		}
@@ -144,7 +143,7 @@ func suite(t *testing.T, o opener) {
 			_, err := c.BuildDerivation(derivation("sleeper", `echo started; /bin/sleep 300; echo never > $out`))
 			done <- err
 		}()
-		waitFor(t, func() bool { return strings.Contains(log.String(), "started") }, "build to start")
+		testbed.WaitFor(t, 20*time.Second, "build to start", func() bool { return strings.Contains(log.String(), "started") })
 		closed := time.Now()
 		s.Close()
 		if err := <-done; err == nil {
@@ -156,7 +155,7 @@ func suite(t *testing.T, o opener) {
 			t.Fatal("session process still running after Close returned")
 		}
 		// The remote's MonitorFdHup sees stdin hang up and stops the build.
-		waitFor(t, func() bool { return len(o.leftovers()) == 0 }, "remote build processes to end")
+		testbed.WaitFor(t, 20*time.Second, "remote build processes to end", func() bool { return len(o.leftovers()) == 0 })
 		t.Logf("build stopped %v after Close", time.Since(closed).Round(time.Millisecond))
 	})
 }
@@ -223,19 +222,6 @@ func buildProcesses(pids []int) []string {
 		}
 	}
 	return out
-}
-
-// waitFor polls cond until it holds; the bound only keeps a broken build
-// from hanging the test run.
-func waitFor(t *testing.T, cond func() bool, what string) {
-	t.Helper()
-	deadline := time.Now().Add(20 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
 }
 
 type lockedBuffer struct {
