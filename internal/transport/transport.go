@@ -163,6 +163,17 @@ func (s *Session) StderrIsLog() { s.logOnly.Store(true) }
 // Stderr returns the kept tail of stderr.
 func (s *Session) Stderr() string { return s.tail.String() }
 
+// ResetStderr forgets the stderr kept so far and undoes [Session.StderrIsLog],
+// as if the session had just started. A session that serves one build after
+// another calls it between builds, so that a failure is explained only by
+// what the remote printed since, never by an earlier build's log or errors.
+// Bytes the remote wrote before the call but that arrive after it count as
+// new ones.
+func (s *Session) ResetStderr() {
+	s.tail.Reset()
+	s.logOnly.Store(false)
+}
+
 // Explain turns a failed read or write on the protocol stream into a
 // *RemoteError that says why the remote stopped talking. It waits up to a
 // few seconds for the process to exit; errors that are not stream failures
@@ -266,6 +277,13 @@ func (t *tailBuffer) Write(p []byte) (int, error) {
 	}
 	t.buf = append(t.buf, p...)
 	return len(p), nil
+}
+
+// Reset empties the buffer.
+func (t *tailBuffer) Reset() {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.buf = t.buf[:0]
 }
 
 func (t *tailBuffer) String() string {

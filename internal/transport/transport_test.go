@@ -1,10 +1,12 @@
 package transport
 
 import (
+	"bufio"
 	"errors"
 	"io"
 	"strings"
 	"testing"
+	"time"
 )
 
 func TestServeCommandQuotesForTheRemoteShell(t *testing.T) {
@@ -89,5 +91,47 @@ func TestCloseKillsStubbornProcess(t *testing.T) {
 	}
 	if !strings.Contains(exitText(s.exitErr), "killed") {
 		t.Errorf("exit %q, want killed", exitText(s.exitErr))
+	}
+}
+
+// A session reused for a second build explains that build's failure by what
+// it printed itself: neither the first build's error lines nor its "stderr
+// is a log" mode survive ResetStderr.
+func TestResetStderrForgetsTheEarlierBuild(t *testing.T) {
+	script := `read x; echo "error: the first build failed" >&2; echo first; read y; echo "second words" >&2; exit 4`
+	s, err := Local([]string{"/bin/sh", "-c", script}, Options{Name: "peer"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	out := bufio.NewReader(s.Stdout())
+	io.WriteString(s.Stdin(), "1\n")
+	if line, err := out.ReadString('\n'); err != nil || line != "first\n" {
+		t.Fatalf("first reply %q, %v", line, err)
+	}
+	s.StderrIsLog()
+	// stderr is drained by its own goroutine: wait until the first build's
+	// error is kept, as it would be by the time a later build fails.
+	deadline := time.Now().Add(5 * time.Second)
+	for !strings.Contains(s.Stderr(), "the first build failed") {
+		if time.Now().After(deadline) {
+			t.Fatalf("stderr tail %q after 5 s", s.Stderr())
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+
+	s.ResetStderr()
+	if got := s.Stderr(); got != "" {
+		t.Errorf("Stderr after ResetStderr = %q", got)
+	}
+	io.WriteString(s.Stdin(), "2\n")
+	if _, err := io.ReadAll(out); err != nil {
+		t.Fatal(err)
+	}
+	// Kept tail: "error: the first build failed" would win as the last
+	// error paragraph. Kept log mode: "second words" would not count.
+	got := s.Explain(io.ErrUnexpectedEOF)
+	if want := "peer: nix-store --serve: second words (exit status 4)"; got == nil || got.Error() != want {
+		t.Errorf("Explain = %v\nwant       %s", got, want)
 	}
 }
