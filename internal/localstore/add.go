@@ -93,7 +93,52 @@ func (s *Store) AddOutputs(infos []serveproto.PathInfo, fetch func(path string, 
 	if err != nil || len(todo) == 0 {
 		return err
 	}
+	return s.addChecked(todo, fetch)
+}
 
+// MissingOutputs checks infos as AddOutputs does and returns those that are
+// not valid here, after making sure that every reference outside infos is.
+// A process that cannot write to the store (the broker) asks it; the one
+// that can then calls [Store.AddMissing] with the answer.
+func (s *Store) MissingOutputs(infos []serveproto.PathInfo) ([]serveproto.PathInfo, error) {
+	if s.closed {
+		return nil, ErrClosed
+	}
+	outs, err := s.checkOutputs(infos)
+	if err != nil {
+		return nil, err
+	}
+	todo, err := s.missingOutputs(outs)
+	if err != nil {
+		return nil, err
+	}
+	var missing []serveproto.PathInfo
+	for _, info := range infos {
+		if slices.ContainsFunc(todo, func(o *output) bool { return o.path == info.Path }) {
+			missing = append(missing, info)
+		}
+	}
+	return missing, nil
+}
+
+// AddMissing is AddOutputs for outputs the caller knows to be invalid here,
+// with every reference outside infos valid: [Store.MissingOutputs], asked
+// while nix-daemon held the output locks, said so. It skips the validity
+// query, so the only process it starts is `nix-store --register-validity`.
+// The guarantees on error are AddOutputs'.
+func (s *Store) AddMissing(infos []serveproto.PathInfo, fetch func(path string, w io.Writer) error) error {
+	if s.closed {
+		return ErrClosed
+	}
+	outs, err := s.checkOutputs(infos)
+	if err != nil || len(outs) == 0 {
+		return err
+	}
+	return s.addChecked(outs, fetch)
+}
+
+// addChecked stages, places and registers todo, none of which is valid.
+func (s *Store) addChecked(todo []*output, fetch func(path string, w io.Writer) error) error {
 	tmp, err := os.MkdirTemp(s.opt.RealStoreDir, tempPrefix)
 	if err != nil {
 		return fmt.Errorf("localstore: staging directory: %w", err)

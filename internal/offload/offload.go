@@ -51,6 +51,9 @@ type Job struct {
 	WantedOutputs []string // output names; all outputs if empty
 	Options       serveproto.BuildOptions
 	Substitute    bool // builders-use-substitutes: the machine may substitute inputs itself
+	// Transfers shares uploads with other builds on the same machine; nil
+	// for none.
+	Transfers Transfers
 }
 
 // Events receives progress; any field may be nil.
@@ -83,7 +86,7 @@ func (e *BuildError) TimedOut() bool { return e.Status == serveproto.TimedOut }
 // the session behind conn to stop a running build (see transport). Run
 // returns a *BuildError when the build itself failed on the machine.
 func Run(ctx context.Context, conn *serveproto.Conn, local Local, job Job, ev Events) error {
-	if err := sendInputs(conn, local, job, ev); err != nil {
+	if err := sendInputs(ctx, conn, local, job, ev); err != nil {
 		return fmt.Errorf("copying inputs to '%s': %w", job.Machine, err)
 	}
 	if err := ctx.Err(); err != nil {
@@ -114,15 +117,25 @@ func Run(ctx context.Context, conn *serveproto.Conn, local Local, job Job, ev Ev
 
 // sendInputs asks the machine which inputs it lacks and sends those,
 // references first, each streamed from the local store.
-func sendInputs(conn *serveproto.Conn, local Local, job Job, ev Events) error {
+func sendInputs(ctx context.Context, conn *serveproto.Conn, local Local, job Job, ev Events) error {
 	inputs := inputSrcs(job)
 	if len(inputs) == 0 {
 		return nil
+	}
+	tr := job.Transfers
+	if tr != nil {
+		_, inputs = tr.Locked(inputs)
+		if len(inputs) == 0 {
+			return nil
+		}
 	}
 	// lock: the machine keeps them as temporary GC roots while we build.
 	have, err := conn.QueryValidPaths(inputs, true, job.Substitute)
 	if err != nil {
 		return err
+	}
+	if tr != nil {
+		tr.MarkLocked(have)
 	}
 	missing := without(inputs, have)
 	if len(missing) == 0 {
@@ -143,10 +156,41 @@ func sendInputs(conn *serveproto.Conn, local Local, job Job, ev Events) error {
 		}
 		ev.Copying(len(infos), total)
 	}
+	var sentElsewhere []string
 	for _, info := range infos {
-		if err := sendOne(conn, local, info); err != nil {
+		if tr == nil {
+			if err := sendOne(conn, local, info); err != nil {
+				return err
+			}
+			continue
+		}
+		upload, done, err := tr.Claim(ctx, info.Path)
+		if err != nil {
 			return err
 		}
+		if !upload {
+			sentElsewhere = append(sentElsewhere, info.Path)
+			continue
+		}
+		err = sendOne(conn, local, info)
+		done(err)
+		if err != nil {
+			return err
+		}
+		tr.MarkLocked([]string{info.Path})
+	}
+	if len(sentElsewhere) == 0 {
+		return nil
+	}
+	// Another session sent these: lock them for this one too, and make
+	// sure they arrived.
+	have, err = conn.QueryValidPaths(sentElsewhere, true, false)
+	if err != nil {
+		return err
+	}
+	tr.MarkLocked(have)
+	if lost := without(sentElsewhere, have); len(lost) > 0 {
+		return fmt.Errorf("%s: sent by another build but not valid on the machine", strings.Join(lost, ", "))
 	}
 	return nil
 }
