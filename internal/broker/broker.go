@@ -1,0 +1,522 @@
+// Package broker is the long-lived side of nix-offload: one process per
+// host that owns the machines' warm connections, every build slot, the
+// queue and machine health, and runs the builds the hook processes hand it
+// (brokerapi describes the API; server.go serves it).
+//
+// # Slots and the queue
+//
+// A build holds a ticket. A ticket either holds a slot on one machine or
+// waits in one FIFO queue. The scheduler's rules decide (internal/scheduler):
+// where Nix's own hook would answer "postpone" (every capable machine busy
+// or down, and the local side cannot build), the broker accepts and queues
+// instead, so the build starts the moment a slot frees instead of after
+// build-poll-interval. When no slot is free anywhere, freeing nothing costs
+// nothing: the dispatcher stops at once, so an event costs O(1) however
+// long the queue is.
+//
+// # Health
+//
+// A machine that cannot be reached goes on Hydra's backoff (internal/health),
+// shared through the state directory with hooks that run without a broker.
+// A queued build whose every capable machine is down probes one of them at
+// most every probeEvery, instead of waiting out the backoff.
+//
+// # Failures
+//
+// A build whose machine cannot give it a session, or whose connection dies
+// before its outputs were handed over, is retried on another machine, up to
+// maxAttempts machines. A build that ran and failed on the machine is not.
+package broker
+
+import (
+	"context"
+	"errors"
+	"io"
+	"slices"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/nix-offload/nix-offload/internal/brokerapi"
+	"github.com/nix-offload/nix-offload/internal/health"
+	"github.com/nix-offload/nix-offload/internal/localstore"
+	"github.com/nix-offload/nix-offload/internal/machines"
+	"github.com/nix-offload/nix-offload/internal/metrics"
+	"github.com/nix-offload/nix-offload/internal/scheduler"
+	"github.com/nix-offload/nix-offload/internal/serveproto"
+)
+
+const (
+	// maxAttempts bounds the machines one build is tried on.
+	maxAttempts = 3
+	// probeEvery is how often a machine on backoff is tried anyway when a
+	// queued build has no other.
+	probeEvery = 10 * time.Second
+	// reservationTTL frees a slot reserved by a "try" that no build quoted.
+	reservationTTL = 2 * time.Minute
+	// localSessions bounds the warm read sessions on the local store.
+	localSessions = 8
+)
+
+// Session is one warm serve session on a machine, used by one build at a
+// time (internal/pool implements it).
+type Session interface {
+	Conn() *serveproto.Conn
+	SetLog(w io.Writer)
+	StderrIsLog()
+	Close()
+	Locked(paths []string) (locked, rest []string)
+	MarkLocked(paths []string)
+}
+
+// PoolStats is what a Pool tells the status page.
+type PoolStats struct {
+	Conns, Idle, InUse int
+}
+
+// Pool holds a machine's connections and sessions.
+type Pool interface {
+	Get(ctx context.Context) (Session, error)
+	Put(s Session, reusable bool)
+	Warm(ctx context.Context) error
+	Stats() PoolStats
+	Close()
+}
+
+// Options configure a Broker.
+type Options struct {
+	Config  *machines.Config
+	Health  *health.Tracker
+	Metrics *metrics.Registry // nil: none
+	Log     *zap.Logger
+	Version string
+	// NewPool makes the pool of machine m; onDial must be called after each
+	// connection attempt. NewSSHPool if nil.
+	NewPool func(m machines.Machine, onDial func(error)) Pool
+	// OpenLocal opens a read session on the local store;
+	// localstore.Open(localstore.Options{}) if nil.
+	OpenLocal func() (*localstore.Store, error)
+}
+
+// Broker is the scheduler and build runner of one host.
+type Broker struct {
+	opt     Options
+	log     *zap.Logger
+	health  *health.Tracker
+	started time.Time
+	// probeEvery is how often a machine on backoff is tried for a build
+	// that has no other (probeEvery; tests shorten it).
+	probeEvery time.Duration
+	local      *localPool
+	mx         *brokerMetrics
+
+	machines []*machine
+	byName   map[string]*machine
+	cfgMs    []machines.Machine // config order, for the scheduler
+
+	ctx    context.Context // ends when the broker is stopped hard
+	cancel context.CancelFunc
+	seq    atomic.Uint64
+	wake   chan struct{}
+	wg     sync.WaitGroup // running builds
+
+	mu       sync.Mutex
+	queue    []*ticket
+	tickets  map[string]*ticket // by id, while they hold a slot or wait
+	builds   map[string]*build  // by ticket id
+	stopping bool
+}
+
+type machine struct {
+	cfg     machines.Machine
+	name    string
+	pool    Pool
+	uploads *uploads
+	used    int // slots held, under Broker.mu
+
+	builds, failed      atomic.Uint64
+	bytesSent, bytesRcv atomic.Uint64
+}
+
+// ticket is one build's claim: a slot on machine, or a place in the queue.
+type ticket struct {
+	id      string
+	req     scheduler.Request
+	drvPath string
+	owner   *client // nil for none
+	created time.Time
+
+	machine *machine          // the slot held; nil while queued
+	granted chan struct{}     // receives when queued tickets get a slot or fail
+	failure string            // why no machine will take it (after granted)
+	exclude map[string]string // machines that failed this build: name → why
+	queued  bool
+}
+
+// New starts a broker: it opens the machines' pools and the local store
+// and warms both in the background.
+func New(opt Options) *Broker {
+	if opt.Log == nil {
+		opt.Log = zap.NewNop()
+	}
+	if opt.NewPool == nil {
+		opt.NewPool = NewSSHPool
+	}
+	if opt.OpenLocal == nil {
+		opt.OpenLocal = func() (*localstore.Store, error) { return localstore.Open(localstore.Options{}) }
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	b := &Broker{
+		opt:        opt,
+		log:        opt.Log,
+		health:     opt.Health,
+		started:    time.Now(),
+		probeEvery: probeEvery,
+		local:      newLocalPool(localSessions, opt.OpenLocal),
+		byName:     map[string]*machine{},
+		ctx:        ctx,
+		cancel:     cancel,
+		wake:       make(chan struct{}, 1),
+		tickets:    map[string]*ticket{},
+		builds:     map[string]*build{},
+	}
+	for _, m := range opt.Config.Machines {
+		mm := &machine{cfg: m, name: m.Name(), uploads: newUploads(max(m.ParallelBuilds, 2))}
+		mm.pool = opt.NewPool(m, b.onDial(mm))
+		b.machines = append(b.machines, mm)
+		b.byName[mm.name] = mm
+		b.cfgMs = append(b.cfgMs, m)
+	}
+	b.mx = newBrokerMetrics(b, opt.Metrics)
+	go b.dispatcher()
+	go b.warm()
+	return b
+}
+
+// onDial feeds machine health with the outcome of every connection attempt.
+func (b *Broker) onDial(m *machine) func(error) {
+	return func(err error) {
+		if err == nil {
+			if b.health.Get(m.name).Failures > 0 {
+				b.log.Info("machine is back", zap.String("machine", m.name))
+			}
+			if err := b.health.Succeeded(m.name); err != nil {
+				b.log.Warn("recording machine health", zap.Error(err))
+			}
+			b.kick()
+			return
+		}
+		st, herr := b.health.Failed(m.name, err)
+		if herr != nil {
+			b.log.Warn("recording machine health", zap.Error(herr))
+		}
+		b.log.Warn("machine unreachable", zap.String("machine", m.name), zap.Error(err),
+			zap.Int("failures", st.Failures), zap.Time("retry_at", st.Until))
+	}
+}
+
+func (b *Broker) warm() {
+	if err := b.local.warm(); err != nil {
+		b.log.Warn("local store", zap.Error(err))
+	}
+	var wg sync.WaitGroup
+	for _, m := range b.machines {
+		if !m.cfg.Enabled {
+			continue
+		}
+		if _, down := b.health.Down()[m.name]; down {
+			continue
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			ctx, cancel := context.WithTimeout(b.ctx, time.Minute)
+			defer cancel()
+			if err := m.pool.Warm(ctx); err == nil {
+				b.log.Info("machine ready", zap.String("machine", m.name))
+			}
+		}()
+	}
+	wg.Wait()
+}
+
+// Close stops everything now: running builds are cancelled.
+func (b *Broker) Close() {
+	b.mu.Lock()
+	b.stopping = true
+	b.mu.Unlock()
+	b.cancel()
+	b.wg.Wait()
+	for _, m := range b.machines {
+		m.pool.Close()
+	}
+	b.local.close()
+}
+
+// Drain stops taking builds: new tries are refused, queued builds are
+// handed back to their hooks, and Drain waits until the running builds
+// have finished or ctx ends (then it cancels them).
+func (b *Broker) Drain(ctx context.Context) {
+	b.mu.Lock()
+	b.stopping = true
+	for _, t := range b.queue {
+		t.failure = handBack
+		t.queued = false
+		select {
+		case t.granted <- struct{}{}:
+		default:
+		}
+	}
+	b.queue = nil
+	b.mu.Unlock()
+	done := make(chan struct{})
+	go func() { b.wg.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-ctx.Done():
+		b.log.Warn("stopping: cancelling the builds still running")
+		b.cancel()
+		<-done
+	}
+}
+
+// handBack is a ticket's failure when the broker stops before the build
+// got a machine: the hook runs it itself.
+const handBack = "the broker is stopping"
+
+func (b *Broker) kick() {
+	select {
+	case b.wake <- struct{}{}:
+	default:
+	}
+}
+
+// dispatcher gives free slots to queued tickets, when woken and every
+// second (backoffs end and probes come due without an event).
+func (b *Broker) dispatcher() {
+	tick := time.NewTicker(time.Second)
+	defer tick.Stop()
+	for {
+		select {
+		case <-b.ctx.Done():
+			return
+		case <-b.wake:
+		case <-tick.C:
+			b.expireReservations()
+			// Hooks that work without the broker record failures too.
+			b.health.Reload()
+		}
+		b.mu.Lock()
+		b.dispatchLocked()
+		b.mu.Unlock()
+	}
+}
+
+// freeSlots reports whether any enabled machine has a free slot.
+func (b *Broker) freeSlotsLocked() bool {
+	for _, m := range b.machines {
+		if m.cfg.Enabled && m.used < m.cfg.ParallelBuilds {
+			return true
+		}
+	}
+	return false
+}
+
+func (b *Broker) dispatchLocked() {
+	if len(b.queue) == 0 || b.stopping {
+		return
+	}
+	kept := b.queue[:0]
+	for i, t := range b.queue {
+		if !b.freeSlotsLocked() {
+			kept = append(kept, b.queue[i:]...)
+			break
+		}
+		d := b.decideLocked(t)
+		switch d.Verdict {
+		case scheduler.Accept:
+			b.grantLocked(t, b.byName[d.Candidates[0].Name()])
+			continue
+		case scheduler.Postpone:
+			if m := b.probeLocked(t); m != nil {
+				b.log.Info("probing a machine on backoff for a waiting build",
+					zap.String("machine", m.name), zap.String("drv", t.drvPath))
+				b.grantLocked(t, m)
+				continue
+			}
+			kept = append(kept, t)
+		default:
+			t.failure = d.Reason
+			t.queued = false
+			t.granted <- struct{}{}
+		}
+	}
+	clear(b.queue[len(kept):])
+	b.queue = kept
+}
+
+// probeLocked picks a machine that can build t, has a free slot but is on
+// backoff, and is due for a probe.
+func (b *Broker) probeLocked(t *ticket) *machine {
+	for _, m := range b.machines {
+		if _, excluded := t.exclude[m.name]; excluded || m.used >= m.cfg.ParallelBuilds {
+			continue
+		}
+		if !scheduler.Matches(m.cfg, t.req) {
+			continue
+		}
+		if ok, _ := b.health.Probe(m.name, b.probeEvery); ok {
+			return m
+		}
+	}
+	return nil
+}
+
+func (b *Broker) loadLocked() map[string]int {
+	load := make(map[string]int, len(b.machines))
+	for _, m := range b.machines {
+		load[m.name] = m.used
+	}
+	return load
+}
+
+func (b *Broker) decideLocked(t *ticket) scheduler.Decision {
+	down := b.health.Down()
+	for name, why := range t.exclude {
+		down[name] = why
+	}
+	return scheduler.Decide(b.cfgMs, t.req, b.loadLocked(), down)
+}
+
+func (b *Broker) grantLocked(t *ticket, m *machine) {
+	m.used++
+	t.machine = m
+	if t.queued {
+		t.queued = false
+		t.granted <- struct{}{}
+	}
+}
+
+// releaseLocked frees t's slot and takes it out of the queue.
+func (b *Broker) releaseLocked(t *ticket) {
+	if t.machine != nil {
+		t.machine.used--
+		t.machine = nil
+		b.kick()
+	}
+	if t.queued {
+		t.queued = false
+		if i := slices.Index(b.queue, t); i >= 0 {
+			b.queue = slices.Delete(b.queue, i, i+1)
+		}
+	}
+}
+
+// forget frees t and forgets it.
+func (b *Broker) forget(t *ticket) {
+	b.mu.Lock()
+	b.releaseLocked(t)
+	delete(b.tickets, t.id)
+	b.mu.Unlock()
+}
+
+func (b *Broker) newTicket(req scheduler.Request, drvPath string, owner *client) *ticket {
+	return &ticket{
+		id:      strconv.FormatUint(b.seq.Add(1), 10),
+		req:     req,
+		drvPath: drvPath,
+		owner:   owner,
+		created: time.Now(),
+		granted: make(chan struct{}, 1),
+		exclude: map[string]string{},
+	}
+}
+
+// errStopping refuses work while the broker stops; errHandBack ends a
+// build that had no machine yet when it began to.
+var (
+	errStopping = errors.New(handBack)
+	errHandBack = errors.New(handBack)
+)
+
+// Try answers a hook's "try". An accepted build holds a ticket for owner:
+// a slot, or a place in the queue.
+func (b *Broker) Try(req brokerapi.TryRequest, owner *client) (brokerapi.TryResponse, error) {
+	sreq := scheduler.Request{System: req.System, RequiredFeatures: req.RequiredFeatures, AmWilling: req.AmWilling}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.stopping {
+		return brokerapi.TryResponse{}, errStopping
+	}
+	t := b.newTicket(sreq, req.DrvPath, owner)
+	d := b.decideLocked(t)
+	var resp brokerapi.TryResponse
+	switch d.Verdict {
+	case scheduler.Accept:
+		m := b.byName[d.Candidates[0].Name()]
+		b.grantLocked(t, m)
+		resp = brokerapi.TryResponse{Verdict: brokerapi.Accept, Machine: m.name}
+	case scheduler.Postpone:
+		if m := b.probeLocked(t); m != nil {
+			b.grantLocked(t, m)
+			resp = brokerapi.TryResponse{Verdict: brokerapi.Accept, Machine: m.name}
+			break
+		}
+		t.queued = true
+		b.queue = append(b.queue, t)
+		resp = brokerapi.TryResponse{Verdict: brokerapi.Accept, Queued: true, Reason: d.Reason}
+	case scheduler.DeclinePermanently:
+		return brokerapi.TryResponse{Verdict: brokerapi.DeclinePermanently, Reason: d.Reason}, nil
+	default:
+		return brokerapi.TryResponse{Verdict: brokerapi.Decline, Reason: d.Reason}, nil
+	}
+	b.tickets[t.id] = t
+	resp.Reservation = t.id
+	if owner != nil {
+		owner.own(t.id)
+	}
+	return resp, nil
+}
+
+// expireReservations frees slots reserved by tries that no build quoted.
+func (b *Broker) expireReservations() {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	now := time.Now()
+	for id, t := range b.tickets {
+		if _, building := b.builds[id]; !building && now.Sub(t.created) > reservationTTL {
+			b.log.Warn("reservation expired", zap.String("drv", t.drvPath))
+			b.releaseLocked(t)
+			delete(b.tickets, id)
+		}
+	}
+}
+
+// Status returns the state of the broker.
+func (b *Broker) Status() brokerapi.Status {
+	down := b.health.Down()
+	b.mu.Lock()
+	st := brokerapi.Status{Version: b.opt.Version, Started: b.started, Queued: len(b.queue), Running: len(b.builds)}
+	used := make(map[string]int, len(b.machines))
+	for _, m := range b.machines {
+		used[m.name] = m.used
+	}
+	b.mu.Unlock()
+	for _, m := range b.machines {
+		h := b.health.Get(m.name)
+		ps := m.pool.Stats()
+		_, isDown := down[m.name]
+		st.Machines = append(st.Machines, brokerapi.MachineStatus{
+			Name: m.name, Systems: m.cfg.Systems, Features: m.cfg.Features, Enabled: m.cfg.Enabled,
+			SlotsUsed: used[m.name], Slots: m.cfg.ParallelBuilds,
+			Up: !isDown, DownUntil: h.Until, Failures: h.Failures, LastError: h.LastError, LastErrAt: h.LastErrorAt,
+			Conns: ps.Conns, Idle: ps.Idle, InUse: ps.InUse,
+			Builds: m.builds.Load(), Failed: m.failed.Load(),
+			BytesSent: m.bytesSent.Load(), BytesRecvd: m.bytesRcv.Load(),
+		})
+	}
+	return st
+}

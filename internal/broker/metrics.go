@@ -1,0 +1,95 @@
+package broker
+
+import (
+	"time"
+
+	"github.com/nix-offload/nix-offload/internal/metrics"
+)
+
+// brokerMetrics are the broker's Prometheus series; every method is a
+// no-op without a registry.
+type brokerMetrics struct {
+	builds    *metrics.CounterVec
+	buildTime *metrics.HistogramVec
+	waitTime  *metrics.HistogramVec
+	sentB     *metrics.CounterVec
+	rcvdB     *metrics.CounterVec
+}
+
+var durationBuckets = []float64{0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600}
+
+func newBrokerMetrics(b *Broker, r *metrics.Registry) *brokerMetrics {
+	if r == nil {
+		return nil
+	}
+	m := &brokerMetrics{
+		builds:    r.Counter("nix_offload_builds_total", "Builds run on each machine, by result.", "machine", "result"),
+		buildTime: r.Histogram("nix_offload_build_seconds", "Time from the start of a build on a machine to its end, outputs included.", durationBuckets, "machine"),
+		waitTime:  r.Histogram("nix_offload_queue_wait_seconds", "Time builds waited in the queue for a slot.", durationBuckets),
+		sentB:     r.Counter("nix_offload_sent_bytes_total", "NAR bytes sent to each machine.", "machine"),
+		rcvdB:     r.Counter("nix_offload_received_bytes_total", "NAR bytes received from each machine.", "machine"),
+	}
+	r.GaugeFunc("nix_offload_slots_used", "Build slots in use on each machine.", func() []metrics.Sample {
+		st := b.Status()
+		out := make([]metrics.Sample, len(st.Machines))
+		for i, ms := range st.Machines {
+			out[i] = metrics.Sample{Labels: []string{ms.Name}, Value: float64(ms.SlotsUsed)}
+		}
+		return out
+	}, "machine")
+	r.GaugeFunc("nix_offload_slots", "Build slots configured on each machine.", func() []metrics.Sample {
+		out := make([]metrics.Sample, len(b.machines))
+		for i, m := range b.machines {
+			out[i] = metrics.Sample{Labels: []string{m.name}, Value: float64(m.cfg.ParallelBuilds)}
+		}
+		return out
+	}, "machine")
+	r.GaugeFunc("nix_offload_machine_up", "1 if the machine is not on backoff.", func() []metrics.Sample {
+		down := b.health.Down()
+		out := make([]metrics.Sample, len(b.machines))
+		for i, m := range b.machines {
+			v := 1.0
+			if _, d := down[m.name]; d {
+				v = 0
+			}
+			out[i] = metrics.Sample{Labels: []string{m.name}, Value: v}
+		}
+		return out
+	}, "machine")
+	r.GaugeFunc("nix_offload_queued_builds", "Builds waiting for a slot.", func() []metrics.Sample {
+		b.mu.Lock()
+		n := len(b.queue)
+		b.mu.Unlock()
+		return []metrics.Sample{{Value: float64(n)}}
+	})
+	return m
+}
+
+func (m *brokerMetrics) built(machine, result string, d time.Duration) {
+	if m == nil {
+		return
+	}
+	m.builds.With(machine, result).Inc()
+	m.buildTime.With(machine).Observe(d.Seconds())
+}
+
+func (m *brokerMetrics) queueWait(d time.Duration) {
+	if m == nil {
+		return
+	}
+	m.waitTime.With().Observe(d.Seconds())
+}
+
+func (m *brokerMetrics) sent(machine string, n int64) {
+	if m == nil || n <= 0 {
+		return
+	}
+	m.sentB.With(machine).Add(float64(n))
+}
+
+func (m *brokerMetrics) received(machine string, n int64) {
+	if m == nil || n <= 0 {
+		return
+	}
+	m.rcvdB.With(machine).Add(float64(n))
+}

@@ -1,0 +1,74 @@
+package broker
+
+import (
+	"context"
+	"sync"
+)
+
+// uploads is one machine's table of paths being sent to it, so that a path
+// several builds need is sent once while the others wait for it, and the
+// bound on parallel upload streams to the machine.
+type uploads struct {
+	mu       sync.Mutex
+	inflight map[string]*flight
+	streams  chan struct{}
+}
+
+type flight struct {
+	done chan struct{}
+	err  error
+}
+
+func newUploads(streams int) *uploads {
+	return &uploads{inflight: map[string]*flight{}, streams: make(chan struct{}, max(streams, 1))}
+}
+
+// claim implements offload.Transfers.Claim for the machine.
+func (u *uploads) claim(ctx context.Context, path string) (upload bool, done func(error), err error) {
+	for {
+		u.mu.Lock()
+		f := u.inflight[path]
+		if f == nil {
+			f = &flight{done: make(chan struct{})}
+			u.inflight[path] = f
+			u.mu.Unlock()
+			finish := func(err error) {
+				u.mu.Lock()
+				delete(u.inflight, path)
+				f.err = err
+				close(f.done)
+				u.mu.Unlock()
+			}
+			select {
+			case u.streams <- struct{}{}:
+			case <-ctx.Done():
+				finish(ctx.Err())
+				return false, nil, context.Cause(ctx)
+			}
+			return true, func(err error) { <-u.streams; finish(err) }, nil
+		}
+		u.mu.Unlock()
+		select {
+		case <-f.done:
+			if f.err == nil {
+				return false, nil, nil
+			}
+			// The other upload failed: this build tries itself.
+		case <-ctx.Done():
+			return false, nil, context.Cause(ctx)
+		}
+	}
+}
+
+// transfers is offload.Transfers for one build: the session's memory of
+// locked paths and the machine's upload table.
+type transfers struct {
+	sess Session
+	up   *uploads
+}
+
+func (t transfers) Locked(paths []string) (locked, rest []string) { return t.sess.Locked(paths) }
+func (t transfers) MarkLocked(paths []string)                     { t.sess.MarkLocked(paths) }
+func (t transfers) Claim(ctx context.Context, path string) (bool, func(error), error) {
+	return t.up.claim(ctx, path)
+}

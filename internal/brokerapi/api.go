@@ -1,0 +1,201 @@
+// Package brokerapi is the broker's one API: the messages that hook
+// processes, `nix-offload-hook status` and queue runners exchange with
+// `nix-offload-hook daemon`, and a client for them.
+//
+// It is HTTP/1.1 over the broker's unix socket, with JSON bodies. Every
+// path starts with the protocol version ("/v1/"); a broker that does not
+// speak a client's version answers 404 and the client says so (a hook then
+// works without the broker). docs/broker-api.md describes each call with
+// examples; the types below are the reference.
+//
+//	POST   /v1/try                          TryRequest  → TryResponse
+//	POST   /v1/builds                       BuildRequest → a stream of Event, one JSON object per line
+//	GET    /v1/builds/{id}/nar/{base}       the NAR of one output, raw bytes
+//	POST   /v1/builds/{id}/imported         ImportedRequest → ImportedResponse
+//	DELETE /v1/builds/{id}                  cancel a build
+//	GET    /v1/status                       Status
+//
+// # Ownership follows the connection
+//
+// A reservation made by /v1/try, and every build started on a connection,
+// belong to that connection: when it closes (the hook exited, or nix-daemon
+// killed it with SIGKILL), the broker cancels the remote build and frees the
+// slot at once. A client therefore keeps one connection for its whole
+// exchange; [Client] does.
+//
+// # Where outputs land
+//
+// The broker never writes to the local store. When a build succeeds, the
+// event stream ends with an "outputs" event listing the outputs that are not
+// valid locally; the client fetches each NAR with GET …/nar/{base}, makes
+// the outputs valid itself, and reports with POST …/imported. The hook does
+// this inside nix-daemon's mount namespace, where the store is writable and
+// the output locks are held by its parent (see docs/design.md).
+package brokerapi
+
+import "time"
+
+// Version is the protocol version this package speaks; it is the first
+// element of every path.
+const Version = 1
+
+// Prefix starts every path of this version.
+const Prefix = "/v1"
+
+// DefaultSocket is where the broker listens unless configured otherwise.
+const DefaultSocket = "/run/nix-offload/hook.sock"
+
+// Verdicts of a TryResponse, as the hook protocol names them.
+const (
+	Accept             = "accept"
+	Decline            = "decline"
+	DeclinePermanently = "decline-permanently"
+	Postpone           = "postpone"
+)
+
+// TryRequest is nix-daemon's "try" as a hook forwards it.
+type TryRequest struct {
+	DrvPath          string   `json:"drvPath"`
+	System           string   `json:"system"`
+	RequiredFeatures []string `json:"requiredFeatures,omitempty"`
+	// AmWilling: the local side would build it now.
+	AmWilling bool `json:"amWilling"`
+}
+
+// TryResponse is the broker's answer to a TryRequest.
+type TryResponse struct {
+	Verdict string `json:"verdict"`
+	// Machine is where the build will run, for "accept"; "" when it waits in
+	// the broker's queue for a slot (Queued).
+	Machine string `json:"machine,omitempty"`
+	Queued  bool   `json:"queued,omitempty"`
+	// Reservation names the slot or queue place held for the build; the
+	// BuildRequest that follows quotes it.
+	Reservation string `json:"reservation,omitempty"`
+	// Reason says why, in words for the user; set unless a machine was
+	// picked.
+	Reason string `json:"reason,omitempty"`
+}
+
+// BuildOptions are the nix-daemon settings that shape a remote build.
+type BuildOptions struct {
+	// MaxSilentTime and Timeout are whole seconds; 0 means no limit.
+	MaxSilentTime uint64 `json:"maxSilentTime,omitempty"`
+	Timeout       uint64 `json:"timeout,omitempty"`
+	MaxLogSize    uint64 `json:"maxLogSize,omitempty"`
+	KeepFailed    bool   `json:"keepFailed,omitempty"`
+	// Substitute: builders-use-substitutes, the machine may substitute
+	// inputs itself.
+	Substitute bool `json:"substitute,omitempty"`
+}
+
+// BuildRequest asks the broker to build a derivation.
+type BuildRequest struct {
+	// Reservation from a TryResponse; empty for a submission that did not
+	// go through /v1/try (a queue runner): the broker then picks or queues
+	// the build itself, as for a hook whose local side cannot build.
+	Reservation string `json:"reservation,omitempty"`
+	DrvPath     string `json:"drvPath"`
+	// Inputs is the input closure as nix-daemon hands it to a hook (no .drv
+	// files); empty means the broker computes it from the derivation.
+	Inputs []string `json:"inputs,omitempty"`
+	// WantedOutputs are output names; empty means all.
+	WantedOutputs []string     `json:"wantedOutputs,omitempty"`
+	Options       BuildOptions `json:"options"`
+}
+
+// Event types of a build's stream, in the order they can come.
+const (
+	EventQueued   = "queued"   // waiting for a slot: Position, Reason
+	EventStarted  = "started"  // a machine took it: Machine, Build
+	EventCopying  = "copying"  // sending inputs: Paths, Bytes
+	EventBuilding = "building" // the build command was sent
+	EventLog      = "log"      // build log bytes: Text
+	EventRetrying = "retrying" // the machine was lost; trying another: Reason
+	EventFetching = "fetching" // the build succeeded; outputs follow: Paths, Bytes
+	EventOutputs  = "outputs"  // last event of a success: Build, Outputs (those to fetch)
+	EventFailed   = "failed"   // last event of a failure: Kind, Error
+	// EventHandback is the last event of a build the broker gives back
+	// before it got a machine, because the broker is stopping: the client
+	// runs it by other means (a hook, in embedded mode). Reason.
+	EventHandback = "handback"
+)
+
+// Failure kinds of an EventFailed, for the hook's exit code.
+const (
+	FailBuild   = "build"   // the build ran and failed on the machine
+	FailTimeout = "timeout" // max-silent-time or timeout
+	FailMisc    = "misc"    // anything else: no machine, connection, local store
+)
+
+// Event is one line of a build's stream.
+type Event struct {
+	Type     string     `json:"type"`
+	Build    string     `json:"build,omitempty"`
+	Machine  string     `json:"machine,omitempty"`
+	Position int        `json:"position,omitempty"`
+	Reason   string     `json:"reason,omitempty"`
+	Paths    int        `json:"paths,omitempty"`
+	Bytes    uint64     `json:"bytes,omitempty"`
+	Text     string     `json:"text,omitempty"`
+	Outputs  []PathInfo `json:"outputs,omitempty"`
+	Kind     string     `json:"kind,omitempty"`
+	Error    string     `json:"error,omitempty"`
+}
+
+// PathInfo describes an output as the machine reported it.
+type PathInfo struct {
+	Path       string   `json:"path"`
+	Deriver    string   `json:"deriver,omitempty"`
+	NarHash    string   `json:"narHash"`
+	NarSize    uint64   `json:"narSize"`
+	References []string `json:"references,omitempty"`
+}
+
+// ImportedRequest reports how making the outputs valid went; Error is ""
+// on success.
+type ImportedRequest struct {
+	Error string `json:"error,omitempty"`
+}
+
+// ImportedResponse ends a build: Error is "" when every wanted output is
+// valid in the local store.
+type ImportedResponse struct {
+	Error string `json:"error,omitempty"`
+}
+
+// ErrorResponse is the body of every 4xx and 5xx answer.
+type ErrorResponse struct {
+	Error string `json:"error"`
+}
+
+// Status is the broker's state, for `nix-offload-hook status`.
+type Status struct {
+	Version  string          `json:"version"`
+	Started  time.Time       `json:"started"`
+	Queued   int             `json:"queued"`
+	Running  int             `json:"running"`
+	Machines []MachineStatus `json:"machines"`
+}
+
+// MachineStatus is one machine in a Status.
+type MachineStatus struct {
+	Name       string    `json:"name"`
+	Systems    []string  `json:"systems"`
+	Features   []string  `json:"features,omitempty"`
+	Enabled    bool      `json:"enabled"`
+	SlotsUsed  int       `json:"slotsUsed"`
+	Slots      int       `json:"slots"`
+	Up         bool      `json:"up"`
+	DownUntil  time.Time `json:"downUntil,omitzero"`
+	Failures   int       `json:"failures,omitempty"`
+	LastError  string    `json:"lastError,omitempty"`
+	LastErrAt  time.Time `json:"lastErrorAt,omitzero"`
+	Conns      int       `json:"connections"`
+	Idle       int       `json:"idleSessions"`
+	InUse      int       `json:"busySessions"`
+	Builds     uint64    `json:"builds"`
+	Failed     uint64    `json:"failed"`
+	BytesSent  uint64    `json:"bytesSent"`
+	BytesRecvd uint64    `json:"bytesReceived"`
+}
