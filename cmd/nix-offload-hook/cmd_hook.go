@@ -41,6 +41,7 @@ import (
 	sshconfig "github.com/kevinburke/ssh_config"
 	"github.com/nix-community/go-nix/pkg/derivation"
 
+	"github.com/nix-offload/nix-offload/internal/brokerapi"
 	"github.com/nix-offload/nix-offload/internal/hookproto"
 	"github.com/nix-offload/nix-offload/internal/localstore"
 	"github.com/nix-offload/nix-offload/internal/machines"
@@ -57,11 +58,6 @@ const (
 	exitBuildFailed = 100
 	exitTimedOut    = 101
 )
-
-// timeoutGrace is how much longer than the machine we wait before we
-// enforce max-silent-time or timeout ourselves: the machine's own message
-// is the better one when it comes.
-const timeoutGrace = 5 * time.Second
 
 // maxDrvSize bounds how much of a .drv file we read.
 const maxDrvSize = 64 << 20
@@ -104,6 +100,8 @@ type hook struct {
 
 	cfg      *machines.Config
 	settings hookproto.Settings
+	slots    *slots.Dir        // embedded mode's slot files; nil until needed
+	broker   *brokerapi.Client // nil: embedded mode
 	down     map[string]string // machines that failed in this process: name → reason
 	gate     logGate           // remote stderr → build log
 }
@@ -128,14 +126,16 @@ func (h *hook) serve(ctx context.Context) error {
 	}
 	h.down = map[string]string{}
 
-	stateDir := cfg.Daemon.StateDir
-	if stateDir == "" {
-		stateDir = machines.DefaultStateDir
-	}
-	sl, err := slots.Open(filepath.Join(stateDir, "slots"))
-	if err != nil {
-		h.log.Msg(hookproto.LvlError, "nix-offload: "+err.Error()+"; building locally")
-		return hookproto.DeclinePermanently(h.out)
+	h.broker = h.dialBroker(ctx)
+	if h.broker != nil {
+		defer h.broker.Close()
+	} else {
+		sl, err := slots.Open(h.slotsDir())
+		if err != nil {
+			h.log.Msg(hookproto.LvlError, "nix-offload: "+err.Error()+"; building locally")
+			return hookproto.DeclinePermanently(h.out)
+		}
+		h.slots = sl
 	}
 
 	for {
@@ -146,7 +146,10 @@ func (h *hook) serve(ctx context.Context) error {
 		if err != nil {
 			return fmt.Errorf("reading a request from nix: %w", err)
 		}
-		done, err := h.try(ctx, sl, req)
+		done, err := h.tryBroker(ctx, req)
+		if errors.Is(err, errNoBroker) {
+			done, err = h.try(ctx, req)
+		}
 		if done || err != nil {
 			return err
 		}
@@ -155,7 +158,13 @@ func (h *hook) serve(ctx context.Context) error {
 
 // try answers one request. done means the request was accepted and built
 // (successfully or not): the process must exit.
-func (h *hook) try(ctx context.Context, sl *slots.Dir, req *hookproto.Request) (done bool, err error) {
+func (h *hook) try(ctx context.Context, req *hookproto.Request) (done bool, err error) {
+	if h.slots == nil {
+		if h.slots, err = slots.Open(h.slotsDir()); err != nil {
+			return false, err
+		}
+	}
+	sl := h.slots
 	sreq := scheduler.Request{System: req.System, RequiredFeatures: req.RequiredFeatures, AmWilling: req.AmWilling}
 	for {
 		unlock, err := sl.Lock(ctx)
@@ -215,6 +224,15 @@ func (h *hook) try(ctx context.Context, sl *slots.Dir, req *hookproto.Request) (
 	}
 }
 
+// slotsDir is where embedded mode keeps its slot files.
+func (h *hook) slotsDir() string {
+	stateDir := h.cfg.Daemon.StateDir
+	if stateDir == "" {
+		stateDir = machines.DefaultStateDir
+	}
+	return filepath.Join(stateDir, "slots")
+}
+
 // openLocal opens the local store and starts its read session in the
 // background. warmed waits until that is done and says whether it worked;
 // the store must not be used, or closed, before warmed returned.
@@ -272,13 +290,13 @@ type logGate struct {
 	open     atomic.Bool
 	mu       sync.Mutex
 	w        io.Writer // guarded by mu; nil until accept
-	lastByte atomic.Int64
+	activity offload.Activity
 }
 
 func (h *hook) remoteLog() io.Writer { return &h.gate }
 
 func (g *logGate) Write(p []byte) (int, error) {
-	g.lastByte.Store(time.Now().UnixNano())
+	g.activity.Touch()
 	if !g.open.Load() {
 		return len(p), nil
 	}
@@ -308,35 +326,56 @@ func (h *hook) build(ctx context.Context, req *hookproto.Request, m machines.Mac
 	if err := hookproto.Accept(h.out, m.Name()); err != nil {
 		return err
 	}
-	inputs, wanted, err := hookproto.ReadAccepted(h.in)
-	if err != nil {
-		return fmt.Errorf("reading inputs from nix: %w", err)
-	}
-
-	logFile, err := hookproto.OpenBuildLogFD(hookproto.BuildLogFD)
+	acc, err := h.readAccepted()
 	if err != nil {
 		return err
 	}
-	buildLog := hookproto.NewBuildLog(logFile, 8<<20)
-	defer buildLog.Close(2 * time.Second)
-	h.gate.attach(buildLog)
+	defer acc.log.Close(2 * time.Second)
+	return h.runAccepted(ctx, req, drv, acc, m, sess, conn, local, warmed)
+}
 
-	if err := warmed(); err != nil {
-		return fmt.Errorf("local store: %w", err)
+// accepted is what Nix sends after `# accept`, and the open build log.
+type accepted struct {
+	inputs, wanted []string
+	log            *hookproto.BuildLog
+}
+
+func (h *hook) readAccepted() (*accepted, error) {
+	inputs, wanted, err := hookproto.ReadAccepted(h.in)
+	if err != nil {
+		return nil, fmt.Errorf("reading inputs from nix: %w", err)
 	}
+	logFile, err := hookproto.OpenBuildLogFD(hookproto.BuildLogFD)
+	if err != nil {
+		return nil, err
+	}
+	return &accepted{inputs: inputs, wanted: wanted, log: hookproto.NewBuildLog(logFile, 8<<20)}, nil
+}
 
-	opts := serveproto.BuildOptions{
+// buildOptions are the settings of nix-daemon that shape a remote build.
+func (h *hook) buildOptions() serveproto.BuildOptions {
+	return serveproto.BuildOptions{
 		MaxSilentTime: h.settings.Seconds("max-silent-time", 0),
 		BuildTimeout:  h.settings.Seconds("timeout", 0),
 		MaxLogSize:    h.settings.Uint("max-build-log-size", 0),
 		KeepFailed:    h.settings.Bool("keep-failed", false),
 	}
+}
+
+// runAccepted builds an accepted request on m over conn.
+func (h *hook) runAccepted(ctx context.Context, req *hookproto.Request, drv *derivation.Derivation, acc *accepted,
+	m machines.Machine, sess *transport.Session, conn *serveproto.Conn, local *localstore.Store, warmed func() error) error {
+	h.gate.attach(acc.log)
+	if err := warmed(); err != nil {
+		return fmt.Errorf("local store: %w", err)
+	}
+	opts := h.buildOptions()
 	job := offload.Job{
 		Machine:       m.Name(),
 		DrvPath:       req.DrvPath,
 		Drv:           drv,
-		Inputs:        inputs,
-		WantedOutputs: wanted,
+		Inputs:        acc.inputs,
+		WantedOutputs: acc.wanted,
 		Options:       opts,
 		Substitute:    h.settings.Bool("builders-use-substitutes", false),
 	}
@@ -345,13 +384,13 @@ func (h *hook) build(ctx context.Context, req *hookproto.Request, m machines.Mac
 	// asked to stop: closing the session makes the machine stop the build.
 	bctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
-	stopWatch := watchLimits(bctx, cancel, opts, &h.gate)
+	stopWatch := offload.WatchLimits(bctx, cancel, opts, &h.gate.activity)
 	defer stopWatch()
 	stopOnCancel := context.AfterFunc(bctx, func() { sess.Close() })
 	defer stopOnCancel()
 
 	var copyAct hookproto.ActivityID
-	err = offload.Run(bctx, conn, local, job, offload.Events{
+	err := offload.Run(bctx, conn, local, job, offload.Events{
 		Copying: func(n int, bytes uint64) {
 			copyAct, _ = h.log.Start(hookproto.ActCopyPaths, hookproto.LvlInfo,
 				fmt.Sprintf("copying %d paths (%s) to '%s'", n, humanBytes(bytes), m.Name()))
@@ -365,7 +404,7 @@ func (h *hook) build(ctx context.Context, req *hookproto.Request, m machines.Mac
 		},
 	})
 	var be *offload.BuildError
-	var le *limitError
+	var le *offload.LimitError
 	switch {
 	case err == nil:
 		return nil
@@ -378,46 +417,6 @@ func (h *hook) build(ctx context.Context, req *hookproto.Request, m machines.Mac
 	default:
 		return err
 	}
-}
-
-// limitError is a limit nix-offload enforced itself.
-type limitError struct{ msg string }
-
-func (e *limitError) Error() string { return e.msg }
-
-// watchLimits cancels the build when timeout or max-silent-time (measured
-// on the remote's output) passes, a little after the machine should have
-// stopped it itself.
-func watchLimits(ctx context.Context, cancel context.CancelCauseFunc, opts serveproto.BuildOptions, g *logGate) func() {
-	if opts.BuildTimeout == 0 && opts.MaxSilentTime == 0 {
-		return func() {}
-	}
-	start := time.Now()
-	g.lastByte.Store(start.UnixNano())
-	stop := make(chan struct{})
-	go func() {
-		tick := time.NewTicker(500 * time.Millisecond)
-		defer tick.Stop()
-		for {
-			select {
-			case <-stop:
-				return
-			case <-ctx.Done():
-				return
-			case now := <-tick.C:
-				if opts.BuildTimeout > 0 && now.Sub(start) > opts.BuildTimeout+timeoutGrace {
-					cancel(&limitError{fmt.Sprintf("timed out after %v (enforced by nix-offload)", opts.BuildTimeout)})
-					return
-				}
-				silent := now.Sub(time.Unix(0, g.lastByte.Load()))
-				if opts.MaxSilentTime > 0 && silent > opts.MaxSilentTime+timeoutGrace {
-					cancel(&limitError{fmt.Sprintf("no output for %v (max-silent-time, enforced by nix-offload)", opts.MaxSilentTime)})
-					return
-				}
-			}
-		}
-	}()
-	return func() { close(stop) }
 }
 
 // readDerivation parses a .drv from the local store.

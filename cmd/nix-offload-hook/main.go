@@ -2,6 +2,8 @@
 // hook, and the tools around it.
 //
 //	nix-offload-hook check [-config FILE] [-json] [MACHINE…]   test every machine
+//	nix-offload-hook daemon [-config FILE] [-socket PATH]          run the broker
+//	nix-offload-hook status [-json]                                 show the broker's state
 //	nix-offload-hook version                                      print the version
 //	nix-offload-hook <verbosity>                                  hook mode (build-hook = …)
 //
@@ -44,6 +46,10 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	switch {
 	case len(args) > 0 && args[0] == "check":
 		err = runCheck(ctx, args[1:], stdout)
+	case len(args) > 0 && args[0] == "daemon":
+		err = runDaemon(ctx, args[1:], stderr)
+	case len(args) > 0 && args[0] == "status":
+		err = runStatus(ctx, args[1:], stdout)
 	case len(args) > 0 && args[0] == "version":
 		fmt.Fprintln(stdout, "nix-offload-hook", version())
 	case len(args) > 0 && (args[0] == "help" || args[0] == "-h" || args[0] == "--help"):
@@ -93,6 +99,11 @@ const usage = `usage:
   nix-offload-hook check [-config FILE] [-builders SPEC] [-json] [MACHINE...]
       connect to every configured machine (or the named ones) and test it:
       host key, serve protocol, remote Nix, a store round trip, clock skew
+  nix-offload-hook daemon [-config FILE] [-builders SPEC] [-socket PATH] [-drain DURATION] [-debug]
+      run the broker: warm connections to every machine, one queue and one
+      set of slots for every hook of the host (systemd: nix-offload.socket)
+  nix-offload-hook status [-config FILE] [-socket PATH] [-json]
+      the broker's machines, slots, queue, health and traffic
   nix-offload-hook version
   nix-offload-hook VERBOSITY
       build hook mode: set build-hook = /path/to/nix-offload-hook in nix.conf

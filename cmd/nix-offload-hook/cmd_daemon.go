@@ -1,0 +1,122 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"path/filepath"
+	"time"
+
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+
+	"github.com/nix-offload/nix-offload/internal/broker"
+	"github.com/nix-offload/nix-offload/internal/brokerapi"
+	"github.com/nix-offload/nix-offload/internal/health"
+	"github.com/nix-offload/nix-offload/internal/machines"
+	"github.com/nix-offload/nix-offload/internal/metrics"
+	"github.com/nix-offload/nix-offload/internal/service"
+)
+
+// runDaemon runs the broker until SIGTERM or SIGINT (ctx ends).
+func runDaemon(ctx context.Context, args []string, stderr io.Writer) error {
+	fs := flag.NewFlagSet("daemon", flag.ContinueOnError)
+	fs.SetOutput(io.Discard)
+	config := fs.String("config", "", "configuration file (TOML)")
+	builders := fs.String("builders", defaultBuilders, "Nix machines specification, used when there is no TOML configuration")
+	socket := fs.String("socket", "", "unix socket to listen on (default: [daemon] socket, else "+brokerapi.DefaultSocket+")")
+	drain := fs.Duration("drain", 4*time.Minute, "on SIGTERM, how long running builds may go on before they are cancelled")
+	debug := fs.Bool("debug", false, "log debug messages")
+	if err := fs.Parse(args); err != nil || fs.NArg() > 0 {
+		if err == nil {
+			err = fmt.Errorf("unexpected arguments %q", fs.Args())
+		}
+		return usageError{fmt.Sprintf("daemon: %v\n\n%s", err, usage)}
+	}
+
+	level := zapcore.InfoLevel
+	if *debug {
+		level = zapcore.DebugLevel
+	}
+	log := service.NewLogger(zapcore.Lock(zapcore.AddSync(stderr)), level, service.UnderJournal())
+	defer log.Sync()
+
+	cfg, err := loadConfig(*config, *builders, nixSystem())
+	if err != nil {
+		return err
+	}
+	if *socket == "" {
+		*socket = cfg.Daemon.Socket
+	}
+	if *socket == "" {
+		*socket = brokerapi.DefaultSocket
+	}
+	stateDir := cfg.Daemon.StateDir
+	if stateDir == "" {
+		stateDir = machines.DefaultStateDir
+	}
+	hl, err := health.Open(filepath.Join(stateDir, "health.json"))
+	if err != nil {
+		// A health file we cannot read must not stop builds: the tracker
+		// starts empty.
+		log.Warn("machine health", zap.Error(err))
+	}
+	if hl == nil {
+		return fmt.Errorf("machine health: %w", err)
+	}
+
+	ln, activated, err := service.Listen(*socket)
+	if err != nil {
+		return err
+	}
+	defer ln.Close()
+
+	var reg *metrics.Registry
+	if cfg.Daemon.Metrics != "" {
+		reg = metrics.NewRegistry()
+	}
+	b := broker.New(broker.Options{Config: cfg, Health: hl, Metrics: reg, Log: log, Version: version()})
+	defer b.Close()
+	srv := broker.NewServer(b, service.PeerUID)
+	served := make(chan error, 1)
+	go func() { served <- srv.Serve(ln) }()
+
+	if reg != nil {
+		mln, err := net.Listen("tcp", cfg.Daemon.Metrics)
+		if err != nil {
+			return fmt.Errorf("metrics: %w", err)
+		}
+		ms := &http.Server{Handler: reg.Handler(), ReadHeaderTimeout: 10 * time.Second}
+		go ms.Serve(mln)
+		defer ms.Close()
+		log.Info("metrics", zap.String("address", mln.Addr().String()))
+	}
+
+	n := service.NewNotifier(log)
+	n.Ready(fmt.Sprintf("%d machines", len(cfg.Machines)))
+	wctx, stopWatchdog := context.WithCancel(ctx)
+	defer stopWatchdog()
+	go n.Watchdog(wctx, func() error { return nil })
+	log.Info("broker ready", zap.String("socket", ln.Addr().String()), zap.Bool("socket_activated", activated),
+		zap.Int("machines", len(cfg.Machines)), zap.String("config", cfg.Path), zap.String("version", version()))
+
+	select {
+	case err := <-served:
+		return fmt.Errorf("serving %s: %w", *socket, err)
+	case <-ctx.Done():
+	}
+	n.Stopping()
+	log.Info("stopping: queued builds go back to their hooks; running builds may finish", zap.Duration("drain", *drain))
+	dctx, cancel := context.WithTimeout(context.Background(), *drain)
+	defer cancel()
+	srv.Shutdown(dctx)
+	if err := <-served; err != nil && !errors.Is(err, net.ErrClosed) {
+		log.Warn("serve", zap.Error(err))
+	}
+	log.Info("stopped")
+	return nil
+}

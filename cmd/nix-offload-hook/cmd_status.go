@@ -1,0 +1,82 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"io"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/nix-offload/nix-offload/internal/brokerapi"
+)
+
+// runStatus prints the broker's state.
+func runStatus(ctx context.Context, args []string, stdout io.Writer) error {
+	fs := flag.NewFlagSet("status", flag.ContinueOnError)
+	fs.SetOutput(io.Discard)
+	config := fs.String("config", "", "configuration file (TOML)")
+	socket := fs.String("socket", "", "the broker's socket (default: [daemon] socket, else "+brokerapi.DefaultSocket+")")
+	asJSON := fs.Bool("json", false, "print the status as JSON")
+	if err := fs.Parse(args); err != nil || fs.NArg() > 0 {
+		if err == nil {
+			err = fmt.Errorf("unexpected arguments %q", fs.Args())
+		}
+		return usageError{fmt.Sprintf("status: %v\n\n%s", err, usage)}
+	}
+	if *socket == "" {
+		cfg, err := loadConfig(*config, "", nixSystem())
+		if err != nil {
+			return err
+		}
+		*socket = cfg.Daemon.Socket
+	}
+	if *socket == "" {
+		*socket = brokerapi.DefaultSocket
+	}
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	c, err := brokerapi.Dial(ctx, *socket)
+	if err != nil {
+		return fmt.Errorf("no broker on %s: %w (start one with `nix-offload-hook daemon`; hooks build without it meanwhile)", *socket, err)
+	}
+	defer c.Close()
+	st, err := c.Status(ctx)
+	if err != nil {
+		return err
+	}
+	if *asJSON {
+		enc := json.NewEncoder(stdout)
+		enc.SetIndent("", "  ")
+		return enc.Encode(st)
+	}
+	printStatus(stdout, st, time.Now())
+	return nil
+}
+
+func printStatus(w io.Writer, st brokerapi.Status, now time.Time) {
+	fmt.Fprintf(w, "broker %s, up %s: %d running, %d queued\n\n", st.Version, now.Sub(st.Started).Round(time.Second), st.Running, st.Queued)
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "MACHINE\tSYSTEMS\tSLOTS\tHEALTH\tSESSIONS\tBUILDS\tFAILED\tSENT\tRECEIVED")
+	for _, m := range st.Machines {
+		h := "up"
+		switch {
+		case !m.Enabled:
+			h = "disabled"
+		case !m.Up:
+			h = fmt.Sprintf("down (retry in %s)", m.DownUntil.Sub(now).Round(time.Second))
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%d/%d\t%s\t%d busy, %d idle, %d conns\t%d\t%d\t%s\t%s\n",
+			m.Name, strings.Join(m.Systems, ","), m.SlotsUsed, m.Slots, h, m.InUse, m.Idle, m.Conns,
+			m.Builds, m.Failed, humanBytes(m.BytesSent), humanBytes(m.BytesRecvd))
+	}
+	tw.Flush()
+	for _, m := range st.Machines {
+		if m.LastError != "" {
+			fmt.Fprintf(w, "\n%s: last error %s ago: %s", m.Name, now.Sub(m.LastErrAt).Round(time.Second), m.LastError)
+		}
+	}
+	fmt.Fprintln(w)
+}

@@ -1,0 +1,214 @@
+package main
+
+// Hook mode with a broker: the hook forwards each "try" and the accepted
+// build to `nix-offload-hook daemon` and relays the log and progress to
+// Nix. The broker holds the warm connections and the host's slots; the hook
+// keeps the one thing only it can do: make the outputs valid in the store
+// that nix-daemon's mount namespace has writable, under the output locks
+// its parent holds.
+//
+// Whenever the broker is not there (no socket, connection refused), stops
+// answering, or hands a build back because it is stopping, the hook goes
+// on without it, as in embedded mode.
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"time"
+
+	"github.com/nix-offload/nix-offload/internal/brokerapi"
+	"github.com/nix-offload/nix-offload/internal/hookproto"
+	"github.com/nix-offload/nix-offload/internal/localstore"
+	"github.com/nix-offload/nix-offload/internal/serveproto"
+)
+
+// errNoBroker sends a request to embedded mode.
+var errNoBroker = errors.New("no broker")
+
+// brokerDialTimeout bounds connecting to the broker's socket.
+const brokerDialTimeout = 2 * time.Second
+
+func (h *hook) socketPath() string {
+	if h.cfg.Daemon.Socket != "" {
+		return h.cfg.Daemon.Socket
+	}
+	return brokerapi.DefaultSocket
+}
+
+// dialBroker connects to the broker, or returns nil if there is none.
+func (h *hook) dialBroker(ctx context.Context) *brokerapi.Client {
+	dctx, cancel := context.WithTimeout(ctx, brokerDialTimeout)
+	defer cancel()
+	c, err := brokerapi.Dial(dctx, h.socketPath())
+	if err != nil {
+		return nil
+	}
+	return c
+}
+
+// dropBroker says why the hook goes on without the broker.
+func (h *hook) dropBroker(err error) {
+	h.log.Msg(hookproto.LvlWarn, fmt.Sprintf("nix-offload: broker on %s: %v; going on without it", h.socketPath(), err))
+	h.broker.Close()
+	h.broker = nil
+}
+
+// tryBroker answers a request through the broker. errNoBroker means there
+// is none (any more) and nothing was answered yet.
+func (h *hook) tryBroker(ctx context.Context, req *hookproto.Request) (done bool, err error) {
+	if h.broker == nil {
+		return false, errNoBroker
+	}
+	tctx, cancel := context.WithTimeout(ctx, brokerapi.WaitTimeout)
+	resp, err := h.broker.Try(tctx, brokerapi.TryRequest{
+		DrvPath: req.DrvPath, System: req.System, RequiredFeatures: req.RequiredFeatures, AmWilling: req.AmWilling,
+	})
+	cancel()
+	if err != nil {
+		h.dropBroker(err)
+		return false, errNoBroker
+	}
+	why := fmt.Sprintf("nix-offload: not offloading '%s': %s", req.DrvPath, resp.Reason)
+	switch resp.Verdict {
+	case brokerapi.Accept:
+	case brokerapi.DeclinePermanently:
+		h.log.Msg(hookproto.LvlInfo, why)
+		return false, hookproto.DeclinePermanently(h.out)
+	case brokerapi.Postpone:
+		h.log.Msg(hookproto.LvlTalkative, why)
+		return false, hookproto.Postpone(h.out)
+	default:
+		h.log.Msg(hookproto.LvlInfo, why)
+		return false, hookproto.Decline(h.out)
+	}
+
+	machine := resp.Machine
+	if resp.Queued {
+		machine = "nix-offload queue"
+	}
+	if err := hookproto.Accept(h.out, machine); err != nil {
+		return true, err
+	}
+	acc, err := h.readAccepted()
+	if err != nil {
+		return true, err
+	}
+	defer acc.log.Close(2 * time.Second)
+	err = h.buildThroughBroker(ctx, req, acc, resp)
+	if errors.Is(err, errNoBroker) {
+		return true, h.buildAcceptedAlone(ctx, req, acc)
+	}
+	return true, err
+}
+
+// buildThroughBroker runs an accepted build in the broker. errNoBroker
+// means the broker went away or handed the build back before any output
+// was offered: the hook must build it by itself.
+func (h *hook) buildThroughBroker(ctx context.Context, req *hookproto.Request, acc *accepted, resp brokerapi.TryResponse) error {
+	opts := h.buildOptions()
+	stream, err := h.broker.Build(ctx, brokerapi.BuildRequest{
+		Reservation:   resp.Reservation,
+		DrvPath:       req.DrvPath,
+		Inputs:        acc.inputs,
+		WantedOutputs: acc.wanted,
+		Options: brokerapi.BuildOptions{
+			MaxSilentTime: uint64(opts.MaxSilentTime / time.Second),
+			Timeout:       uint64(opts.BuildTimeout / time.Second),
+			MaxLogSize:    opts.MaxLogSize,
+			KeepFailed:    opts.KeepFailed,
+			Substitute:    h.settings.Bool("builders-use-substitutes", false),
+		},
+	})
+	if err != nil {
+		h.dropBroker(err)
+		return errNoBroker
+	}
+	defer stream.Close()
+
+	var copyAct hookproto.ActivityID
+	stopCopy := func() {
+		if copyAct != 0 {
+			h.log.Stop(copyAct)
+			copyAct = 0
+		}
+	}
+	defer stopCopy()
+	machine := resp.Machine
+	for {
+		ev, err := stream.Next()
+		if err != nil {
+			if ctx.Err() != nil {
+				return context.Cause(ctx)
+			}
+			h.dropBroker(fmt.Errorf("lost during the build of '%s': %w", req.DrvPath, err))
+			return errNoBroker
+		}
+		switch ev.Type {
+		case brokerapi.EventQueued:
+			h.log.Msg(hookproto.LvlInfo, fmt.Sprintf("nix-offload: '%s' waits for a machine (%d in the queue): %s", req.DrvPath, ev.Position, ev.Reason))
+		case brokerapi.EventStarted:
+			if ev.Machine != machine {
+				machine = ev.Machine
+				h.log.Msg(hookproto.LvlInfo, fmt.Sprintf("nix-offload: building '%s' on '%s'", req.DrvPath, machine))
+			}
+		case brokerapi.EventCopying:
+			stopCopy()
+			copyAct, _ = h.log.Start(hookproto.ActCopyPaths, hookproto.LvlInfo,
+				fmt.Sprintf("copying %d paths (%s) to '%s'", ev.Paths, humanBytes(ev.Bytes), ev.Machine))
+		case brokerapi.EventBuilding:
+			stopCopy()
+		case brokerapi.EventLog:
+			acc.log.Write([]byte(ev.Text))
+		case brokerapi.EventRetrying:
+			h.log.Msg(hookproto.LvlWarn, fmt.Sprintf("nix-offload: lost '%s' while building '%s': %s; trying another machine", ev.Machine, req.DrvPath, ev.Reason))
+		case brokerapi.EventFetching:
+		case brokerapi.EventHandback:
+			h.log.Msg(hookproto.LvlInfo, fmt.Sprintf("nix-offload: the broker gave '%s' back: %s", req.DrvPath, ev.Reason))
+			h.broker.Close()
+			h.broker = nil
+			return errNoBroker
+		case brokerapi.EventFailed:
+			err := errors.New(ev.Error)
+			switch ev.Kind {
+			case brokerapi.FailBuild:
+				return &exitCodeError{exitBuildFailed, err}
+			case brokerapi.FailTimeout:
+				return &exitCodeError{exitTimedOut, err}
+			}
+			return err
+		case brokerapi.EventOutputs:
+			return h.importOutputs(ctx, ev)
+		}
+	}
+}
+
+// importOutputs makes the offered outputs valid, fetching each NAR from
+// the broker, and reports back.
+func (h *hook) importOutputs(ctx context.Context, ev brokerapi.Event) error {
+	var err error
+	if len(ev.Outputs) > 0 {
+		var local *localstore.Store
+		if local, err = localstore.Open(localstore.Options{}); err == nil {
+			infos := make([]serveproto.PathInfo, len(ev.Outputs))
+			for i, o := range ev.Outputs {
+				infos[i] = serveproto.PathInfo{Path: o.Path, Deriver: o.Deriver, NarHash: o.NarHash, NarSize: o.NarSize, References: o.References}
+			}
+			err = local.AddMissing(infos, func(path string, w io.Writer) error {
+				return h.broker.FetchNAR(ctx, ev.Build, path, w)
+			})
+			local.Close()
+		}
+	}
+	resp, ierr := h.broker.Imported(ctx, ev.Build, err)
+	switch {
+	case ierr != nil && err != nil:
+		return fmt.Errorf("making the outputs valid: %w", err)
+	case ierr != nil:
+		return fmt.Errorf("broker: %w", ierr)
+	case resp.Error != "":
+		return errors.New(resp.Error)
+	}
+	return nil
+}
