@@ -1,0 +1,81 @@
+package broker
+
+import (
+	"context"
+	"errors"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+// Builds that need the same path on one machine send it once; the others
+// wait for that upload and take over if it fails.
+func TestUploadsSendAPathOnce(t *testing.T) {
+	u := newUploads(4)
+	ctx := context.Background()
+	var uploads atomic.Int32
+	release := make(chan struct{})
+	var wg sync.WaitGroup
+	for range 10 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			up, done, err := u.claim(ctx, "/nix/store/p")
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			if up {
+				uploads.Add(1)
+				<-release
+				done(nil)
+			}
+		}()
+	}
+	time.Sleep(20 * time.Millisecond)
+	close(release)
+	wg.Wait()
+	if n := uploads.Load(); n != 1 {
+		t.Errorf("%d uploads of one path by 10 builds, want 1", n)
+	}
+
+	// A failed upload hands the path to a waiting build.
+	up, done, _ := u.claim(ctx, "/nix/store/q")
+	if !up {
+		t.Fatal("first claim of q does not upload")
+	}
+	got := make(chan bool)
+	go func() {
+		up, done2, err := u.claim(ctx, "/nix/store/q")
+		if err == nil && up {
+			done2(nil)
+		}
+		got <- up
+	}()
+	time.Sleep(10 * time.Millisecond)
+	done(errors.New("connection lost"))
+	if !<-got {
+		t.Error("after a failed upload the waiting build did not take over")
+	}
+}
+
+// The number of parallel upload streams to a machine is bounded.
+func TestUploadsBoundStreams(t *testing.T) {
+	u := newUploads(2)
+	ctx := context.Background()
+	_, d1, _ := u.claim(ctx, "/nix/store/a")
+	_, d2, _ := u.claim(ctx, "/nix/store/b")
+	short, cancel := context.WithTimeout(ctx, 30*time.Millisecond)
+	defer cancel()
+	if _, _, err := u.claim(short, "/nix/store/c"); err == nil {
+		t.Error("a third stream started while two were running")
+	}
+	d1(nil)
+	if up, d3, err := u.claim(ctx, "/nix/store/c"); err != nil || !up {
+		t.Errorf("after one stream ended: upload %v, %v", up, err)
+	} else {
+		d3(nil)
+	}
+	d2(nil)
+}

@@ -1,0 +1,121 @@
+package brokerapi
+
+import (
+	"context"
+	"encoding/json"
+	"net"
+	"net/http"
+	"path/filepath"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+// serve runs handler on a unix socket and counts the connections made.
+func serve(t *testing.T, handler http.Handler) (socket string, conns *atomic.Int32) {
+	t.Helper()
+	socket = filepath.Join(t.TempDir(), "s.sock")
+	ln, err := net.Listen("unix", socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	conns = &atomic.Int32{}
+	srv := &http.Server{Handler: handler, ConnState: func(_ net.Conn, st http.ConnState) {
+		if st == http.StateNew {
+			conns.Add(1)
+		}
+	}}
+	go srv.Serve(ln)
+	t.Cleanup(func() { srv.Close() })
+	return socket, conns
+}
+
+// A hook reads the build's events, then fetches the outputs and reports,
+// all on the one connection that owns the build. The last event must free
+// the connection by itself: the hook fetches before it closes the stream
+// (a hang here was a real bug).
+func TestBuildThenFetchOnOneConnection(t *testing.T) {
+	mux := http.NewServeMux()
+	mux.HandleFunc("POST /v1/builds", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/x-ndjson")
+		enc := json.NewEncoder(w)
+		enc.Encode(Event{Type: EventLog, Text: "hello\n"})
+		w.(http.Flusher).Flush()
+		enc.Encode(Event{Type: EventOutputs, Build: "7", Outputs: []PathInfo{{Path: "/nix/store/x-out", NarSize: 3}}})
+		// As the broker does: the last event goes out at once, the end of
+		// the response a little later.
+		w.(http.Flusher).Flush()
+		time.Sleep(50 * time.Millisecond)
+	})
+	mux.HandleFunc("GET /v1/builds/{id}/nar/{base}", func(w http.ResponseWriter, r *http.Request) {
+		w.Write([]byte(r.PathValue("id") + ":" + r.PathValue("base")))
+	})
+	mux.HandleFunc("POST /v1/builds/{id}/imported", func(w http.ResponseWriter, r *http.Request) {
+		var req ImportedRequest
+		json.NewDecoder(r.Body).Decode(&req)
+		json.NewEncoder(w).Encode(ImportedResponse{Error: req.Error})
+	})
+	socket, conns := serve(t, mux)
+
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	c, err := Dial(ctx, socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	stream, err := c.Build(ctx, BuildRequest{DrvPath: "/nix/store/x.drv"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer stream.Close()
+	if ev, err := stream.Next(); err != nil || ev.Type != EventLog || ev.Text != "hello\n" {
+		t.Fatalf("first event %+v, %v", ev, err)
+	}
+	ev, err := stream.Next()
+	if err != nil || ev.Type != EventOutputs || len(ev.Outputs) != 1 {
+		t.Fatalf("second event %+v, %v", ev, err)
+	}
+	var nar strings.Builder
+	if err := c.FetchNAR(ctx, ev.Build, ev.Outputs[0].Path, &nar); err != nil {
+		t.Fatal(err)
+	}
+	if nar.String() != "7:x-out" {
+		t.Errorf("fetched %q", nar.String())
+	}
+	resp, err := c.Imported(ctx, ev.Build, nil)
+	if err != nil || resp.Error != "" {
+		t.Errorf("imported: %+v, %v", resp, err)
+	}
+	if n := conns.Load(); n != 1 {
+		t.Errorf("%d connections, want 1: the build's owner must keep one", n)
+	}
+}
+
+func TestErrorsAndVersion(t *testing.T) {
+	mux := http.NewServeMux()
+	mux.HandleFunc("POST /v1/try", func(w http.ResponseWriter, r *http.Request) {
+		w.WriteHeader(http.StatusServiceUnavailable)
+		json.NewEncoder(w).Encode(ErrorResponse{Error: "the broker is stopping"})
+	})
+	socket, _ := serve(t, mux)
+	ctx := context.Background()
+	c, err := Dial(ctx, socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	_, err = c.Try(ctx, TryRequest{DrvPath: "/nix/store/x.drv"})
+	if e, ok := err.(*Error); !ok || e.Status != 503 || e.Msg != "the broker is stopping" {
+		t.Errorf("try: %v", err)
+	}
+	// A broker that does not know v1 answers 404 to every path.
+	_, err = c.Status(ctx)
+	if e, ok := err.(*Error); !ok || e.Status != 404 {
+		t.Errorf("status from a broker without v1: %v", err)
+	}
+	if _, err := Dial(ctx, filepath.Join(t.TempDir(), "none.sock")); err == nil {
+		t.Error("Dial of a missing socket succeeded")
+	}
+}
