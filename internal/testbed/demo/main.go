@@ -40,7 +40,7 @@ func run(hook string, keep bool) int {
 	work := p.TempDir()
 	var cfg strings.Builder
 	cfg.WriteString("# Written by the nix-offload demo: one builder per Nix version on loopback.\n")
-	fmt.Fprintf(&cfg, "[daemon]\nstate-dir = %q\n", filepath.Join(work, "state"))
+	fmt.Fprintf(&cfg, "[daemon]\nstate-dir = %q\nsocket = %q\n", filepath.Join(work, "state"), filepath.Join(work, "hook.sock"))
 	mounts := []string{work, filepath.Dir(hook)}
 	for _, nix := range testbed.All(p) {
 		b := testbed.StartBuilder(p, nix)
@@ -103,6 +103,25 @@ func offloadBuild(p *testbed.Program, hook, conf, work string, mounts []string) 
 	if err := os.WriteFile(expr, []byte(demoExpr), 0o644); err != nil {
 		p.Fatalf("%v", err)
 	}
+	// The broker runs in the local Nix's mount namespace: it sees the same
+	// /nix as nix-daemon, as in production.
+	fmt.Printf("\n$ nix-offload-hook daemon -config %s &   (the broker, Nix %s's namespace)\n", conf, nix.Version)
+	broker := nix.Command(store, mounts, hook, "daemon", "-config", conf)
+	broker.Stderr = os.Stderr
+	if err := broker.Start(); err != nil {
+		p.Fatalf("starting the broker: %v", err)
+	}
+	defer func() {
+		broker.Process.Signal(syscall.SIGTERM)
+		broker.Wait()
+		testbed.KillCommand(broker)
+	}()
+	testbed.WaitFor(p, time.Minute, "the broker's socket", func() bool {
+		_, err := os.Stat(filepath.Join(work, "hook.sock"))
+		return err == nil
+	})
+	time.Sleep(500 * time.Millisecond) // let it warm its connections
+
 	fmt.Printf("\n$ nix-build --max-jobs 0 --option build-hook %s %s   (Nix %s, private store)\n", hook, expr, nix.Version)
 	cmd := nix.Command(store, mounts, "nix-build", "--max-jobs", "0", "--no-out-link",
 		"--option", "build-hook", hook, "--option", "substituters", "", expr)
@@ -118,5 +137,13 @@ func offloadBuild(p *testbed.Program, hook, conf, work string, mounts []string) 
 	path := strings.TrimSpace(string(out))
 	content, _ := os.ReadFile(filepath.Join(store, strings.TrimPrefix(path, "/nix/")))
 	fmt.Printf("\n%s (%d derivations built remotely in %v)\n%s", path, 18, time.Since(start).Round(time.Millisecond), content)
+
+	fmt.Printf("\n$ nix-offload-hook status -config %s\n", conf)
+	st := exec.Command(hook, "status", "-config", conf)
+	st.Stdout, st.Stderr = os.Stdout, os.Stderr
+	if err := st.Run(); err != nil {
+		fmt.Fprintf(os.Stderr, "demo: status failed: %v\n", err)
+		return 1
+	}
 	return 0
 }
