@@ -22,6 +22,10 @@ package main
 // timeout (Nix ≤ 2.28 maps these to its own failure kinds), 1 otherwise.
 // Nix enforces neither max-silent-time nor timeout on hook builds, so we
 // pass them to the machine and also enforce them here.
+//
+// When a broker listens on the configured socket, the hook hands each
+// request to it instead (hook_broker.go) and keeps only the last step,
+// making the outputs valid; this file is the hook working alone.
 
 import (
 	"bufio"

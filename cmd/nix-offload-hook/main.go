@@ -2,10 +2,10 @@
 // hook, and the tools around it.
 //
 //	nix-offload-hook check [-config FILE] [-json] [MACHINE…]   test every machine
-//	nix-offload-hook daemon [-config FILE] [-socket PATH]          run the broker
-//	nix-offload-hook status [-json]                                 show the broker's state
-//	nix-offload-hook version                                      print the version
-//	nix-offload-hook <verbosity>                                  hook mode (build-hook = …)
+//	nix-offload-hook daemon [-config FILE] [-socket PATH]      run the broker
+//	nix-offload-hook status [-json]                            show the broker's state
+//	nix-offload-hook version                                   print the version
+//	nix-offload-hook <verbosity>                               hook mode (build-hook = …)
 //
 // Exit codes: 0 success; 1 a command failed (for check: some machine failed);
 // 2 usage or configuration error.

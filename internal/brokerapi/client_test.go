@@ -54,7 +54,7 @@ func TestBuildThenFetchOnOneConnection(t *testing.T) {
 	mux.HandleFunc("POST /v1/builds/{id}/imported", func(w http.ResponseWriter, r *http.Request) {
 		var req ImportedRequest
 		json.NewDecoder(r.Body).Decode(&req)
-		json.NewEncoder(w).Encode(ImportedResponse{Error: req.Error})
+		json.NewEncoder(w).Encode(ImportedResponse(req))
 	})
 	socket, conns := serve(t, mux)
 
