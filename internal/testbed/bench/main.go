@@ -4,14 +4,21 @@
 //
 // For each local Nix (default 2.8 and 2.34; the builders run the same Nix)
 // and each workload it times the whole nix-build, with a fresh local store,
-// fresh builder hosts and a new salt every run, three ways:
+// fresh builder hosts and a new salt every run, four ways:
 //
 //   - local: built locally, --max-jobs 4, no hook (the reference);
 //   - stock: Nix's own hook (build-remote on 2.8, nix __build-remote on
 //     2.34), --max-jobs 0, --builders 'ssh://bN x86_64-linux - 4; …' and
 //     NIX_SSHOPTS="-F <ssh_config>";
 //   - ours: nix-offload-hook (embedded mode, no broker) as build-hook,
-//     --max-jobs 0, the same builders and slots.
+//     --max-jobs 0, the same builders and slots;
+//   - broker: like ours, but with a broker (`nix-offload-hook daemon`) for
+//     the hooks to hand their builds to: started fresh for each run in the
+//     local store's mount namespace, with the run's config plus a socket;
+//     the timing starts once its socket answers and it has warmed a
+//     connection to every machine (a production broker is long-lived), and
+//     it is stopped (SIGTERM) after the build. Its peak RSS (VmHWM) is read
+//     before it is stopped.
 //
 // Workloads (no nixpkgs, /bin/sh builders): trivial (1 derivation, one
 // builder), chain21 (21 derivations, each reading the previous output) and
@@ -32,6 +39,7 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"crypto/rand"
 	"encoding/hex"
 	"errors"
@@ -40,16 +48,19 @@ import (
 	"io"
 	"math"
 	"os"
+	"os/exec"
 	"os/signal"
 	"path/filepath"
 	"runtime"
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
 
+	"github.com/nix-offload/nix-offload/internal/brokerapi"
 	"github.com/nix-offload/nix-offload/internal/testbed"
 )
 
@@ -59,7 +70,7 @@ const stdPath = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 const slotsPerBuilder = 4
 
-var modes = []string{"local", "stock", "ours"}
+var modes = []string{"local", "stock", "ours", "broker"}
 
 type workload struct {
 	name     string
@@ -114,7 +125,7 @@ func main() {
 	runs := flag.Int("runs", 3, "runs per workload, Nix and mode; the table shows medians")
 	nixList := flag.String("nix", "2.8,2.34", "local Nix series to measure (the builders run the same one)")
 	wlList := flag.String("workloads", "trivial,chain21,wide50", "workloads: trivial, chain21, wide50")
-	modeList := flag.String("modes", strings.Join(modes, ","), "modes: local, stock, ours")
+	modeList := flag.String("modes", strings.Join(modes, ","), "modes: local, stock, ours, broker")
 	timeout := flag.Duration("timeout", 10*time.Minute, "limit for each nix-build; it is killed after that")
 	rss := flag.Bool("rss", true, "also record the hook's peak RSS in one trivial build per Nix")
 	trace := flag.Bool("trace", false, "instead of the table: one build per Nix, workload and mode with nix-build -v, its stderr time-stamped")
@@ -133,7 +144,7 @@ func main() {
 	}
 	for _, m := range splitList(*modeList) {
 		if !slices.Contains(modes, m) {
-			fmt.Fprintf(os.Stderr, "bench: unknown mode %q (local, stock, ours)\n", m)
+			fmt.Fprintf(os.Stderr, "bench: unknown mode %q (local, stock, ours, broker)\n", m)
 			os.Exit(2)
 		}
 		cfg.modes = append(cfg.modes, m)
@@ -167,6 +178,10 @@ type bench struct {
 	notes []string
 	rss   map[string]string // "SERIES hwm" or "SERIES tree" → peak RSS text
 	ssh   map[key]time.Duration
+	// brokerRSS holds the broker's VmHWM (KiB) after each broker run.
+	brokerRSS map[key][]int
+	// brokerWarm holds how long each broker took from start to warm.
+	brokerWarm map[key][]time.Duration
 }
 
 func run(cfg config) int {
@@ -192,7 +207,8 @@ func run(cfg config) int {
 	testbed.RequireRoot(p)
 	b := &bench{cfg: cfg, p: p, work: p.TempDir(),
 		times: map[key][]time.Duration{}, fails: map[key]int{},
-		rss: map[string]string{}, ssh: map[key]time.Duration{}}
+		rss: map[string]string{}, ssh: map[key]time.Duration{},
+		brokerRSS: map[key][]int{}, brokerWarm: map[key][]time.Duration{}}
 
 	if cfg.hookPrefix != "" {
 		b.cfg.hook = b.wrapHook(cfg.hookPrefix)
@@ -213,11 +229,18 @@ func run(cfg config) int {
 					k := key{series, w.name, mode}
 					if err != nil {
 						b.fails[k]++
-						fmt.Printf("  Nix %-5s %-8s %-5s run %d: FAILED: %v\n", series, w.name, mode, r, err)
+						fmt.Printf("  Nix %-5s %-8s %-6s run %d: FAILED: %v\n", series, w.name, mode, r, err)
 						continue
 					}
 					b.times[k] = append(b.times[k], d)
-					fmt.Printf("  Nix %-5s %-8s %-5s run %d: %s\n", series, w.name, mode, r, fmtDur(d))
+					extra := ""
+					if mode == "broker" {
+						if kb := b.brokerRSS[k]; len(kb) > 0 {
+							extra = fmt.Sprintf(" (broker VmHWM %.1f MiB, warm after %s)", float64(kb[len(kb)-1])/1024,
+								fmtDur(b.brokerWarm[k][len(b.brokerWarm[k])-1]))
+						}
+					}
+					fmt.Printf("  Nix %-5s %-8s %-6s run %d: %s%s\n", series, w.name, mode, r, fmtDur(d), extra)
 				}
 			}
 		}
@@ -281,11 +304,31 @@ func (b *bench) measure(nix testbed.Nix, w workload, mode string) (time.Duration
 		}
 		args = append(args, "--max-jobs", "0", "--builders", strings.Join(specs, "; "))
 		env = append(env, "NIX_SSHOPTS=-F "+sshConfig)
-	case "ours":
-		conf := writeOffloadConfig(dir, builders)
+	case "ours", "broker":
+		socket := ""
+		if mode == "broker" {
+			socket = filepath.Join(dir, "hook.sock")
+		}
+		conf := writeOffloadConfig(dir, socket, builders)
 		mounts = append(mounts, filepath.Dir(b.cfg.hook))
 		args = append(args, "--max-jobs", "0", "--option", "build-hook", b.cfg.hook)
 		env = append(env, "NIX_OFFLOAD_CONFIG="+conf)
+		if mode == "broker" {
+			br, err := b.startBroker(nix, store, mounts, conf, socket, len(builders))
+			if err != nil {
+				return 0, err
+			}
+			k := key{nix.Series(), w.name, mode}
+			b.brokerWarm[k] = append(b.brokerWarm[k], br.warm)
+			defer func() {
+				if kb := br.hwm(); kb > 0 {
+					b.brokerRSS[k] = append(b.brokerRSS[k], kb)
+				}
+				if err := br.stop(); err != nil {
+					fmt.Fprintf(os.Stderr, "bench: broker: %v\n%s", err, tailText(br.log.String(), 2000))
+				}
+			}()
+		}
 	}
 	if b.cfg.trace {
 		args = append(args, "-v")
@@ -318,6 +361,10 @@ func (b *bench) measure(nix testbed.Nix, w workload, mode string) (time.Duration
 	}
 	if err != nil {
 		return 0, fmt.Errorf("nix-build: %v\n%s", err, tailText(stderr.String(), 2000))
+	}
+	if mode == "broker" && (strings.Contains(stderr.String(), "going on without it") ||
+		strings.Contains(stderr.String(), "without the broker")) {
+		return 0, fmt.Errorf("broker: the hooks did not use the broker:\n%s", tailText(stderr.String(), 2000))
 	}
 
 	// The root output must be right, and for the remote modes it must have been
@@ -411,9 +458,13 @@ func (s *stamper) Write(p []byte) (int, error) {
 
 // writeOffloadConfig writes an offload.toml for builders in dir, with its
 // state directory (slot files) in dir too, so every run starts fresh.
-func writeOffloadConfig(dir string, builders []*testbed.Builder) string {
+// With a socket, hooks hand their builds to the broker listening there.
+func writeOffloadConfig(dir, socket string, builders []*testbed.Builder) string {
 	var cfg strings.Builder
 	fmt.Fprintf(&cfg, "[daemon]\nstate-dir = %q\n", filepath.Join(dir, "state"))
+	if socket != "" {
+		fmt.Fprintf(&cfg, "socket = %q\n", socket)
+	}
 	for _, bl := range builders {
 		fmt.Fprintf(&cfg, "\n[[machine]]\nhost = %q\nport = %d\nuser = %q\nssh-key = %q\nhost-key = %q\n"+
 			"systems = [\"x86_64-linux\"]\nparallel-builds = %d\n",
@@ -558,8 +609,8 @@ func copyFile(from, to string) error {
 func (b *bench) markdown() string {
 	var s strings.Builder
 	fmt.Fprintf(&s, "## Results: median of %d run(s), wall time of the whole nix-build\n\n", b.cfg.runs)
-	s.WriteString("| workload | local Nix | local | stock hook | ours | stock ÷ ours | ours ÷ local |\n")
-	s.WriteString("|---|---|---|---|---|---|---|\n")
+	s.WriteString("| workload | local Nix | local | stock hook | ours | broker | stock ÷ ours | ours ÷ local | stock ÷ broker | broker ÷ local |\n")
+	s.WriteString("|---|---|---|---|---|---|---|---|---|---|\n")
 	for _, w := range b.cfg.workloads {
 		for _, series := range b.cfg.nixes {
 			med := map[string]time.Duration{}
@@ -580,7 +631,8 @@ func (b *bench) markdown() string {
 				}
 				cells = append(cells, cell)
 			}
-			cells = append(cells, ratio(med["stock"], med["ours"]), ratio(med["ours"], med["local"]))
+			cells = append(cells, ratio(med["stock"], med["ours"]), ratio(med["ours"], med["local"]),
+				ratio(med["stock"], med["broker"]), ratio(med["broker"], med["local"]))
 			s.WriteString("| " + strings.Join(cells, " | ") + " |\n")
 		}
 	}
@@ -604,6 +656,21 @@ func (b *bench) markdown() string {
 				tree = "—"
 			}
 			fmt.Fprintf(&s, "| %s | %s | %s | %s | %s |\n", series, st, sv, hwm, tree)
+		}
+	}
+	if len(b.brokerRSS) > 0 {
+		s.WriteString("\n| Nix | workload | broker peak RSS (VmHWM) after the build: max (min–max over runs) | broker start to warm, median |\n|---|---|---|---|\n")
+		for _, series := range b.cfg.nixes {
+			for _, w := range b.cfg.workloads {
+				k := key{series, w.name, "broker"}
+				kb := b.brokerRSS[k]
+				if len(kb) == 0 {
+					continue
+				}
+				mib := func(v int) string { return fmt.Sprintf("%.1f MiB", float64(v)/1024) }
+				fmt.Fprintf(&s, "| %s | %s | %s (%s–%s) | %s |\n", series, w.name, mib(slices.Max(kb)),
+					mib(slices.Min(kb)), mib(slices.Max(kb)), fmtDur(median(b.brokerWarm[k])))
+			}
 		}
 	}
 	for _, n := range b.notes {
@@ -671,4 +738,135 @@ func randomHex(n int) string {
 		panic(errors.New("bench: no randomness: " + err.Error()))
 	}
 	return hex.EncodeToString(buf)
+}
+
+// runningBroker is a broker started for one run.
+type runningBroker struct {
+	cmd  *exec.Cmd
+	log  *syncBuffer
+	warm time.Duration // from start until the socket answered and every machine had a connection
+}
+
+// startBroker starts `HOOK daemon -config conf` in store's mount namespace,
+// waits for its socket, then until every one of its machines has a warm
+// connection or session (at most 10 s; the build then starts anyway).
+func (b *bench) startBroker(nix testbed.Nix, store string, mounts []string, conf, socket string, machines int) (*runningBroker, error) {
+	cmd := nix.Command(store, mounts, b.cfg.hook, "daemon", "-config", conf, "-drain", "30s")
+	cmd.Env = []string{"PATH=" + stdPath, "HOME=/root"}
+	br := &runningBroker{cmd: cmd, log: &syncBuffer{}}
+	cmd.Stdout, cmd.Stderr = br.log, br.log
+	cmd.WaitDelay = 5 * time.Second
+	t0 := time.Now()
+	if err := cmd.Start(); err != nil {
+		return nil, fmt.Errorf("broker: %v", err)
+	}
+	fail := func(format string, args ...any) (*runningBroker, error) {
+		testbed.KillCommand(cmd)
+		cmd.Wait()
+		return nil, fmt.Errorf("broker: "+format+"\n%s", append(args, tailText(br.log.String(), 2000))...)
+	}
+	// The socket: up to a minute.
+	var c *brokerapi.Client
+	for deadline := time.Now().Add(time.Minute); ; {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		cl, err := brokerapi.Dial(ctx, socket)
+		cancel()
+		if err == nil {
+			c = cl
+			break
+		}
+		if time.Now().After(deadline) {
+			return fail("no socket at %s after a minute: %v", socket, err)
+		}
+		if !processAlive(cmd.Process.Pid) {
+			return fail("exited before its socket answered")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	defer c.Close()
+	// Warm: every machine has a connection or an idle session.
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		st, err := c.Status(ctx)
+		cancel()
+		if err != nil {
+			continue
+		}
+		warm := 0
+		for _, m := range st.Machines {
+			if m.Idle > 0 || m.Conns > 0 {
+				warm++
+			}
+		}
+		if len(st.Machines) == machines && warm == machines {
+			break
+		}
+	}
+	br.warm = time.Since(t0)
+	return br, nil
+}
+
+// hwm returns the broker's peak RSS so far in KiB (VmHWM), or 0.
+func (br *runningBroker) hwm() int {
+	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", br.cmd.Process.Pid))
+	if err != nil {
+		return 0
+	}
+	for _, line := range strings.Split(string(data), "\n") {
+		if f := strings.Fields(line); len(f) >= 2 && f[0] == "VmHWM:" {
+			kb, _ := strconv.Atoi(f[1])
+			return kb
+		}
+	}
+	return 0
+}
+
+// stop sends SIGTERM to the broker and waits for it (a minute at most, then
+// it is killed with everything in its namespace).
+func (br *runningBroker) stop() error {
+	br.cmd.Process.Signal(syscall.SIGTERM)
+	done := make(chan error, 1)
+	go func() { done <- br.cmd.Wait() }()
+	select {
+	case err := <-done:
+		if err != nil {
+			return fmt.Errorf("exited with %v after SIGTERM", err)
+		}
+		return nil
+	case <-time.After(time.Minute):
+		testbed.KillCommand(br.cmd)
+		<-done
+		return errors.New("did not stop within a minute of SIGTERM; killed")
+	}
+}
+
+func processAlive(pid int) bool {
+	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return false
+	}
+	// The state follows the command's closing parenthesis; Z is a zombie.
+	s := string(data)
+	if i := strings.LastIndexByte(s, ')'); i >= 0 && i+2 < len(s) {
+		return s[i+2] != 'Z'
+	}
+	return true
+}
+
+// syncBuffer is a bytes.Buffer safe for concurrent writers.
+type syncBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.buf.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.buf.String()
 }
