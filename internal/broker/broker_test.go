@@ -30,7 +30,7 @@ func testMachine(host string, slots int, systems ...string) machines.Machine {
 	return machines.Machine{Host: host, User: "root", Systems: systems, ParallelBuilds: slots, Speed: 1, Enabled: true}
 }
 
-func newTestBroker(t *testing.T, ms ...machines.Machine) *Broker {
+func newTestBroker(t testing.TB, ms ...machines.Machine) *Broker {
 	t.Helper()
 	h, err := health.Open(filepath.Join(t.TempDir(), "health.json"))
 	if err != nil {
