@@ -163,42 +163,15 @@ func (h *hook) serve(ctx context.Context) error {
 // try answers one request. done means the request was accepted and built
 // (successfully or not): the process must exit.
 func (h *hook) try(ctx context.Context, req *hookproto.Request) (done bool, err error) {
-	if h.slots == nil {
-		if h.slots, err = slots.Open(h.slotsDir()); err != nil {
-			return false, err
-		}
-	}
-	sl := h.slots
 	sreq := scheduler.Request{System: req.System, RequiredFeatures: req.RequiredFeatures, AmWilling: req.AmWilling}
 	for {
-		unlock, err := sl.Lock(ctx)
+		d, slot, m, err := h.takeSlot(ctx, sreq)
 		if err != nil {
 			return false, err
 		}
-		load, err := sl.Load(h.cfg.Machines)
-		if err != nil {
-			unlock()
-			return false, err
-		}
-		d := scheduler.Decide(h.cfg.Machines, sreq, load, h.down)
 		if d.Verdict != scheduler.Accept {
-			unlock()
 			return false, h.reply(d, req)
 		}
-		var slot *slots.Slot
-		var m machines.Machine
-		for _, c := range d.Candidates {
-			s, ok, err := sl.Acquire(c)
-			if err != nil {
-				unlock()
-				return false, err
-			}
-			if ok {
-				slot, m = s, c
-				break
-			}
-		}
-		unlock()
 		if slot == nil {
 			continue // lost a race with another hook: decide again
 		}
@@ -226,6 +199,40 @@ func (h *hook) try(ctx context.Context, req *hookproto.Request) (done bool, err 
 		slot.Release()
 		return true, err
 	}
+}
+
+// takeSlot decides for sreq under the host-wide lock and, on Accept, takes
+// a slot on the best candidate that has one. slot is nil when the verdict
+// is not Accept, or when other hooks took the free slots first (decide
+// again).
+func (h *hook) takeSlot(ctx context.Context, sreq scheduler.Request) (scheduler.Decision, *slots.Slot, machines.Machine, error) {
+	if h.slots == nil {
+		sl, err := slots.Open(h.slotsDir())
+		if err != nil {
+			return scheduler.Decision{}, nil, machines.Machine{}, err
+		}
+		h.slots = sl
+	}
+	unlock, err := h.slots.Lock(ctx)
+	if err != nil {
+		return scheduler.Decision{}, nil, machines.Machine{}, err
+	}
+	defer unlock()
+	load, err := h.slots.Load(h.cfg.Machines)
+	if err != nil {
+		return scheduler.Decision{}, nil, machines.Machine{}, err
+	}
+	d := scheduler.Decide(h.cfg.Machines, sreq, load, h.down)
+	for _, c := range d.Candidates {
+		s, ok, err := h.slots.Acquire(c)
+		if err != nil {
+			return d, nil, machines.Machine{}, err
+		}
+		if ok {
+			return d, s, c, nil
+		}
+	}
+	return d, nil, machines.Machine{}, nil
 }
 
 // slotsDir is where embedded mode keeps its slot files.

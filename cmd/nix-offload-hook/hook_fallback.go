@@ -6,9 +6,7 @@ import (
 	"time"
 
 	"github.com/nix-offload/nix-offload/internal/hookproto"
-	"github.com/nix-offload/nix-offload/internal/machines"
 	"github.com/nix-offload/nix-offload/internal/scheduler"
-	"github.com/nix-offload/nix-offload/internal/slots"
 )
 
 // postponeWait is how long a hook that has accepted a build waits before it
@@ -24,39 +22,16 @@ func (h *hook) buildAcceptedAlone(ctx context.Context, req *hookproto.Request, a
 	if err != nil {
 		return err
 	}
-	if h.slots == nil {
-		if h.slots, err = slots.Open(h.slotsDir()); err != nil {
-			return err
-		}
-	}
 	sreq := scheduler.Request{System: req.System, RequiredFeatures: req.RequiredFeatures}
 	for {
-		unlock, err := h.slots.Lock(ctx)
+		d, slot, m, err := h.takeSlot(ctx, sreq)
 		if err != nil {
 			return err
 		}
-		load, err := h.slots.Load(h.cfg.Machines)
-		if err != nil {
-			unlock()
-			return err
-		}
-		d := scheduler.Decide(h.cfg.Machines, sreq, load, h.down)
-		var slot *slots.Slot
-		var m machines.Machine
-		for _, c := range d.Candidates {
-			s, ok, err := h.slots.Acquire(c)
-			if err != nil {
-				unlock()
-				return err
-			}
-			if ok {
-				slot, m = s, c
-				break
-			}
-		}
-		unlock()
 		switch {
-		case d.Verdict == scheduler.Postpone || (d.Verdict == scheduler.Accept && slot == nil):
+		case d.Verdict == scheduler.Accept && slot == nil:
+			continue // other hooks took the free slots: decide again
+		case d.Verdict == scheduler.Postpone:
 			select {
 			case <-time.After(postponeWait):
 				continue

@@ -10,6 +10,8 @@ import (
 	"path/filepath"
 	"syscall"
 	"time"
+
+	"github.com/nix-offload/nix-offload/internal/flock"
 )
 
 // fileVersion is the "version" of the file format this package reads and writes.
@@ -131,7 +133,7 @@ func lockFile(path string) (unlock func(), err error) {
 	}
 	deadline := time.Now().Add(lockTimeout)
 	for wait := lockPollMin; ; wait = min(2*wait, lockPollMax) {
-		ok, err := tryLock(f)
+		ok, err := flock.TryLock(f)
 		if err != nil {
 			f.Close()
 			return nil, fmt.Errorf("health: lock: flock %s: %w; this change stays in this process's memory", path, err)
@@ -145,29 +147,4 @@ func lockFile(path string) (unlock func(), err error) {
 		}
 		time.Sleep(wait)
 	}
-}
-
-// tryLock takes an exclusive flock on f without waiting; ok is false if another open file
-// holds it.
-func tryLock(f *os.File) (ok bool, err error) {
-	rc, err := f.SyscallConn()
-	if err != nil {
-		return false, err
-	}
-	var ferr error
-	err = rc.Control(func(fd uintptr) {
-		for {
-			ferr = syscall.Flock(int(fd), syscall.LOCK_EX|syscall.LOCK_NB)
-			if ferr != syscall.EINTR {
-				return
-			}
-		}
-	})
-	if err != nil {
-		return false, err
-	}
-	if ferr == syscall.EWOULDBLOCK {
-		return false, nil
-	}
-	return ferr == nil, ferr
 }

@@ -14,6 +14,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/nix-offload/nix-offload/internal/flock"
 	"github.com/nix-offload/nix-offload/internal/machines"
 )
 
@@ -67,7 +68,7 @@ func (d *Dir) Lock(ctx context.Context) (unlock func(), err error) {
 	}
 	var timer *time.Timer
 	for wait := lockPollMin; ; wait = min(2*wait, lockPollMax) {
-		ok, err := tryLock(f)
+		ok, err := flock.TryLock(f)
 		if err != nil {
 			f.Close()
 			return nil, fmt.Errorf("slots: main lock: flock %s: %w", f.Name(), err)
@@ -112,7 +113,7 @@ func (d *Dir) Load(ms []machines.Machine) (map[string]int, error) {
 			if err != nil {
 				return nil, fmt.Errorf("slots: machine %s: slot %d: %w", m.Name(), i, err)
 			}
-			ok, err := tryLock(f)
+			ok, err := flock.TryLock(f)
 			f.Close() // drops the lock if we got it
 			if err != nil {
 				return nil, fmt.Errorf("slots: machine %s: slot %d: flock %s: %w", m.Name(), i, f.Name(), err)
@@ -135,7 +136,7 @@ func (d *Dir) Acquire(m machines.Machine) (s *Slot, ok bool, err error) {
 		if err != nil {
 			return nil, false, fmt.Errorf("slots: machine %s: slot %d: %w", m.Name(), i, err)
 		}
-		ok, err := tryLock(f)
+		ok, err := flock.TryLock(f)
 		if err != nil {
 			f.Close()
 			return nil, false, fmt.Errorf("slots: machine %s: slot %d: flock %s: %w", m.Name(), i, f.Name(), err)
@@ -242,29 +243,4 @@ func openLockFile(path string, create bool) (*os.File, error) {
 		flag |= os.O_CREATE
 	}
 	return os.OpenFile(path, flag, 0o600)
-}
-
-// tryLock takes an exclusive flock on f without waiting; ok is false if another open file
-// holds it.
-func tryLock(f *os.File) (ok bool, err error) {
-	rc, err := f.SyscallConn()
-	if err != nil {
-		return false, err
-	}
-	var ferr error
-	err = rc.Control(func(fd uintptr) {
-		for {
-			ferr = syscall.Flock(int(fd), syscall.LOCK_EX|syscall.LOCK_NB)
-			if ferr != syscall.EINTR {
-				return
-			}
-		}
-	})
-	if err != nil {
-		return false, err
-	}
-	if ferr == syscall.EWOULDBLOCK {
-		return false, nil
-	}
-	return ferr == nil, ferr
 }
