@@ -49,12 +49,7 @@ func runDaemon(ctx context.Context, args []string, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
-	if *socket == "" {
-		*socket = cfg.Daemon.Socket
-	}
-	if *socket == "" {
-		*socket = brokerapi.DefaultSocket
-	}
+	*socket = brokerSocket(*socket, cfg)
 	stateDir := cfg.Daemon.StateDir
 	if stateDir == "" {
 		stateDir = machines.DefaultStateDir

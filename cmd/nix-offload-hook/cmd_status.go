@@ -31,10 +31,7 @@ func runStatus(ctx context.Context, args []string, stdout io.Writer) error {
 		if err != nil {
 			return err
 		}
-		*socket = cfg.Daemon.Socket
-	}
-	if *socket == "" {
-		*socket = brokerapi.DefaultSocket
+		*socket = brokerSocket("", cfg)
 	}
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()

@@ -3,6 +3,7 @@ package main
 import (
 	"os"
 
+	"github.com/nix-offload/nix-offload/internal/brokerapi"
 	"github.com/nix-offload/nix-offload/internal/machines"
 )
 
@@ -12,6 +13,18 @@ const defaultConfigPath = "/etc/nix/offload.toml"
 // defaultBuilders is what `check` reads without a TOML file, as Nix does
 // when `builders` is not set.
 const defaultBuilders = "@/etc/nix/machines"
+
+// brokerSocket is the broker's socket: flag if set, else the config's
+// [daemon] socket, else the default.
+func brokerSocket(flag string, cfg *machines.Config) string {
+	switch {
+	case flag != "":
+		return flag
+	case cfg != nil && cfg.Daemon.Socket != "":
+		return cfg.Daemon.Socket
+	}
+	return brokerapi.DefaultSocket
+}
 
 // configError is a configuration that cannot be used (exit 2).
 type configError struct{ err error }

@@ -30,12 +30,7 @@ var errNoBroker = errors.New("no broker")
 // brokerDialTimeout bounds connecting to the broker's socket.
 const brokerDialTimeout = 2 * time.Second
 
-func (h *hook) socketPath() string {
-	if h.cfg.Daemon.Socket != "" {
-		return h.cfg.Daemon.Socket
-	}
-	return brokerapi.DefaultSocket
-}
+func (h *hook) socketPath() string { return brokerSocket("", h.cfg) }
 
 // dialBroker connects to the broker, or returns nil if there is none.
 func (h *hook) dialBroker(ctx context.Context) *brokerapi.Client {
