@@ -281,8 +281,13 @@ func restoreOutput(o *output, fetch func(string, io.Writer) error) error {
 
 	var err error
 	switch {
+	case rerr != nil && ferr != nil && errors.Is(rerr, ferr):
+		// fetch failed first (a malformed NAR from the machine, a lost
+		// connection) and Restore only saw the pipe end with its error:
+		// fetch's error says what was wrong and where, Restore's would
+		// add a misleading "at offset 0: reading magic".
+		err = fmt.Errorf("fetching the NAR: %w", ferr)
 	case rerr != nil:
-		// If fetch failed first, rerr wraps its error.
 		err = fmt.Errorf("NAR: %w", rerr)
 	case ferr != nil:
 		err = fmt.Errorf("fetching the NAR: %w", ferr)

@@ -87,6 +87,11 @@ func (e *BuildError) TimedOut() bool { return e.Status == serveproto.TimedOut }
 // returns a *BuildError when the build itself failed on the machine.
 func Run(ctx context.Context, conn *serveproto.Conn, local Local, job Job, ev Events) error {
 	if err := sendInputs(ctx, conn, local, job, ev); err != nil {
+		if ctx.Err() != nil {
+			// The caller closed the session: the read or write that
+			// failed says only "file already closed".
+			return fmt.Errorf("copying inputs to '%s' stopped: %w", job.Machine, context.Cause(ctx))
+		}
 		return fmt.Errorf("copying inputs to '%s': %w", job.Machine, err)
 	}
 	if err := ctx.Err(); err != nil {
@@ -110,6 +115,9 @@ func Run(ctx context.Context, conn *serveproto.Conn, local Local, job Job, ev Ev
 		return &BuildError{DrvPath: job.DrvPath, Machine: job.Machine, Status: res.Status, Msg: res.ErrorMsg}
 	}
 	if err := fetchOutputs(conn, local, job, res, ev); err != nil {
+		if ctx.Err() != nil {
+			return fmt.Errorf("copying outputs of '%s' from '%s' stopped: %w", job.DrvPath, job.Machine, context.Cause(ctx))
+		}
 		return fmt.Errorf("copying outputs of '%s' from '%s': %w", job.DrvPath, job.Machine, err)
 	}
 	return nil
