@@ -2,9 +2,14 @@ package main
 
 import (
 	"encoding/base64"
+	"encoding/json"
+	"fmt"
+	"net"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -106,3 +111,85 @@ func TestConfigChoice(t *testing.T) {
 }
 
 func fileExistsForTest(p string) bool { _, err := os.Stat(p); return err == nil }
+
+// TestCheckConfigOnly: `check -config-only` reads and checks the configuration, lists the
+// machines as the hook will use them, and connects to none of them; a broken configuration
+// exits 2 with file and line, as it does without the flag.
+func TestCheckConfigOnly(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	var accepted atomic.Int32
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			accepted.Add(1)
+			c.Close()
+		}
+	}()
+	port := ln.Addr().(*net.TCPAddr).Port
+	cfg := writeConfig(t, fmt.Sprintf(`[daemon]
+socket = "/run/x/hook.sock"
+
+[ssh]
+user = "builder"
+
+[[machine]]
+host = "127.0.0.1"
+port = %d
+host-key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAII4O16C1i3DMKc7N1Dh+5iiKO0BD+S6kC+OmVVzX2hAc root@b1"
+systems = ["x86_64-linux", "i686-linux"]
+parallel-builds = 3
+speed = 2.5
+features = ["kvm"]
+
+[[machine]]
+host = "b2.invalid"
+systems = ["aarch64-linux"]
+mandatory-features = ["big-parallel"]
+enabled = false
+`, port))
+
+	code, out, errOut := runCLI(t, "check", "-config-only", "-config", cfg)
+	if code != exitOK {
+		t.Fatalf("exit %d\n%s%s", code, out, errOut)
+	}
+	if !strings.Contains(out, cfg+": configuration ok; broker socket /run/x/hook.sock, state dir /var/lib/nix-offload, metrics off\n") {
+		t.Errorf("no summary line:\n%s", out)
+	}
+	for _, row := range []string{
+		fmt.Sprintf(`builder@127\.0\.0\.1:%d +x86_64-linux,i686-linux +3 +2\.5 +kvm +- +pinned ssh-ed25519 +%s:7`, port, regexp.QuoteMeta(cfg)),
+		`builder@b2\.invalid \(disabled\) +aarch64-linux +1 +1 +- +big-parallel +known-hosts +` + regexp.QuoteMeta(cfg) + `:16`,
+	} {
+		if !regexp.MustCompile(`(?m)^` + row + `$`).MatchString(out) {
+			t.Errorf("no row matching %s:\n%s", row, out)
+		}
+	}
+
+	code, out, _ = runCLI(t, "check", "-config-only", "-json", "-config", cfg, "b2.invalid")
+	var m configMachine
+	if code != exitOK || json.Unmarshal([]byte(out), &m) != nil || m.Machine != "builder@b2.invalid" || m.Enabled ||
+		len(m.MandatoryFeatures) != 1 || m.ParallelBuilds != 1 || m.Speed != 1 {
+		t.Errorf("-json for one machine: exit %d, %q → %+v", code, out, m)
+	}
+	if n := accepted.Load(); n != 0 {
+		t.Errorf("check -config-only connected to the machine %d times", n)
+	}
+
+	bad := writeConfig(t, "[[machine]]\nhost = \"b1\"\nsystems = []\n")
+	code, _, errOut = runCLI(t, "check", "-config-only", "-config", bad)
+	if code != exitUsage || !strings.Contains(errOut, "offload.toml:3: machine[1].systems: must not be empty") {
+		t.Errorf("broken config: exit %d, stderr %q", code, errOut)
+	}
+
+	empty := writeConfig(t, "")
+	code, out, _ = runCLI(t, "check", "-config-only", "-config", empty)
+	if code != exitOK || !strings.Contains(out, "no machines: the hook declines every build, and Nix builds locally") {
+		t.Errorf("no machines: exit %d\n%s", code, out)
+	}
+}

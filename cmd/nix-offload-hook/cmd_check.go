@@ -51,10 +51,11 @@ type checkResult struct {
 }
 
 type checkOptions struct {
-	config   string
-	builders string
-	json     bool
-	names    []string
+	config     string
+	builders   string
+	json       bool
+	configOnly bool
+	names      []string
 }
 
 func runCheck(ctx context.Context, args []string, stdout io.Writer) error {
@@ -64,6 +65,7 @@ func runCheck(ctx context.Context, args []string, stdout io.Writer) error {
 	fs.StringVar(&opt.config, "config", "", "configuration file (TOML)")
 	fs.StringVar(&opt.builders, "builders", "", "Nix machines specification, used when there is no TOML configuration")
 	fs.BoolVar(&opt.json, "json", false, "print one JSON object per machine")
+	fs.BoolVar(&opt.configOnly, "config-only", false, "only read and check the configuration and list its machines; connect to nothing")
 	if err := fs.Parse(args); err != nil {
 		return usageError{fmt.Sprintf("check: %v\n\n%s", err, usage)}
 	}
@@ -79,6 +81,9 @@ func runCheck(ctx context.Context, args []string, stdout io.Writer) error {
 	ms, err := selectMachines(cfg.Machines, opt.names)
 	if err != nil {
 		return err
+	}
+	if opt.configOnly {
+		return printConfigSummary(stdout, cfg, ms, opt.json)
 	}
 	if len(ms) == 0 {
 		return &configError{fmt.Errorf("no machines configured in %s", cfg.Path)}
@@ -383,4 +388,78 @@ func nixSystem() string {
 		arch = runtime.GOARCH
 	}
 	return arch + "-" + runtime.GOOS
+}
+
+// configMachine is one machine as `check -config-only -json` prints it:
+// the configuration after defaults, before anything is contacted.
+type configMachine struct {
+	Machine           string   `json:"machine"`
+	Host              string   `json:"host"`
+	Port              int      `json:"port,omitempty"`
+	User              string   `json:"user,omitempty"`
+	SSHKey            string   `json:"sshKey,omitempty"`
+	HostKey           string   `json:"hostKey,omitempty"` // "ssh-ed25519 AAAA…" when pinned
+	KnownHosts        []string `json:"knownHosts,omitempty"`
+	Systems           []string `json:"systems"`
+	ParallelBuilds    int      `json:"parallelBuilds"`
+	Speed             float64  `json:"speed"`
+	Features          []string `json:"features,omitempty"`
+	MandatoryFeatures []string `json:"mandatoryFeatures,omitempty"`
+	RemoteStore       string   `json:"remoteStore,omitempty"`
+	Enabled           bool     `json:"enabled"`
+	Source            string   `json:"source,omitempty"`
+}
+
+// printConfigSummary is `check -config-only`: the configuration has been
+// read and checked (errors never get here), so it says where it came from
+// and lists the machines, without connecting to any of them. No machines is
+// a valid configuration: the hook declines every build and Nix builds
+// locally, and the summary says so.
+func printConfigSummary(w io.Writer, cfg *machines.Config, ms []machines.Machine, asJSON bool) error {
+	if asJSON {
+		enc := json.NewEncoder(w)
+		for _, m := range ms {
+			if err := enc.Encode(configMachine{
+				Machine: m.Name(), Host: m.Host, Port: m.Port, User: m.User, SSHKey: m.SSHKey,
+				HostKey: m.HostKey, KnownHosts: m.KnownHosts, Systems: m.Systems,
+				ParallelBuilds: m.ParallelBuilds, Speed: m.Speed, Features: m.Features,
+				MandatoryFeatures: m.MandatoryFeatures, RemoteStore: m.RemoteStore,
+				Enabled: m.Enabled, Source: m.Source,
+			}); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
+	stateDir := cfg.Daemon.StateDir
+	if stateDir == "" {
+		stateDir = machines.DefaultStateDir
+	}
+	metricsAddr := cfg.Daemon.Metrics
+	if metricsAddr == "" {
+		metricsAddr = "off"
+	}
+	fmt.Fprintf(w, "%s: configuration ok; broker socket %s, state dir %s, metrics %s\n",
+		cfg.Path, brokerSocket("", cfg), stateDir, metricsAddr)
+	if len(ms) == 0 {
+		fmt.Fprintln(w, "no machines: the hook declines every build, and Nix builds locally")
+		return nil
+	}
+	fmt.Fprintln(w)
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "MACHINE\tSYSTEMS\tSLOTS\tSPEED\tFEATURES\tMANDATORY\tHOST KEY\tSOURCE")
+	for _, m := range ms {
+		name := m.Name()
+		if !m.Enabled {
+			name += " (disabled)"
+		}
+		hostKey := "known-hosts"
+		if m.HostKey != "" {
+			hostKey = "pinned " + strings.Fields(m.HostKey)[0]
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\t%s\t%s\t%s\n", name, strings.Join(m.Systems, ","),
+			m.ParallelBuilds, strconv.FormatFloat(m.Speed, 'g', -1, 64), dash(strings.Join(m.Features, ",")),
+			dash(strings.Join(m.MandatoryFeatures, ",")), hostKey, dash(m.Source))
+	}
+	return tw.Flush()
 }
