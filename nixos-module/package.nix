@@ -1,0 +1,66 @@
+# The nix-offload package: nix-offload-hook (static, CGO off), the systemd units with ExecStart
+# pointing into the package, and the example configuration. flake.nix calls it for
+# packages.<system>.default and overlays.default.
+{
+  lib,
+  buildGoModule,
+  version ? "devel",
+}:
+
+buildGoModule {
+  pname = "nix-offload";
+  inherit version;
+
+  # Only what the build reads, so that editing the README does not rebuild.
+  src = lib.fileset.toSource {
+    root = ./..;
+    fileset = lib.fileset.unions [
+      ../go.mod
+      ../go.sum
+      ../cmd
+      ../internal
+      ../systemd
+      ../examples
+    ];
+  };
+
+  # The NAR hash of `go mod vendor -e` (see the README, "Install" → "Nix flake", for how to
+  # recompute it; TestFlakeVendorHash fails when it is stale). -e: go.sum has no entry for
+  # golang.org/x/sys, which x/crypto/chacha20 imports on s390x only; plain `go mod vendor`
+  # refuses to vendor without it, although no build here needs it. A vendor directory that
+  # missed anything a build needs would not match this hash.
+  vendorHash = "sha256-obWKStgVpR/daDc0zghcqlLVrBQeuuXaE0ff48BgUlQ=";
+  modBuildPhase = ''
+    runHook preBuild
+    go mod vendor -e
+    mkdir -p vendor
+    runHook postBuild
+  '';
+
+  subPackages = [ "cmd/nix-offload-hook" ];
+  env.CGO_ENABLED = 0;
+  ldflags = [
+    "-s"
+    "-w"
+    "-X main.buildVersion=${version}"
+  ];
+
+  # The tests need root, Nix and sshd (the test bed); the flake's checks run the unit tests.
+  doCheck = false;
+
+  postInstall = ''
+    install -D -m 0644 systemd/nix-offload.socket $out/lib/systemd/system/nix-offload.socket
+    install -D -m 0644 systemd/nix-offload.service $out/lib/systemd/system/nix-offload.service
+    substituteInPlace $out/lib/systemd/system/nix-offload.service \
+      --replace-fail /usr/local/bin/nix-offload-hook $out/bin/nix-offload-hook
+    install -D -m 0644 examples/offload.toml $out/share/doc/nix-offload/offload.toml.example
+  '';
+
+  meta = {
+    description = "Drop-in replacement for Nix's remote build hook, with a broker for warm SSH sessions";
+    homepage = "https://github.com/nix-offload/nix-offload";
+    mainProgram = "nix-offload-hook";
+    # Linux only: the code uses Pdeathsig, SO_PEERCRED and SO_DOMAIN, which darwin lacks.
+    platforms = lib.platforms.linux;
+  };
+}
