@@ -158,7 +158,7 @@ func TestExampleConfig(t *testing.T) {
 }
 
 // TestFlakeVendorHash: the vendorHash in nixos-module/package.nix is the NAR hash of what
-// buildGoModule vendors (`go mod vendor -e`, from the local module cache), so the flake builds.
+// buildGoModule vendors (`go mod vendor`, from the local module cache), so the flake builds.
 // It goes stale when go.mod, go.sum or the set of imported packages changes.
 func TestFlakeVendorHash(t *testing.T) {
 	if strings.Contains(os.Getenv("GOFLAGS"), "-mod=vendor") {
@@ -178,13 +178,13 @@ func TestFlakeVendorHash(t *testing.T) {
 		t.Fatal(`nixos-module/package.nix has no vendorHash = "sha256-…";`)
 	}
 	vendor := filepath.Join(t.TempDir(), "vendor")
-	cmd := exec.Command(goTool(t), "mod", "vendor", "-e", "-o", vendor)
+	cmd := exec.Command(goTool(t), "mod", "vendor", "-o", vendor)
 	cmd.Dir = root
 	// Offline, from the module cache the build already filled; go.mod and go.sum are only read.
 	cmd.Env = append(os.Environ(), "GOFLAGS=", "GOPROXY=off", "GOTOOLCHAIN=local")
 	goOut, err := cmd.CombinedOutput()
 	if err != nil {
-		t.Fatalf("go mod vendor -e: %v\n%s", err, goOut)
+		t.Fatalf("go mod vendor: %v\n%s", err, goOut)
 	}
 	out, err := exec.Command(nixHash, "--type", "sha256", "--base32", vendor).Output()
 	if err != nil {
