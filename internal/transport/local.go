@@ -32,7 +32,7 @@ func LocalCmd(cmd *exec.Cmd, opt Options) (*Session, error) {
 		cmd.SysProcAttr = &syscall.SysProcAttr{}
 	}
 	cmd.SysProcAttr.Setpgid = true
-	cmd.SysProcAttr.Pdeathsig = syscall.SIGKILL
+	dieWithParent(cmd.SysProcAttr)
 	// Raw pipes, not cmd.StdoutPipe: exec closes those as soon as the child
 	// exits, which would drop the last reply bytes and the `error:` line
 	// that explains the exit.
