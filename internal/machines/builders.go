@@ -71,7 +71,8 @@ var ignoredStoreSettings = map[string]bool{
 //  4. max jobs (default 1). 0, which Nix accepts but never gives a build to, gives a machine
 //     with Enabled false.
 //  5. speed factor, a number (default 1; 0 means 1, negative is an error).
-//  6. supported and 7. mandatory features, comma-separated.
+//  6. supported and 7. mandatory features, comma-separated. A host key found here (a field left
+//     out before it) is an error, as the machine would otherwise go unpinned.
 //  8. the host's public key line ("ssh-ed25519 AAAA…", as in ssh_host_ed25519_key.pub), base64
 //     encoded; it becomes HostKey, without the comment.
 //
@@ -160,6 +161,12 @@ func (p *buildersParser) entry(file string, line int, entry string) {
 		p.errs = append(p.errs, &Error{File: file, Line: line, Key: builderFields[field],
 			Msg: fmt.Sprintf(format, args...) + fmt.Sprintf(" (in entry %q)", entry)})
 	}
+	if u, err := url.QueryUnescape(entry); strings.Contains(entry, "PRIVATE KEY") || err == nil && strings.Contains(u, "PRIVATE KEY") {
+		// A key pasted into ?ssh-key= would otherwise be echoed by every message below.
+		p.errs = append(p.errs, &Error{File: file, Line: line, Key: builderFields[2],
+			Msg: "the entry holds a private key (not shown); field 3 and ?ssh-key= take the path of a key file"})
+		return
+	}
 	if len(fields) > len(builderFields) {
 		p.errs = append(p.errs, &Error{File: file, Line: line,
 			Msg: fmt.Sprintf("entry %q has %d fields, at most %d are allowed", entry, len(fields), len(builderFields))})
@@ -195,7 +202,11 @@ func (p *buildersParser) entry(file string, line int, entry string) {
 		case name == "remote-store":
 			m.RemoteStore = v
 		case name == "ssh-key":
-			m.SSHKey = v // field 3, if set, wins below
+			if msg := checkKeyPath(v); msg != "" {
+				bad(0, "setting ssh-key: %s", msg)
+			} else {
+				m.SSHKey = v // field 3, if set, wins below
+			}
 		case name == "base64-ssh-public-host-key":
 			if key, msg := decodeHostKey(v); msg != "" {
 				bad(0, "setting base64-ssh-public-host-key: %s", msg)
@@ -210,10 +221,12 @@ func (p *buildersParser) entry(file string, line int, entry string) {
 
 	if s, ok := get(1); ok {
 		m.Systems = splitList(s)
+		if len(m.Systems) == 0 {
+			bad(1, "%q lists no system; give one or more, separated by commas", s)
+		}
 	} else if p.system != "" {
 		m.Systems = []string{p.system}
-	}
-	if len(m.Systems) == 0 {
+	} else {
 		bad(1, "no systems given, and no default system to use")
 	}
 	for _, s := range m.Systems {
@@ -223,7 +236,11 @@ func (p *buildersParser) entry(file string, line int, entry string) {
 	}
 
 	if s, ok := get(2); ok {
-		m.SSHKey = s
+		if msg := checkKeyPath(s); msg != "" {
+			bad(2, "%s", msg)
+		} else {
+			m.SSHKey = s
+		}
 	}
 
 	if s, ok := get(3); ok {
@@ -264,6 +281,9 @@ func (p *buildersParser) entry(file string, line int, entry string) {
 		for _, s := range list {
 			if msg := checkListItem(s); msg != "" {
 				bad(5+i, "%s", msg)
+			} else if _, msg := decodeHostKey(s); msg == "" && len(s) > 40 {
+				// A field left out before it: the machine would go unpinned.
+				bad(5+i, "holds a public host key; it belongs in field 8 (write - for each empty field before it)")
 			}
 		}
 	}

@@ -19,6 +19,8 @@
 //	ssh-key = "/etc/nix/offload_ed25519"
 //	known-hosts = ["/etc/ssh/ssh_known_hosts"]
 //	connect-timeout = "10s"                 # Go duration, > 0; default 10s
+//	server-alive-interval = "15s"           # SSH keepalive interval, > 0; 3 missed close the
+//	                                        # connection; default ssh_config's ServerAliveInterval, else 15s
 //
 //	[[machine]]                             # one table per machine
 //	host = "builder1.example.org"           # required: name, address or ~/.ssh/config alias
@@ -31,7 +33,8 @@
 //	mandatory-features = []
 //	remote-store = ""                       # `--store` for the remote nix-store
 //	enabled = true
-//	# user, ssh-key, known-hosts and connect-timeout may be set here too, overriding [ssh]
+//	# user, ssh-key, known-hosts, connect-timeout and server-alive-interval may be set here
+//	# too, overriding [ssh]
 //
 // The file is checked strictly, and every problem found is reported, one per line, sorted by
 // line, each naming file, line and key:
@@ -41,7 +44,16 @@
 //
 // Machines count from 1 in file order. Unknown keys (with a suggestion, also for names from
 // NixOS's nix.buildMachines such as maxJobs or speedFactor), wrong types, impossible values, a
-// host-key that is not one public key line, and two machines with the same Name are errors.
+// host-key that is not one public key line (an empty one included), an ssh-key that holds a
+// private key instead of naming its file (the value is not repeated), and two machines with
+// the same Name (host names compared without case) are errors. A misspelt host-key is an
+// unknown key like any other, so a typo cannot leave a machine unpinned.
+//
+// known-hosts = [] (or no known-hosts anywhere) means OpenSSH's files: ssh_config's
+// UserKnownHostsFile and GlobalKnownHostsFile, else ~/.ssh/known_hosts and
+// /etc/ssh/ssh_known_hosts. It never means "no verification": a machine whose key is neither
+// pinned nor found in those files is refused. A pinned host-key alone decides; known-hosts
+// files are not read for that machine.
 // Inline tables and dotted keys are plain TOML and are accepted: `machine = [{ host = "b1",
 // systems = ["x86_64-linux"] }]` is the same as a [[machine]] table.
 //

@@ -27,21 +27,24 @@ const MaxParallelBuilds = 1024
 
 // Machine is one remote builder, from the TOML file or from Nix's `builders` setting.
 type Machine struct {
-	Host              string        // hostname, address, or ~/.ssh/config alias (required)
-	Port              int           // 0 = not set (ssh_config or 22 decides)
-	User              string        // "" = not set
-	SSHKey            string        // private key file, "" = agent / ssh_config
-	HostKey           string        // pinned host key, authorized_keys form "ssh-ed25519 AAAA…", "" = use known-hosts
-	KnownHosts        []string      // known_hosts files
-	ConnectTimeout    time.Duration // default 10s
-	Systems           []string      // required, non-empty
-	ParallelBuilds    int           // default 1, >= 1
-	Speed             float64       // default 1.0, > 0
-	Features          []string      // supported system features
-	MandatoryFeatures []string      // only builds that require all of these go here
-	RemoteStore       string        // optional `--store` for the remote nix-store
-	Enabled           bool          // default true
-	Source            string        // where it was defined, e.g. "/etc/nix/offload.toml:14" or "builders:2"
+	Host           string        // hostname, address, or ~/.ssh/config alias (required)
+	Port           int           // 0 = not set (ssh_config or 22 decides)
+	User           string        // "" = not set
+	SSHKey         string        // private key file, "" = agent / ssh_config
+	HostKey        string        // pinned host key, authorized_keys form "ssh-ed25519 AAAA…", "" = use known-hosts
+	KnownHosts     []string      // known_hosts files
+	ConnectTimeout time.Duration // default 10s
+	// ServerAliveInterval is the time between SSH keepalives; three unanswered in a row
+	// close the connection. 0 = not set (ssh_config's ServerAliveInterval, else 15s).
+	ServerAliveInterval time.Duration
+	Systems             []string // required, non-empty
+	ParallelBuilds      int      // default 1, >= 1
+	Speed               float64  // default 1.0, > 0
+	Features            []string // supported system features
+	MandatoryFeatures   []string // only builds that require all of these go here
+	RemoteStore         string   // optional `--store` for the remote nix-store
+	Enabled             bool     // default true
+	Source              string   // where it was defined, e.g. "/etc/nix/offload.toml:14" or "builders:2"
 }
 
 // Name is the machine's identity in logs, status and slot files: "user@host:port" with the parts
@@ -106,12 +109,13 @@ func sortErrors(errs []*Error) []*Error {
 	return slices.CompactFunc(errs, func(a, b *Error) bool { return *a == *b })
 }
 
-// Validate checks a list of machines as a whole: no two share a [Machine.Name], and each one
-// keeps the rules the parsers enforce (a valid host, a port of 0–65535 where 0 means unset,
-// at least one system, 1 to [MaxParallelBuilds] parallel builds, a finite speed above 0, a
-// connect timeout that is not negative (0 means [DefaultConnectTimeout]), a host key that
-// parses). Errors are located by each machine's Source and keyed "machine[i].<toml key>",
-// counting from 1 in list order.
+// Validate checks a list of machines as a whole: no two share a [Machine.Name] (host names
+// compared without case), and each one keeps the rules the parsers enforce (a valid host, a
+// port of 0–65535 where 0 means unset, at least one system, 1 to [MaxParallelBuilds] parallel
+// builds, a finite speed above 0, a connect timeout that is not negative (0 means
+// [DefaultConnectTimeout]), a host key that parses, an ssh-key that names a file rather than
+// holding the key). Errors are located by each machine's Source and keyed
+// "machine[i].<toml key>", counting from 1 in list order.
 func Validate(ms []Machine) error {
 	var errs []*Error
 	for i, m := range ms {
@@ -151,8 +155,14 @@ func Validate(ms []Machine) error {
 		if msg := checkSpeed(m.Speed); msg != "" {
 			bad("speed", msg)
 		}
+		if msg := checkKeyPath(m.SSHKey); msg != "" {
+			bad("ssh-key", msg)
+		}
 		if m.ConnectTimeout < 0 {
 			bad("connect-timeout", fmt.Sprintf("must not be negative, got %s", m.ConnectTimeout))
+		}
+		if m.ServerAliveInterval < 0 {
+			bad("server-alive-interval", fmt.Sprintf("must not be negative, got %s", m.ServerAliveInterval))
 		}
 		if m.HostKey != "" {
 			if _, msg := parseHostKey(m.HostKey); msg != "" {
@@ -172,8 +182,9 @@ func Validate(ms []Machine) error {
 // dup names two machines with the same Name, by index; first < second.
 type dup struct{ first, second int }
 
-// duplicates finds every machine whose Name an earlier one already has. Machines with an
-// empty host are left to the host check.
+// duplicates finds every machine whose Name an earlier one already has, comparing host names
+// without regard to case as DNS and OpenSSH do ("B1" and "b1" are one machine, whose slots
+// would otherwise be counted twice). Machines with an empty host are left to the host check.
 func duplicates(ms []Machine) []dup {
 	var out []dup
 	seen := make(map[string]int, len(ms))
@@ -181,6 +192,7 @@ func duplicates(ms []Machine) []dup {
 		if m.Host == "" {
 			continue
 		}
+		m.Host = strings.ToLower(m.Host)
 		name := m.Name()
 		if j, ok := seen[name]; ok {
 			out = append(out, dup{j, i})
@@ -260,6 +272,16 @@ func checkSpeed(f float64) string {
 		return fmt.Sprintf("must be a finite number, got %v", f)
 	case f <= 0:
 		return fmt.Sprintf("must be greater than 0, got %v", f)
+	}
+	return ""
+}
+
+// checkKeyPath checks an ssh-key value, which names a private key file. A value that holds
+// the key itself would be opened as a file name and echoed in the "no such file" error and in
+// every log line that carries it; the message says so without repeating the value.
+func checkKeyPath(s string) string {
+	if strings.Contains(s, "PRIVATE KEY") || strings.ContainsFunc(s, unicode.IsControl) {
+		return "must be the path of a private key file, not the key itself (the value is not shown)"
 	}
 	return ""
 }

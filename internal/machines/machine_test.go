@@ -79,6 +79,7 @@ func TestValidate(t *testing.T) {
 		{"zero speed", with(func(m *Machine) { m.Speed = 0 }), "offload.toml:7: machine[1].speed: must be greater than 0, got 0"},
 		{"NaN speed", with(func(m *Machine) { m.Speed = math.NaN() }), "offload.toml:7: machine[1].speed: must be a finite number, got NaN"},
 		{"negative timeout", with(func(m *Machine) { m.ConnectTimeout = -time.Second }), "offload.toml:7: machine[1].connect-timeout: must not be negative, got -1s"},
+		{"negative keepalive", with(func(m *Machine) { m.ServerAliveInterval = -time.Second }), "offload.toml:7: machine[1].server-alive-interval: must not be negative, got -1s"},
 		{"bad host key", with(func(m *Machine) { m.HostKey = "ssh-ed25519" }),
 			`offload.toml:7: machine[1].host-key: must be a public key line such as "ssh-ed25519 AAAA…" (the host's /etc/ssh/ssh_host_ed25519_key.pub): ssh: no key found`},
 		{"two host keys", with(func(m *Machine) { m.HostKey = testKey + "\n" + testKey }),

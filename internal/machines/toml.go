@@ -1,6 +1,7 @@
 package machines
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"maps"
@@ -37,6 +38,8 @@ type SSH struct {
 	SSHKey         string
 	KnownHosts     []string
 	ConnectTimeout time.Duration // default [DefaultConnectTimeout]
+	// ServerAliveInterval is the time between SSH keepalives; 0 = not set.
+	ServerAliveInterval time.Duration
 }
 
 // Config is a parsed, checked offload.toml. Machines carry the [ssh] defaults already.
@@ -62,8 +65,8 @@ func Load(path string) (*Config, error) {
 var (
 	rootKeys    = []string{"daemon", "ssh", "machine"}
 	daemonKeys  = []string{"socket", "state-dir", "metrics"}
-	sshKeys     = []string{"user", "ssh-key", "known-hosts", "connect-timeout"}
-	machineKeys = []string{"host", "port", "user", "ssh-key", "host-key", "known-hosts", "connect-timeout",
+	sshKeys     = []string{"user", "ssh-key", "known-hosts", "connect-timeout", "server-alive-interval"}
+	machineKeys = []string{"host", "port", "user", "ssh-key", "host-key", "known-hosts", "connect-timeout", "server-alive-interval",
 		"systems", "parallel-builds", "speed", "features", "mandatory-features", "remote-store", "enabled"}
 )
 
@@ -75,7 +78,14 @@ func Parse(name string, data []byte) (*Config, error) {
 	if _, err := toml.Decode(string(data), &raw); err != nil {
 		var pe toml.ParseError
 		if errors.As(err, &pe) {
-			return nil, &Error{File: name, Line: pe.Position.Line, Msg: tidyMessage(pe.Message)}
+			line := pe.Position.Line
+			if line < 1 {
+				// The decoder says line 0 for some errors in a file's last token (`"\`);
+				// its byte offset is right.
+				start := min(max(pe.Position.Start, 0), len(data))
+				line = 1 + bytes.Count(data[:start], []byte("\n"))
+			}
+			return nil, &Error{File: name, Line: line, Msg: tidyMessage(pe.Message)}
 		}
 		return nil, &Error{File: name, Msg: err.Error()}
 	}
@@ -87,9 +97,21 @@ func Parse(name string, data []byte) (*Config, error) {
 	return cfg, nil
 }
 
-// tidyMessage makes the decoder's messages look like ours: lower case, no final period.
+// tidyMessage makes the decoder's messages look like ours: lower case, no final period, and
+// control characters it quotes from the input (a NUL at the end of the file) escaped.
 func tidyMessage(s string) string {
 	s = strings.TrimSuffix(strings.TrimSpace(s), ".")
+	if strings.ContainsFunc(s, unicode.IsControl) {
+		var b strings.Builder
+		for _, r := range s {
+			if unicode.IsControl(r) {
+				fmt.Fprintf(&b, "\\x%02x", r)
+			} else {
+				b.WriteRune(r)
+			}
+		}
+		s = b.String()
+	}
 	r, n := utf8.DecodeRuneInString(s)
 	if n > 0 && unicode.IsUpper(r) {
 		if r2, _ := utf8.DecodeRuneInString(s[n:]); !unicode.IsUpper(r2) {
@@ -122,19 +144,19 @@ type tomlParser struct {
 	errs  []*Error
 }
 
-// line finds where l (or, failing that, the nearest enclosing key) was written.
+// line finds where l (or, failing that, the nearest enclosing key) was written. A key may be
+// empty (`"" = 1` is valid TOML), so "" is looked up too.
 func (p *tomlParser) line(l loc) int {
-	for k := l.key; k != ""; {
+	for k := l.key; ; {
 		if n, ok := p.lines[k]; ok {
 			return n
 		}
 		i := strings.LastIndex(k, pathSep)
 		if i < 0 {
-			break
+			return 0
 		}
 		k = k[:i]
 	}
-	return 0
 }
 
 func (p *tomlParser) errorf(l loc, format string, args ...any) {
@@ -215,7 +237,7 @@ func (p *tomlParser) ssh(l loc, t map[string]any, s *SSH) {
 		s.User, _ = p.str(l.child("user"), v)
 	}
 	if v, ok := t["ssh-key"]; ok {
-		s.SSHKey, _ = p.str(l.child("ssh-key"), v)
+		s.SSHKey, _ = p.keyPath(l.child("ssh-key"), v)
 	}
 	if v, ok := t["known-hosts"]; ok {
 		s.KnownHosts, _ = p.strList(l.child("known-hosts"), v, nil)
@@ -223,6 +245,11 @@ func (p *tomlParser) ssh(l loc, t map[string]any, s *SSH) {
 	if v, ok := t["connect-timeout"]; ok {
 		if d, ok := p.duration(l.child("connect-timeout"), v); ok {
 			s.ConnectTimeout = d
+		}
+	}
+	if v, ok := t["server-alive-interval"]; ok {
+		if d, ok := p.duration(l.child("server-alive-interval"), v); ok {
+			s.ServerAliveInterval = d
 		}
 	}
 }
@@ -263,14 +290,15 @@ func (p *tomlParser) machines(l loc, v any, def SSH) []Machine {
 func (p *tomlParser) machine(l loc, t map[string]any, def SSH) (m Machine, ok bool) {
 	p.unknownKeys(l, l.name, t, machineKeys)
 	m = Machine{
-		User:           def.User,
-		SSHKey:         def.SSHKey,
-		KnownHosts:     slices.Clone(def.KnownHosts),
-		ConnectTimeout: def.ConnectTimeout,
-		ParallelBuilds: DefaultParallelBuilds,
-		Speed:          DefaultSpeed,
-		Enabled:        true,
-		Source:         p.source(l),
+		User:                def.User,
+		SSHKey:              def.SSHKey,
+		KnownHosts:          slices.Clone(def.KnownHosts),
+		ConnectTimeout:      def.ConnectTimeout,
+		ServerAliveInterval: def.ServerAliveInterval,
+		ParallelBuilds:      DefaultParallelBuilds,
+		Speed:               DefaultSpeed,
+		Enabled:             true,
+		Source:              p.source(l),
 	}
 	field := func(k string) (loc, any, bool) {
 		v, ok := t[k]
@@ -301,7 +329,7 @@ func (p *tomlParser) machine(l loc, t map[string]any, def SSH) (m Machine, ok bo
 		m.User, _ = p.str(kl, v)
 	}
 	if kl, v, set := field("ssh-key"); set {
-		m.SSHKey, _ = p.str(kl, v)
+		m.SSHKey, _ = p.keyPath(kl, v)
 	}
 	if kl, v, set := field("host-key"); set {
 		if s, good := p.str(kl, v); good {
@@ -318,6 +346,11 @@ func (p *tomlParser) machine(l loc, t map[string]any, def SSH) (m Machine, ok bo
 	if kl, v, set := field("connect-timeout"); set {
 		if d, good := p.duration(kl, v); good {
 			m.ConnectTimeout = d
+		}
+	}
+	if kl, v, set := field("server-alive-interval"); set {
+		if d, good := p.duration(kl, v); good {
+			m.ServerAliveInterval = d
 		}
 	}
 	if kl, v, set := field("systems"); !set {
@@ -412,6 +445,19 @@ func (p *tomlParser) str(l loc, v any) (string, bool) {
 		p.errorf(l, "must be a string, got %s", describe(v))
 	}
 	return s, ok
+}
+
+// keyPath decodes an ssh-key value: a string that names a file (see [checkKeyPath]).
+func (p *tomlParser) keyPath(l loc, v any) (string, bool) {
+	s, ok := p.str(l, v)
+	if !ok {
+		return "", false
+	}
+	if msg := checkKeyPath(s); msg != "" {
+		p.errorf(l, "%s", msg)
+		return "", false
+	}
+	return s, true
 }
 
 func (p *tomlParser) integer(l loc, v any) (int64, bool) {

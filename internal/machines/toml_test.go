@@ -96,8 +96,10 @@ systems = ["x86_64-linux"]
 user = "u"
 ssh-key = "/k"
 known-hosts = ["/kh"]
-connect-timeout = "2s"`, with(func(m *Machine) {
+connect-timeout = "2s"
+server-alive-interval = "4s"`, with(func(m *Machine) {
 			m.User, m.SSHKey, m.KnownHosts, m.ConnectTimeout = "u", "/k", []string{"/kh"}, 2*time.Second
+			m.ServerAliveInterval = 4 * time.Second
 		})},
 		{"own values win over [ssh]", `[ssh]
 user = "u"
@@ -108,8 +110,10 @@ host = "b1"
 systems = ["x86_64-linux"]
 user = "v"
 ssh-key = "/l"
-connect-timeout = "3s"`, with(func(m *Machine) {
+connect-timeout = "3s"
+server-alive-interval = "1s"`, with(func(m *Machine) {
 			m.User, m.SSHKey, m.ConnectTimeout, m.Source = "v", "/l", 3*time.Second, "t.toml:5"
+			m.ServerAliveInterval = time.Second
 		})},
 		{"empty string still overrides [ssh]", `[ssh]
 user = "u"
@@ -277,6 +281,10 @@ paralel-builds = 2
 			`offload.toml:4: machine[1].connect-timeout: must not be negative, got "-1s"`},
 		{"connect-timeout zero", "[ssh]\nconnect-timeout = \"0s\"\n",
 			`offload.toml:2: ssh.connect-timeout: must be greater than 0, got "0s"`},
+		{"server-alive-interval zero", machine + "server-alive-interval = \"0s\"\n",
+			`offload.toml:4: machine[1].server-alive-interval: must be greater than 0, got "0s"`},
+		{"server-alive-interval as integer", "[ssh]\nserver-alive-interval = 5\n",
+			`offload.toml:2: ssh.server-alive-interval: must be a duration string such as "10s" or "1m30s", got integer 5 (write "5s")`},
 		{"socket relative", "[daemon]\nsocket = \"hook.sock\"\n",
 			`offload.toml:2: daemon.socket: must be an absolute path, got "hook.sock"`},
 		{"metrics without port", "[daemon]\nmetrics = \"127.0.0.1\"\n",

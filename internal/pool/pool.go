@@ -713,6 +713,11 @@ func (s *Session) Close() { s.ts.Close() }
 // Done is closed when the session's remote process has ended.
 func (s *Session) Done() <-chan struct{} { return s.ts.Done() }
 
+// Lost says why the session's connection was closed when the machine
+// stopped answering keepalives ([sshconn.Client.Lost]); nil otherwise. The
+// session itself only sees its stream end.
+func (s *Session) Lost() error { return s.c.client.Lost() }
+
 // Name is the machine's name.
 func (s *Session) Name() string { return s.p.name }
 

@@ -5,12 +5,14 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"net"
 	"os"
 	"strings"
 	"sync"
 	"time"
+	"unicode"
 
 	"golang.org/x/crypto/ssh"
 	"golang.org/x/crypto/ssh/agent"
@@ -31,6 +33,7 @@ type Client struct {
 
 	closeOnce sync.Once
 	done      chan struct{}
+	lost      error // why keepAlive closed the connection; set before done is closed
 }
 
 // ConnectError means the machine could not be reached or refused us before
@@ -122,6 +125,19 @@ func Dial(ctx context.Context, t Target) (*Client, error) {
 	return cl, nil
 }
 
+// Lost says why the connection was closed for a peer that stopped answering
+// keepalives, or returns nil (the connection is open, was closed by Close, or
+// was broken by the peer). Sessions on a lost connection only see it end:
+// this is the reason to put in their error, for the user.
+func (c *Client) Lost() error {
+	select {
+	case <-c.done:
+		return c.lost
+	default:
+		return nil
+	}
+}
+
 // Close closes the connection and every session on it.
 func (c *Client) Close() error {
 	var err error
@@ -189,7 +205,11 @@ func (c *Client) keepAlive() {
 		case <-time.After(interval):
 			missed++
 			if missed >= keepAliveMissed {
-				c.Close()
+				c.closeOnce.Do(func() {
+					c.lost = fmt.Errorf("ssh: %s stopped answering: no reply to %d keepalives in %v", c.Target.Name, keepAliveMissed, keepAliveMissed*interval)
+					close(c.done)
+					c.Client.Close()
+				})
 				return
 			}
 		}
@@ -203,7 +223,11 @@ func authMethods(t Target) ([]ssh.AuthMethod, func(), error) {
 	var signers []ssh.Signer
 	var encrypted []string
 	for _, f := range t.KeyFiles {
-		data, err := os.ReadFile(f)
+		if !plausibleKeyPath(f) {
+			// Opening it would echo it, key and all, in the "no such file" error.
+			return nil, func() {}, fmt.Errorf("ssh: %s: ssh-key holds a private key or control characters, not a file name (not shown)", t.Name)
+		}
+		data, err := readKeyFile(f)
 		if err != nil {
 			if !t.KeyFilesStrict && errors.Is(err, fs.ErrNotExist) {
 				continue
@@ -240,6 +264,42 @@ func authMethods(t Target) ([]ssh.AuthMethod, func(), error) {
 		return nil, closeAgent, fmt.Errorf("ssh: %s: no private key: set ssh-key, IdentityFile in ssh_config, or run ssh-agent", t.Name)
 	}
 	return methods, closeAgent, nil
+}
+
+// maxKeyFileSize bounds a private key file; OpenSSH's largest keys (RSA 16384) take under
+// 13 KiB.
+const maxKeyFileSize = 1 << 20
+
+// readKeyFile reads a private key file. It must be a regular file of at most maxKeyFileSize
+// bytes, so that a path such as /dev/stdin (in hook mode, Nix's protocol stream) or /dev/zero
+// is an error rather than a hang or a read of someone else's data.
+func readKeyFile(name string) ([]byte, error) {
+	fi, err := os.Stat(name)
+	if err != nil {
+		return nil, err
+	}
+	switch {
+	case !fi.Mode().IsRegular():
+		return nil, fmt.Errorf("%s is not a regular file", name)
+	case fi.Size() > maxKeyFileSize:
+		return nil, fmt.Errorf("%s has %d bytes, more than a private key file", name, fi.Size())
+	}
+	f, err := os.Open(name)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	data, err := io.ReadAll(io.LimitReader(f, maxKeyFileSize+1))
+	if err == nil && len(data) > maxKeyFileSize {
+		err = fmt.Errorf("%s has more than %d bytes, more than a private key file", name, maxKeyFileSize)
+	}
+	return data, err
+}
+
+// plausibleKeyPath reports whether a key file setting can be shown in messages: a private key
+// pasted in its place (which package machines refuses in configurations) cannot.
+func plausibleKeyPath(s string) bool {
+	return !strings.Contains(s, "PRIVATE KEY") && !strings.ContainsFunc(s, unicode.IsControl)
 }
 
 // unwrapOp shortens "dial tcp 127.0.0.1:22: connect: connection refused" to

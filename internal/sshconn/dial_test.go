@@ -337,6 +337,9 @@ func TestKeepAliveClosesDeadConnection(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer c.Close()
+	if err := c.Lost(); err != nil {
+		t.Errorf("Lost() = %v on a live connection", err)
+	}
 	close(s.freeze) // the machine stops answering
 	done := make(chan error, 1)
 	go func() { done <- c.Wait() }()
@@ -344,6 +347,11 @@ func TestKeepAliveClosesDeadConnection(t *testing.T) {
 	case <-done:
 	case <-time.After(30 * time.Second): // a bound on a hang, not a timing assertion
 		t.Fatal("connection to a silent machine was not closed by keepalives")
+	}
+	// Sessions only see EOF: Lost says why, naming the machine.
+	if err := c.Lost(); err == nil || !strings.Contains(err.Error(), "stopped answering: no reply to 3 keepalives") ||
+		!strings.Contains(err.Error(), tg.Name) {
+		t.Errorf("Lost() = %v, want the missed keepalives and the machine", err)
 	}
 }
 
@@ -354,15 +362,16 @@ func (f fakeSSHConfig) Get(alias, key string) string { return f[alias+"/"+key] }
 func TestResolve(t *testing.T) {
 	t.Setenv("HOME", "/home/u")
 	cfg := fakeSSHConfig{
-		"b1/HostName":           "10.1.2.3",
-		"b1/Port":               "2222",
-		"b1/User":               "nix",
-		"b1/IdentityFile":       "~/.ssh/b1_key",
-		"b1/UserKnownHostsFile": "~/.ssh/kh_b1",
-		"b1/ConnectTimeout":     "3",
+		"b1/HostName":            "10.1.2.3",
+		"b1/Port":                "2222",
+		"b1/User":                "nix",
+		"b1/IdentityFile":        "~/.ssh/b1_key",
+		"b1/UserKnownHostsFile":  "~/.ssh/kh_b1",
+		"b1/ConnectTimeout":      "3",
+		"b1/ServerAliveInterval": "5",
 	}
 	got := Resolve(machines.Machine{Host: "b1"}, cfg)
-	if got.Addr != "10.1.2.3:2222" || got.User != "nix" || got.ConnectTimeout != 3*time.Second {
+	if got.Addr != "10.1.2.3:2222" || got.User != "nix" || got.ConnectTimeout != 3*time.Second || got.KeepAlive != 5*time.Second {
 		t.Errorf("from ssh_config: %+v", got)
 	}
 	if len(got.KeyFiles) != 1 || got.KeyFiles[0] != "/home/u/.ssh/b1_key" || !got.KeyFilesStrict {
@@ -374,14 +383,15 @@ func TestResolve(t *testing.T) {
 
 	// The machine's own settings win over ssh_config.
 	got = Resolve(machines.Machine{Host: "b1", Port: 22, User: "root", SSHKey: "/k", KnownHosts: []string{"/kh"},
-		ConnectTimeout: time.Second}, cfg)
-	if got.Addr != "10.1.2.3:22" || got.User != "root" || got.KeyFiles[0] != "/k" || got.KnownHosts[0] != "/kh" || got.ConnectTimeout != time.Second {
+		ConnectTimeout: time.Second, ServerAliveInterval: 2 * time.Second}, cfg)
+	if got.Addr != "10.1.2.3:22" || got.User != "root" || got.KeyFiles[0] != "/k" || got.KnownHosts[0] != "/kh" || got.ConnectTimeout != time.Second ||
+		got.KeepAlive != 2*time.Second {
 		t.Errorf("machine settings did not win: %+v", got)
 	}
 
 	// Nothing set anywhere: OpenSSH's defaults; IPv6 addresses are bracketed.
 	got = Resolve(machines.Machine{Host: "::1"}, nil)
-	if got.Addr != "[::1]:22" || got.ConnectTimeout != DefaultConnectTimeout || got.KeyFilesStrict {
+	if got.Addr != "[::1]:22" || got.ConnectTimeout != DefaultConnectTimeout || got.KeyFilesStrict || got.KeepAlive != 0 {
 		t.Errorf("defaults: %+v", got)
 	}
 	if got.KnownHosts[0] != "/home/u/.ssh/known_hosts" || got.KnownHosts[len(got.KnownHosts)-1] != "/etc/ssh/ssh_known_hosts2" {

@@ -26,7 +26,7 @@ type Target struct {
 	HostKey        string        // pinned host key (authorized_keys form), or ""
 	KnownHosts     []string      // known_hosts files consulted when HostKey is ""
 	ConnectTimeout time.Duration // TCP connect plus SSH handshake
-	KeepAlive      time.Duration // interval between keepalive requests; 0 = 15s
+	KeepAlive      time.Duration // interval between keepalive requests; 0 = DefaultKeepAlive
 }
 
 // SSHConfig looks up OpenSSH client settings for a host alias, as
@@ -113,6 +113,15 @@ func Resolve(m machines.Machine, cfg SSHConfig) Target {
 	}
 	if t.ConnectTimeout <= 0 {
 		t.ConnectTimeout = DefaultConnectTimeout
+	}
+
+	// ssh_config's "ServerAliveInterval 0" means no keepalives to OpenSSH; we always send
+	// them (a dead link must not hang a build), so only a positive value counts.
+	t.KeepAlive = m.ServerAliveInterval
+	if t.KeepAlive <= 0 {
+		if s, err := strconv.Atoi(get("ServerAliveInterval")); err == nil && s > 0 {
+			t.KeepAlive = time.Duration(s) * time.Second
+		}
 	}
 	return t
 }
