@@ -150,7 +150,7 @@ type ticket struct {
 	created time.Time
 
 	machine *machine          // the slot held; nil while queued
-	granted chan struct{}     // receives when queued tickets get a slot or fail
+	granted chan struct{}     // wake-ups of the build waiting for a slot or a failure
 	failure string            // why no machine will take it (after granted)
 	exclude map[string]string // machines that failed this build: name → why
 	queued  bool
@@ -265,10 +265,7 @@ func (b *Broker) Drain(ctx context.Context) {
 	for _, t := range b.queue {
 		t.failure = handBack
 		t.queued = false
-		select {
-		case t.granted <- struct{}{}:
-		default:
-		}
+		t.wake()
 	}
 	b.queue = nil
 	b.mu.Unlock()
@@ -351,7 +348,7 @@ func (b *Broker) dispatchLocked() {
 		default:
 			t.failure = d.Reason
 			t.queued = false
-			t.granted <- struct{}{}
+			t.wake()
 		}
 	}
 	clear(b.queue[len(kept):])
@@ -396,7 +393,18 @@ func (b *Broker) grantLocked(t *ticket, m *machine) {
 	t.machine = m
 	if t.queued {
 		t.queued = false
-		t.granted <- struct{}{}
+		t.wake()
+	}
+}
+
+// wake tells the build waiting on t that t got a slot or a failure. It
+// never blocks (it is called under Broker.mu): one pending wake-up is
+// enough, because waitSlot looks at the ticket after each one, and one may
+// be left over from a grant that came before the build started to wait.
+func (t *ticket) wake() {
+	select {
+	case t.granted <- struct{}{}:
+	default:
 	}
 }
 

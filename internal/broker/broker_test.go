@@ -127,7 +127,11 @@ func TestClosedClientFreesEverything(t *testing.T) {
 func TestDownMachineIsSkippedAndProbed(t *testing.T) {
 	b := newTestBroker(t, testMachine("b1", 1, "x86_64-linux"), testMachine("b2", 1, "x86_64-linux"))
 	b.health.Failed("root@b1", errors.New("connection refused"))
-	b.probeEvery = 50 * time.Millisecond
+	// No probe until the second build is queued: on a loaded machine the
+	// tries below can take longer than a short probe interval.
+	b.mu.Lock()
+	b.probeEvery = time.Hour
+	b.mu.Unlock()
 	c := newClient(b)
 	if r := try(t, b, c, "/nix/store/a.drv", false); r.Machine != "root@b2" {
 		t.Errorf("with b1 down: %+v, want b2", r)
@@ -139,6 +143,9 @@ func TestDownMachineIsSkippedAndProbed(t *testing.T) {
 	if !r.Queued {
 		t.Fatalf("b2 busy, b1 down: %+v, want queued", r)
 	}
+	b.mu.Lock()
+	b.probeEvery = 50 * time.Millisecond
+	b.mu.Unlock()
 	waitFor(t, "the queued build to probe b1", func() bool {
 		b.mu.Lock()
 		defer b.mu.Unlock()

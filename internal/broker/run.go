@@ -17,6 +17,7 @@ import (
 	"github.com/nix-offload/nix-offload/internal/brokerapi"
 	"github.com/nix-offload/nix-offload/internal/nar"
 	"github.com/nix-offload/nix-offload/internal/offload"
+	"github.com/nix-offload/nix-offload/internal/scheduler"
 	"github.com/nix-offload/nix-offload/internal/serveproto"
 	"github.com/nix-offload/nix-offload/internal/transport"
 )
@@ -105,12 +106,11 @@ func (bd *build) run() {
 			return
 		}
 		b.log.Warn("build lost its machine", zap.String("drv", bd.req.DrvPath), zap.String("machine", m.name), zap.Error(err))
-		if attempt >= maxAttempts || bd.ctx.Err() != nil {
+		if attempt >= maxAttempts || bd.ctx.Err() != nil || !b.requeue(bd.t, m, err) {
 			bd.fail(brokerapi.FailMisc, err)
 			return
 		}
 		bd.emit(brokerapi.Event{Type: brokerapi.EventRetrying, Machine: m.name, Reason: err.Error()})
-		b.requeue(bd.t, m, err)
 	}
 }
 
@@ -161,35 +161,53 @@ func (bd *build) waitSlot() (*machine, error) {
 	b.mu.Unlock()
 	bd.emit(brokerapi.Event{Type: brokerapi.EventQueued, Position: pos, Reason: reason})
 	queuedAt := time.Now()
-	select {
-	case <-t.granted:
-	case <-bd.ctx.Done():
-		return nil, context.Cause(bd.ctx)
+	for {
+		select {
+		case <-t.granted:
+		case <-bd.ctx.Done():
+			return nil, context.Cause(bd.ctx)
+		}
+		b.mu.Lock()
+		m, failure := t.machine, t.failure
+		b.mu.Unlock()
+		switch {
+		case failure != "":
+			b.mx.queueWait(time.Since(queuedAt))
+			return nil, failureErr(failure)
+		case m != nil:
+			b.mx.queueWait(time.Since(queuedAt))
+			return m, nil
+		}
+		// A wake-up left over from a grant the build did not wait for
+		// (see ticket.wake): still queued.
 	}
-	b.mx.queueWait(time.Since(queuedAt))
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	if t.failure != "" {
-		return nil, failureErr(t.failure)
-	}
-	return t.machine, nil
 }
 
 // requeue gives up t's slot on m after m failed it, and puts t at the head
-// of the queue: it has waited longest.
-func (b *Broker) requeue(t *ticket, m *machine, why error) {
+// of the queue: it has waited longest. It returns false, and queues
+// nothing, when every machine that could build t has failed it: the queue
+// would keep t forever, since the scheduler sees the excluded machines as
+// down and the probes skip them.
+func (b *Broker) requeue(t *ticket, m *machine, why error) bool {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	b.releaseLocked(t)
 	t.exclude[m.name] = why.Error()
 	if b.stopping {
 		t.failure = handBack
-		t.granted <- struct{}{}
-		return
+		t.wake()
+		return true
+	}
+	if !slices.ContainsFunc(b.machines, func(o *machine) bool {
+		_, excluded := t.exclude[o.name]
+		return !excluded && scheduler.Matches(o.cfg, t.req)
+	}) {
+		return false
 	}
 	t.queued = true
 	b.queue = append([]*ticket{t}, b.queue...)
 	b.dispatchLocked()
+	return true
 }
 
 // localError marks a failure of the local store, which another machine
@@ -297,6 +315,11 @@ func (bd *build) runOn(m *machine) (retry bool, err error) {
 	case lostMachine(err):
 		// Before or during the build: both are worth another machine.
 		b.mx.built(m.name, "lost", time.Since(started))
+		// A link that went dead shows only as the end of the stream; say
+		// why the connection was closed.
+		if s, ok := sess.(interface{ Lost() error }); ok && s.Lost() != nil {
+			err = fmt.Errorf("%w: %v", err, s.Lost())
+		}
 		return true, err
 	default:
 		m.failed.Add(1)
