@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"runtime"
 	"slices"
 	"strings"
 	"sync"
@@ -204,7 +205,10 @@ func (s *Server) try(w http.ResponseWriter, r *http.Request) {
 }
 
 func (s *Server) status(w http.ResponseWriter, r *http.Request) {
-	writeJSON(w, s.b.Status())
+	st := s.b.Status()
+	s.conns.Range(func(_, _ any) bool { st.Clients++; return true })
+	st.Goroutines = runtime.NumGoroutine()
+	writeJSON(w, st)
 }
 
 func (s *Server) build(w http.ResponseWriter, r *http.Request) {

@@ -176,6 +176,12 @@ type Status struct {
 	Queued   int             `json:"queued"`
 	Running  int             `json:"running"`
 	Machines []MachineStatus `json:"machines"`
+	// Clients counts the connections open to the broker's API, the one
+	// that asked included: each is a hook, a queue runner or a status
+	// call, and one file descriptor in the broker.
+	Clients int `json:"clients"`
+	// Goroutines is the broker's goroutine count, for spotting leaks.
+	Goroutines int `json:"goroutines"`
 }
 
 // MachineStatus is one machine in a Status.

@@ -188,7 +188,11 @@ func (c *Client) Imported(ctx context.Context, build string, importErr error) (I
 	return resp, err
 }
 
-// Cancel stops a build.
+// Cancel stops a build whose event stream has ended: one whose outputs
+// are offered and not imported yet. While the stream is open it holds the
+// connection (HTTP/1.1 runs one exchange at a time on it), so Cancel would
+// wait until the stream ends or ctx does; to stop a build then, close its
+// stream, which closes the connection and cancels everything on it.
 func (c *Client) Cancel(ctx context.Context, build string) error {
 	return c.call(ctx, http.MethodDelete, c.url("builds", build), nil, nil)
 }
