@@ -29,7 +29,7 @@ import (
 type Builder struct {
 	Name       string // "b1", "b2"…: unique in this test process; the Host alias in SSHConfig
 	Nix        Nix    // the Nix that runs on the host (nix-store --serve, builds)
-	Addr       string // 127.0.0.N, the host's own address
+	Addr       string // 127.0.0.N, the host's own address; 10.213.A.B with [WithNetNS]
 	Port       int    // sshd's port on Addr
 	User       string // "root"
 	HostKey    string // the host's public key in authorized_keys form: "ssh-ed25519 AAAA…"
@@ -38,7 +38,10 @@ type Builder struct {
 	SSHConfig  string // path of an ssh_config with "Host Name" (for ssh -F, NIX_SSHOPTS="-F …")
 	Dir        string // the host's directory: Dir/nix is its store, sshd.log its sshd's log
 
-	nixConf string // the host's /etc/nix/nix.conf
+	nixConf  string   // the host's /etc/nix/nix.conf
+	wantNet  bool     // WithNetNS
+	net      *netLink // the host's network namespace and link; nil without WithNetNS
+	nixTmpfs int64    // WithNixTmpfs: size of the tmpfs that is the host's /nix; 0: Dir/nix
 
 	mu      sync.Mutex
 	tb      TB
@@ -59,6 +62,23 @@ func WithNixConf(lines string) BuilderOption {
 	return func(b *Builder) {
 		b.nixConf += strings.TrimSuffix(lines, "\n") + "\n"
 	}
+}
+
+// WithNetNS puts the host in a network namespace of its own, joined to the test's by a
+// veth pair on a /30 of 10.213.0.0/16 that no other builder uses: Addr is the host's end
+// of the pair. [Builder.CutLink], [Builder.ShapeLink] and
+// [Builder.RestoreLink] then act on that link. Stop (the test's cleanup) removes the pair,
+// its route and the namespace's name; the first [RequireRoot] of a later test process
+// removes those of a test process that died. Needs ip (iproute2) and nsenter.
+func WithNetNS() BuilderOption {
+	return func(b *Builder) { b.wantNet = true }
+}
+
+// WithNixTmpfs makes the host's /nix a tmpfs of size bytes instead of Dir/nix, for a
+// builder whose disk fills up. The store then lives only in the host's mount namespace:
+// Dir/nix stays empty, and [Builder.Restart] starts with an empty store.
+func WithNixTmpfs(size int64) BuilderOption {
+	return func(b *Builder) { b.nixTmpfs = size }
 }
 
 var builderSeq atomic.Int64
@@ -129,11 +149,21 @@ func (b *Builder) setUp() error {
 		return err
 	}
 
-	addr, port, lock, err := reserveAddr()
-	if err != nil {
-		return err
+	if b.wantNet {
+		l, lock, err := reserveNet()
+		if err != nil {
+			return err
+		}
+		// Any port is free in a namespace of its own; not 22, which known_hosts writes
+		// without brackets.
+		b.net, b.Addr, b.Port, b.lock = l, l.peerAddr, 20000+mrand.IntN(10000), lock
+	} else {
+		addr, port, lock, err := reserveAddr()
+		if err != nil {
+			return err
+		}
+		b.Addr, b.Port, b.lock = addr, port, lock
 	}
-	b.Addr, b.Port, b.lock = addr, port, lock
 
 	hostKey, err := writeKey(filepath.Join(b.Dir, "hostkey"))
 	if err != nil {
@@ -275,7 +305,11 @@ func (b *Builder) startLocked() error {
 		mounts:  []string{b.Dir},
 		nixConf: b.nixConf,
 		// Hiding /root would hide Dir too if it lay there.
-		hideHome: !strings.HasPrefix(b.Dir+"/", "/root/") || b.Nix.chroot(),
+		hideHome:   !strings.HasPrefix(b.Dir+"/", "/root/") || b.Nix.chroot(),
+		storeTmpfs: b.nixTmpfs,
+	}
+	if b.net != nil {
+		spec.netns = b.net.nsPath()
 	}
 	if err := spec.check(); err != nil {
 		return err
@@ -368,6 +402,11 @@ func (b *Builder) Stop() {
 		b.nsFile.Close()
 		b.nsFile = nil
 	}
+	if b.net != nil {
+		// Before the lock goes: another builder may take the /30 from then on.
+		err = errors.Join(err, b.net.remove())
+		b.net = nil
+	}
 	if b.lock != nil {
 		b.lock.Close()
 		b.lock = nil
@@ -414,6 +453,50 @@ func (b *Builder) Restart(tb TB) {
 	}
 	if err := b.startLocked(); err != nil {
 		tb.Fatalf("testbed: restarting %s: %v", b.Name, err)
+	}
+}
+
+// CutLink takes the builder's end of its link down ([WithNetNS] only): packets between
+// the host and everyone else are dropped from then on, with no reset or error either way,
+// as when a cable is pulled. Established connections hang until a timeout or keepalive
+// notices; new ones time out. [Builder.RestoreLink] undoes it. Call it from the test's
+// goroutine: it fails the test.
+func (b *Builder) CutLink() { b.link("CutLink", (*netLink).cut) }
+
+// RestoreLink brings the link up again and removes the shaping of [Builder.ShapeLink]
+// ([WithNetNS] only). Connections that broke meanwhile stay broken.
+func (b *Builder) RestoreLink() { b.link("RestoreLink", (*netLink).restore) }
+
+// ShapeLink makes the link slow and lossy in both directions ([WithNetNS] only): a tbf
+// qdisc sends at most rateBits bits per second and queues at most limitBytes; what does
+// not fit is dropped, so TCP retransmits. (netem is not available on the test bed's
+// kernel, so there is no random loss or fixed delay.) [Builder.RestoreLink] removes it.
+func (b *Builder) ShapeLink(rateBits int64, limitBytes int) {
+	b.link("ShapeLink", func(l *netLink) error { return l.shape(rateBits, limitBytes) })
+}
+
+// LinkDrops returns how many packets the queues of [Builder.ShapeLink] dropped so far,
+// both directions together ([WithNetNS] only).
+func (b *Builder) LinkDrops() int64 {
+	var n int64
+	b.link("LinkDrops", func(l *netLink) (err error) {
+		n, err = l.drops()
+		return err
+	})
+	return n
+}
+
+func (b *Builder) link(what string, f func(*netLink) error) {
+	b.tb.Helper()
+	b.mu.Lock()
+	l := b.net
+	b.mu.Unlock()
+	if l == nil {
+		b.tb.Fatalf("testbed: %s on %s, which has no link of its own (start it WithNetNS)", what, b.Name)
+		return
+	}
+	if err := f(l); err != nil {
+		b.tb.Fatalf("testbed: %s on %s: %v", what, b.Name, err)
 	}
 }
 

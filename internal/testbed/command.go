@@ -101,12 +101,19 @@ type nsSpec struct {
 	mounts   []string // host paths mounted at the same path inside root (chroot only)
 	nixConf  string   // contents of /etc/nix/nix.conf, on a tmpfs that also tags the owner
 	hideHome bool     // mount an empty tmpfs over /root
+	// storeTmpfs, if not 0, mounts a tmpfs of this many bytes at /nix instead of store.
+	storeTmpfs int64
+	// netns, if set, is a network namespace file (/run/netns/NAME) the command enters.
+	netns string
 }
 
 // check reports arguments the script cannot handle.
 func (s nsSpec) check() error {
 	if !filepath.IsAbs(s.root) {
 		return fmt.Errorf("testbed: root %q is not an absolute path", s.root)
+	}
+	if s.netns != "" && !filepath.IsAbs(s.netns) {
+		return fmt.Errorf("testbed: network namespace %q is not an absolute path", s.netns)
 	}
 	if s.store != "" && !filepath.IsAbs(s.store) {
 		return fmt.Errorf("testbed: store directory %q is not an absolute path", s.store)
@@ -152,9 +159,19 @@ func (s nsSpec) script() string {
 			q(mustTool("readlink")), q(self))
 	}
 	line(`: "${PATH:=%s}"; export PATH`, defaultPath)
-	if s.store != "" {
+	switch {
+	case s.storeTmpfs > 0:
+		line("%s -p %s", mkdir, q(r+"/nix"))
+		line("%s -t tmpfs -o size=%d,mode=0755 testbed-store %s", mount, s.storeTmpfs, q(r+"/nix"))
+	case s.store != "":
 		line("%s -p %s", mkdir, q(r+"/nix"))
 		line("%s --bind %s %s", mount, q(s.store), q(r+"/nix"))
+	}
+	// Entering a network namespace is the last step before exec: the mounts above need
+	// none, and the chroot would hide nsenter.
+	enter := ""
+	if s.netns != "" {
+		enter = q(mustTool("nsenter")) + " --net=" + q(s.netns) + " "
 	}
 	// This tmpfs's source names the test process, for reapOrphans.
 	line("%s -p %s", mkdir, q(r+"/etc/nix"))
@@ -165,7 +182,7 @@ func (s nsSpec) script() string {
 		line("%s -t tmpfs -o mode=0700 testbed-home %s", mount, q(r+"/root"))
 	}
 	if r == "" {
-		line(`exec "$@"`)
+		line(`exec %s"$@"`, enter)
 		return b.String()
 	}
 	line("%s -t proc proc %s", mount, q(r+"/proc"))
@@ -179,8 +196,8 @@ func (s nsSpec) script() string {
 		line("%s --bind %s %s", mount, q(m), t)
 	}
 	// chroot(8) changes to the new /; go back to the caller's directory inside.
-	line(`exec %s %s /bin/sh -c 'cd "$1" || { echo "testbed: working directory $1 is not visible inside the Nix root (add it to mounts)" >&2; exit 125; }; shift; exec "$@"' testbed "$PWD" "$@"`,
-		q(mustTool("chroot")), q(r))
+	line(`exec %s%s %s /bin/sh -c 'cd "$1" || { echo "testbed: working directory $1 is not visible inside the Nix root (add it to mounts)" >&2; exit 125; }; shift; exec "$@"' testbed "$PWD" "$@"`,
+		enter, q(mustTool("chroot")), q(r))
 	return b.String()
 }
 

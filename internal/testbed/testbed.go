@@ -33,7 +33,10 @@
 //
 // Builder hosts listen only on loopback addresses, 127.0.0.2 to 127.0.0.254, one address
 // per builder. A builder's address is reserved for the life of the builder with an
-// abstract unix socket, so test processes running side by side never share one.
+// abstract unix socket, so test processes running side by side never share one. A
+// builder started [WithNetNS] lives in a network namespace of its own instead, reached
+// through a veth pair on a /30 of 10.213.0.0/16 (reserved the same way), so that a test
+// can cut its link or make it slow and lossy.
 //
 // # Stopping processes
 //
@@ -280,6 +283,10 @@ func RequireRoot(tb TB) {
 		n, err := reapOrphans()
 		if n > 0 || err != nil {
 			tb.Logf("testbed: ended the processes of %d namespaces left by test processes that died (%v)", n, err)
+		}
+		// After their processes: a network namespace outlives none of them.
+		if n, err := reapNets(); n > 0 || err != nil {
+			tb.Logf("testbed: removed %d network namespaces and links left by test processes that died (%v)", n, err)
 		}
 	})
 }
