@@ -164,15 +164,90 @@ func (h *hook) serve(ctx context.Context) error {
 // (successfully or not): the process must exit.
 func (h *hook) try(ctx context.Context, req *hookproto.Request) (done bool, err error) {
 	sreq := scheduler.Request{System: req.System, RequiredFeatures: req.RequiredFeatures, AmWilling: req.AmWilling}
+	run, d, err := h.open(ctx, req, sreq, false)
+	if err != nil {
+		return false, err
+	}
+	if run == nil {
+		return false, h.reply(d, req)
+	}
+	return true, h.build(ctx, req, run)
+}
+
+// allDown reports whether every machine that could build sreq failed in
+// this process.
+func (h *hook) allDown(sreq scheduler.Request) bool {
+	for _, m := range h.cfg.Machines {
+		if _, down := h.down[m.Name()]; scheduler.Matches(m, sreq) && !down {
+			return false
+		}
+	}
+	return true
+}
+
+// noMachine says why open found no machine for an accepted build.
+func (h *hook) noMachine(sreq scheduler.Request, d scheduler.Decision) string {
+	if !h.allDown(sreq) {
+		return d.Reason
+	}
+	var why []string
+	for _, m := range h.cfg.Machines {
+		if reason, down := h.down[m.Name()]; down && scheduler.Matches(m, sreq) {
+			why = append(why, fmt.Sprintf("'%s': %s", m.Name(), reason))
+		}
+	}
+	return "every machine that can build it failed: " + strings.Join(why, "; ")
+}
+
+// maxMachines bounds the machines one accepted build is tried on when
+// machines are lost under it, as in the broker.
+const maxMachines = 3
+
+// machineRun is what one attempt at a build holds: a slot on a machine, a
+// serve session there and a session with the local store.
+type machineRun struct {
+	m      machines.Machine
+	slot   *slots.Slot
+	local  *localstore.Store
+	warmed func() error // see openLocal
+	sess   *transport.Session
+	conn   *serveproto.Conn
+	client *sshconn.Client
+}
+
+// close ends the sessions and frees the slot.
+func (r *machineRun) close() {
+	r.warmed()
+	r.local.Close()
+	r.sess.Close()
+	r.client.Close()
+	r.slot.Release()
+}
+
+// open takes a slot on the best machine for sreq and connects to it, before
+// anything is accepted on it: a machine that cannot be reached is skipped
+// (and said so), not reported as a failed build. run is nil when the
+// verdict is not Accept; d says why. With wait, a Postpone verdict waits
+// for a slot instead (after "# accept" there is no postponing), unless
+// every capable machine failed in this process: h.down is never cleared,
+// so that wait would never end.
+func (h *hook) open(ctx context.Context, req *hookproto.Request, sreq scheduler.Request, wait bool) (run *machineRun, d scheduler.Decision, err error) {
 	for {
 		d, slot, m, err := h.takeSlot(ctx, sreq)
 		if err != nil {
-			return false, err
+			return nil, d, err
 		}
-		if d.Verdict != scheduler.Accept {
-			return false, h.reply(d, req)
-		}
-		if slot == nil {
+		switch {
+		case d.Verdict == scheduler.Postpone && wait && !h.allDown(sreq):
+			select {
+			case <-time.After(postponeWait):
+				continue
+			case <-ctx.Done():
+				return nil, d, context.Cause(ctx)
+			}
+		case d.Verdict != scheduler.Accept:
+			return nil, d, nil
+		case slot == nil:
 			continue // lost a race with another hook: decide again
 		}
 		// The local store's read session starts while we dial: both are
@@ -180,7 +255,7 @@ func (h *hook) try(ctx context.Context, req *hookproto.Request) (done bool, err 
 		local, warmed, err := h.openLocal()
 		if err != nil {
 			slot.Release()
-			return false, err
+			return nil, d, err
 		}
 		sess, conn, client, err := h.connect(ctx, m)
 		if err != nil {
@@ -189,15 +264,9 @@ func (h *hook) try(ctx context.Context, req *hookproto.Request) (done bool, err 
 			slot.Release()
 			h.down[m.Name()] = err.Error()
 			h.log.Msg(hookproto.LvlWarn, fmt.Sprintf("nix-offload: cannot use '%s' for '%s': %v", m.Name(), req.DrvPath, err))
-			continue // the next machine, or a decline that says why
+			continue // the next machine, or a verdict that says why
 		}
-		err = h.build(ctx, req, m, sess, conn, local, warmed)
-		warmed()
-		local.Close()
-		sess.Close()
-		client.Close()
-		slot.Release()
-		return true, err
+		return &machineRun{m: m, slot: slot, local: local, warmed: warmed, sess: sess, conn: conn, client: client}, d, nil
 	}
 }
 
@@ -325,24 +394,109 @@ func (g *logGate) attach(w io.Writer) {
 	g.mu.Unlock()
 }
 
-// build runs an accepted request to the end.
-func (h *hook) build(ctx context.Context, req *hookproto.Request, m machines.Machine, sess *transport.Session,
-	conn *serveproto.Conn, local *localstore.Store, warmed func() error) error {
+// build accepts a request on run's machine and runs it to the end.
+func (h *hook) build(ctx context.Context, req *hookproto.Request, run *machineRun) error {
 	drv, err := readDerivation(req.DrvPath)
 	if err != nil {
+		run.close()
 		// Not accepted yet: this is ours to explain, and Nix can build it.
 		h.log.Msg(hookproto.LvlError, "nix-offload: "+err.Error())
 		return hookproto.Decline(h.out)
 	}
-	if err := hookproto.Accept(h.out, m.Name()); err != nil {
+	if err := hookproto.Accept(h.out, run.m.Name()); err != nil {
+		run.close()
 		return err
 	}
 	acc, err := h.readAccepted()
 	if err != nil {
+		run.close()
 		return err
 	}
 	defer acc.log.Close(2 * time.Second)
-	return h.runAccepted(ctx, req, drv, acc, m, sess, conn, local, warmed)
+	return h.buildOn(ctx, req, drv, acc, run)
+}
+
+// buildOn runs an accepted build on run's machine. When that machine is
+// lost (it died, or its link did) before any output was fetched, the build
+// goes to another machine that can do it, up to maxMachines in all, as the
+// broker does: after "# accept" the build is ours to finish, and a user
+// expects it to finish while another capable machine exists. A build that
+// ran and failed on the machine is not retried. run is closed on return.
+func (h *hook) buildOn(ctx context.Context, req *hookproto.Request, drv *derivation.Derivation, acc *accepted, run *machineRun) error {
+	sreq := scheduler.Request{System: req.System, RequiredFeatures: req.RequiredFeatures}
+	for attempt := 1; ; attempt++ {
+		err := h.runAccepted(ctx, req, drv, acc, run)
+		run.close()
+		var lost *lostError
+		if !errors.As(err, &lost) {
+			return err
+		}
+		err = lost.err
+		if ctx.Err() != nil {
+			return err
+		}
+		if attempt >= maxMachines {
+			return fmt.Errorf("%w (%d machines lost; giving up)", err, attempt)
+		}
+		h.down[run.m.Name()] = err.Error()
+		if h.allDown(sreq) {
+			return fmt.Errorf("%w; no other machine can build it", err)
+		}
+		h.log.Msg(hookproto.LvlWarn, fmt.Sprintf("nix-offload: lost '%s' while building '%s': %v; trying another machine", run.m.Name(), req.DrvPath, err))
+		next, d, oerr := h.open(ctx, req, sreq, true)
+		switch {
+		case oerr != nil:
+			return fmt.Errorf("%w; no other machine: %v", err, oerr)
+		case next == nil && h.allDown(sreq):
+			return fmt.Errorf("%w; no other machine can build it: %s", err, h.noMachine(sreq, d))
+		case next == nil:
+			return fmt.Errorf("%w; no other machine can build it: %s", err, d.Reason)
+		}
+		h.log.Msg(hookproto.LvlInfo, fmt.Sprintf("nix-offload: building '%s' on '%s'", req.DrvPath, next.m.Name()))
+		run = next
+	}
+}
+
+// lostError is a build that lost its machine before any output was
+// fetched: another machine may do better.
+type lostError struct{ err error }
+
+func (e *lostError) Error() string { return e.err.Error() }
+func (e *lostError) Unwrap() error { return e.err }
+
+// lostMachine reports whether err means the connection to the machine, or
+// its nix-store, went away (the broker's rule too).
+func lostMachine(err error) bool {
+	var re *transport.RemoteError
+	var se *serveproto.StreamError
+	return errors.As(err, &re) || errors.As(err, &se) || errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF)
+}
+
+// localError marks a failure of the local store, which another machine
+// would not fix: its sessions fail with the same error types as a remote.
+type localError struct{ err error }
+
+func (e *localError) Error() string { return "local store: " + e.err.Error() }
+func (e *localError) Unwrap() error { return e.err }
+
+// hookLocal is the local store as offload.Run sees it in the hook, with
+// its read failures marked as local.
+type hookLocal struct{ *localstore.Store }
+
+func (l hookLocal) PathInfos(paths []string) ([]serveproto.PathInfo, error) {
+	infos, err := l.Store.PathInfos(paths)
+	if err != nil {
+		return nil, &localError{err}
+	}
+	return infos, nil
+}
+
+func (l hookLocal) Valid(paths []string) ([]string, error) {
+	valid, err := l.Store.Valid(paths)
+	if err != nil {
+		return nil, &localError{err}
+	}
+	return valid, nil
 }
 
 // accepted is what Nix sends after `# accept`, and the open build log.
@@ -373,11 +527,15 @@ func (h *hook) buildOptions() serveproto.BuildOptions {
 	}
 }
 
-// runAccepted builds an accepted request on m over conn.
-func (h *hook) runAccepted(ctx context.Context, req *hookproto.Request, drv *derivation.Derivation, acc *accepted,
-	m machines.Machine, sess *transport.Session, conn *serveproto.Conn, local *localstore.Store, warmed func() error) error {
+// runAccepted builds an accepted request on run's machine. A *lostError
+// means the machine was lost before any output was fetched.
+func (h *hook) runAccepted(ctx context.Context, req *hookproto.Request, drv *derivation.Derivation, acc *accepted, run *machineRun) error {
+	m, sess, conn := run.m, run.sess, run.conn
+	// What a machine prints before the build command (substitutions) is
+	// not the build's log, on a second machine too.
+	h.gate.open.Store(false)
 	h.gate.attach(acc.log)
-	if err := warmed(); err != nil {
+	if err := run.warmed(); err != nil {
 		return fmt.Errorf("local store: %w", err)
 	}
 	opts := h.buildOptions()
@@ -401,7 +559,8 @@ func (h *hook) runAccepted(ctx context.Context, req *hookproto.Request, drv *der
 	defer stopOnCancel()
 
 	var copyAct hookproto.ActivityID
-	err := offload.Run(bctx, conn, local, job, offload.Events{
+	fetching := false
+	err := offload.Run(bctx, conn, hookLocal{run.local}, job, offload.Events{
 		Copying: func(n int, bytes uint64) {
 			copyAct, _ = h.log.Start(hookproto.ActCopyPaths, hookproto.LvlInfo,
 				fmt.Sprintf("copying %d paths (%s) to '%s'", n, humanBytes(bytes), m.Name()))
@@ -413,6 +572,7 @@ func (h *hook) runAccepted(ctx context.Context, req *hookproto.Request, drv *der
 			h.gate.open.Store(true)
 			sess.StderrIsLog()
 		},
+		Fetching: func(int, uint64) { fetching = true },
 	})
 	var be *offload.BuildError
 	var le *offload.LimitError
@@ -425,6 +585,13 @@ func (h *hook) runAccepted(ctx context.Context, req *hookproto.Request, drv *der
 		return &exitCodeError{exitTimedOut, err}
 	case errors.As(err, &be):
 		return &exitCodeError{exitBuildFailed, err}
+	case ctx.Err() == nil && !fetching && !errors.As(err, new(*localError)) && lostMachine(err):
+		// A link that went dead shows only as the end of the stream; say
+		// why the connection was closed.
+		if why := run.client.Lost(); why != nil {
+			err = fmt.Errorf("%w: %v", err, why)
+		}
+		return &lostError{err}
 	default:
 		return err
 	}
