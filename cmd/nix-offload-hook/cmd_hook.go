@@ -345,7 +345,8 @@ func (h *hook) reply(d scheduler.Decision, req *hookproto.Request) error {
 // connect dials m and starts a serve session there, before we accept: a
 // machine that cannot be reached is skipped, not reported as a failed build.
 func (h *hook) connect(ctx context.Context, m machines.Machine) (*transport.Session, *serveproto.Conn, *sshconn.Client, error) {
-	client, err := sshconn.Dial(ctx, sshconn.Resolve(m, sshconfig.DefaultUserSettings))
+	target := sshconn.Resolve(m, sshconfig.DefaultUserSettings)
+	client, err := sshconn.Dial(ctx, target)
 	if err != nil {
 		return nil, nil, nil, err
 	}
@@ -354,7 +355,19 @@ func (h *hook) connect(ctx context.Context, m machines.Machine) (*transport.Sess
 		client.Close()
 		return nil, nil, nil, err
 	}
+	// A machine that opens the channel but never greets (a wedged
+	// nix-store, a login shell waiting for input) answers keepalives, so
+	// only a deadline ends the wait: the connect timeout, as in the pool.
+	hctx, cancel := context.WithTimeout(ctx, target.ConnectTimeout)
+	defer cancel()
+	stop := context.AfterFunc(hctx, func() { sess.Close() })
 	conn, err := serveproto.Handshake(sess.Stdout(), sess.Stdin(), serveproto.Options{Explain: sess.Explain})
+	if !stop() && ctx.Err() == nil {
+		if err == nil {
+			err = errors.New("the session was closed")
+		}
+		err = fmt.Errorf("%s: no serve protocol greeting within %v: %w", m.Name(), target.ConnectTimeout, err)
+	}
 	if err != nil {
 		sess.Close()
 		client.Close()

@@ -15,6 +15,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/nix-community/go-nix/pkg/derivation"
 
@@ -153,12 +154,10 @@ func hookBinary(t *testing.T) string {
 // that builds it and lies about the output's narHash. The build fails with
 // a message that names the machine, the output and the mismatch, and Nix
 // calls the output invalid.
-func TestHookAgainstHostileMachine(t *testing.T) {
-	nix := testbed.Lookup(t, "2.8")
-	hook := hookBinary(t)
-	srv := &servetest.Server{Build: lyingBuild}
-	s := servetest.StartSSH(t, srv)
-
+// hostileSetup writes a hook configuration whose only machine is s, and
+// instantiates a fresh derivation in a new store on the bed.
+func hostileSetup(t *testing.T, nix testbed.Nix, s *servetest.SSHServer, extra string) (cfgFile, store, drv, out string) {
+	t.Helper()
 	cfgDir := t.TempDir()
 	cfg := fmt.Sprintf(`[daemon]
 socket = %q
@@ -171,8 +170,8 @@ user = "root"
 ssh-key = %q
 host-key = %q
 systems = ["x86_64-linux"]
-`, filepath.Join(cfgDir, "no-broker.sock"), filepath.Join(cfgDir, "state"), s.Host, s.Port, s.ClientKeyFile, s.HostKey)
-	cfgFile := filepath.Join(cfgDir, "offload.toml")
+`, filepath.Join(cfgDir, "no-broker.sock"), filepath.Join(cfgDir, "state"), s.Host, s.Port, s.ClientKeyFile, s.HostKey) + extra
+	cfgFile = filepath.Join(cfgDir, "offload.toml")
 	if err := os.WriteFile(cfgFile, []byte(cfg), 0o644); err != nil {
 		t.Fatal(err)
 	}
@@ -183,17 +182,71 @@ systems = ["x86_64-linux"]
 		builder = "/bin/sh"; args = ["-c" "echo built locally > $out"]; }`, hex.EncodeToString(salt))), 0o644); err != nil {
 		t.Fatal(err)
 	}
-
-	store := testbed.NewStore(t)
+	store = testbed.NewStore(t)
 	drv, stderr, err := bedRun(nix, store, nil, "nix-instantiate", expr)
 	if err != nil {
 		t.Fatalf("nix-instantiate: %v: %s", err, stderr)
 	}
-	out, stderr, err := bedRun(nix, store, nil, "nix-store", "-q", "--outputs", drv)
+	out, stderr, err = bedRun(nix, store, nil, "nix-store", "-q", "--outputs", drv)
 	if err != nil {
 		t.Fatalf("nix-store -q --outputs: %v: %s", err, stderr)
 	}
-	_, stderr, err = bedRun(nix, store, []string{"NIX_OFFLOAD_CONFIG=" + cfgFile},
+	return cfgFile, store, drv, out
+}
+
+// TestHookMachineNeverGreets: a machine that opens the serve channel but
+// never sends the protocol greeting costs the hook its connect timeout: the
+// hook gives up on it and says why, and Nix, which may not build locally
+// here, waits for a machine (as with Nix's own hook when every machine is
+// down) until timeout(1) stops it. Before the fix the hook itself hung in
+// the handshake, holding the build's locks, whatever connect-timeout said.
+func TestHookMachineNeverGreets(t *testing.T) {
+	nix := testbed.Lookup(t, "2.8")
+	hook := hookBinary(t)
+	stalled := make(chan servetest.Op, 1)
+	srv := &servetest.Server{Stalled: stalled, Tamper: func(r *servetest.Reply) {
+		if r.Op == servetest.Handshake {
+			r.Bytes, r.After = nil, servetest.Stall
+		}
+	}}
+	s := servetest.StartSSH(t, srv)
+	cfgFile, store, drv, out := hostileSetup(t, nix, s, "connect-timeout = \"2s\"\n")
+	start := time.Now()
+	done := make(chan struct{})
+	var stderr string
+	var err error
+	go func() {
+		defer close(done)
+		_, stderr, err = bedRun(nix, store, []string{"NIX_OFFLOAD_CONFIG=" + cfgFile},
+			"/usr/bin/timeout", "15", "nix-store", "--realise", drv, "--max-jobs", "0", "--option", "build-hook", hook, "--option", "substituters", "")
+	}()
+	select {
+	case <-done:
+	case <-time.After(2 * time.Minute): // a bound on a hang, not a timing assertion
+		t.Fatal("nix-store --realise still waiting two minutes after a machine stopped greeting")
+	}
+	t.Logf("after %v nix-store --realise said:\n%s", time.Since(start).Round(time.Millisecond), stderr)
+	if err == nil {
+		t.Fatal("nix-store --realise succeeded without a machine that speaks the protocol")
+	}
+	if want := "cannot use '" + s.MachineName() + "' for '" + drv + "': " + s.MachineName() + ": no serve protocol greeting within 2s"; !strings.Contains(stderr, want) {
+		t.Errorf("nix-store --realise output lacks %q", want)
+	}
+	select {
+	case <-stalled:
+	default:
+		t.Error("the machine was never asked for its greeting")
+	}
+	checkInvalidForNix(t, nix, store, out)
+}
+
+func TestHookAgainstHostileMachine(t *testing.T) {
+	nix := testbed.Lookup(t, "2.8")
+	hook := hookBinary(t)
+	srv := &servetest.Server{Build: lyingBuild}
+	s := servetest.StartSSH(t, srv)
+	cfgFile, store, drv, out := hostileSetup(t, nix, s, "")
+	_, stderr, err := bedRun(nix, store, []string{"NIX_OFFLOAD_CONFIG=" + cfgFile},
 		"nix-store", "--realise", drv, "--max-jobs", "0", "--option", "build-hook", hook, "--option", "substituters", "")
 	t.Logf("nix-store --realise said:\n%s", stderr)
 	if err == nil {
