@@ -16,12 +16,15 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
+	"os"
 	"time"
 
 	"github.com/nix-offload/nix-offload/internal/brokerapi"
 	"github.com/nix-offload/nix-offload/internal/hookproto"
 	"github.com/nix-offload/nix-offload/internal/localstore"
 	"github.com/nix-offload/nix-offload/internal/serveproto"
+	"github.com/nix-offload/nix-offload/internal/service"
 )
 
 // errNoBroker sends a request to embedded mode.
@@ -36,11 +39,42 @@ func (h *hook) socketPath() string { return brokerSocket("", h.cfg) }
 func (h *hook) dialBroker(ctx context.Context) *brokerapi.Client {
 	dctx, cancel := context.WithTimeout(ctx, brokerDialTimeout)
 	defer cancel()
-	c, err := brokerapi.Dial(dctx, h.socketPath())
+	c, err := brokerapi.DialChecked(dctx, h.socketPath(), brokerPeer)
+	var untrusted *untrustedBrokerError
+	if errors.As(err, &untrusted) {
+		h.log.Msg(hookproto.LvlWarn, fmt.Sprintf("nix-offload: broker on %s: %v; going on without it", h.socketPath(), err))
+	}
 	if err != nil {
 		return nil
 	}
 	return c
+}
+
+// untrustedBrokerError is a broker socket served by a user the hook must
+// not take outputs from.
+type untrustedBrokerError struct{ uid uint32 }
+
+func (e *untrustedBrokerError) Error() string {
+	return fmt.Sprintf("the socket is served by uid %d, not by root or this hook's user: refusing it", e.uid)
+}
+
+// brokerPeer accepts a broker run by root, or by the hook's own user (no
+// more than the hook could do itself). Anyone else who managed to bind
+// the socket path, e.g. one configured in a world-writable directory, would
+// choose the bytes the hook makes valid in the store.
+func brokerPeer(c net.Conn) error {
+	uid, err := service.PeerUID(c)
+	if err != nil {
+		return err
+	}
+	return trustBrokerUID(uid, uint32(os.Getuid()))
+}
+
+func trustBrokerUID(uid, self uint32) error {
+	if uid != 0 && uid != self {
+		return &untrustedBrokerError{uid: uid}
+	}
+	return nil
 }
 
 // dropBroker says why the hook goes on without the broker.

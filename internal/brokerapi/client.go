@@ -42,8 +42,28 @@ type Client struct {
 // Dial connects to the broker listening on socket. An error means there is
 // no broker to talk to (the socket is missing, or nothing listens).
 func Dial(ctx context.Context, socket string) (*Client, error) {
+	return DialChecked(ctx, socket, nil)
+}
+
+// DialChecked is Dial with check run on every connection to the socket
+// before anything is sent on it; a check that fails closes the connection
+// and fails the dial or the request with its error. The hook uses it to
+// refuse a socket that root does not serve: whoever answers there decides
+// which bytes become store paths.
+func DialChecked(ctx context.Context, socket string, check func(net.Conn) error) (*Client, error) {
 	var d net.Dialer
-	conn, err := d.DialContext(ctx, "unix", socket)
+	dial := func(ctx context.Context) (net.Conn, error) {
+		c, err := d.DialContext(ctx, "unix", socket)
+		if err != nil || check == nil {
+			return c, err
+		}
+		if err := check(c); err != nil {
+			c.Close()
+			return nil, err
+		}
+		return c, nil
+	}
+	conn, err := dial(ctx)
 	if err != nil {
 		return nil, err
 	}
@@ -61,7 +81,7 @@ func Dial(ctx context.Context, socket string) (*Client, error) {
 			if c != nil {
 				return c, nil
 			}
-			return d.DialContext(ctx, "unix", socket)
+			return dial(ctx)
 		},
 		MaxConnsPerHost:    1,
 		MaxIdleConns:       1,

@@ -3,6 +3,7 @@ package brokerapi
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"net"
 	"net/http"
 	"path/filepath"
@@ -117,5 +118,41 @@ func TestErrorsAndVersion(t *testing.T) {
 	}
 	if _, err := Dial(ctx, filepath.Join(t.TempDir(), "none.sock")); err == nil {
 		t.Error("Dial of a missing socket succeeded")
+	}
+}
+
+// A check that refuses the peer fails the dial with its error, and not one
+// request reaches whoever listens on the socket.
+func TestDialCheckedRefusesThePeer(t *testing.T) {
+	var requests atomic.Int32
+	socket, conns := serve(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		requests.Add(1)
+	}))
+	refused := errors.New("served by uid 1000")
+	var checked atomic.Int32
+	_, err := DialChecked(context.Background(), socket, func(c net.Conn) error {
+		checked.Add(1)
+		return refused
+	})
+	if !errors.Is(err, refused) {
+		t.Fatalf("DialChecked: %v, want the check's error", err)
+	}
+	if checked.Load() != 1 {
+		t.Errorf("check ran %d times, want 1", checked.Load())
+	}
+	// The server saw at most a connection that closed at once, never a request.
+	time.Sleep(50 * time.Millisecond)
+	if n := requests.Load(); n != 0 {
+		t.Errorf("%d requests reached the refused peer (%d connections)", n, conns.Load())
+	}
+
+	c, err := DialChecked(context.Background(), socket, func(net.Conn) error { return nil })
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.Status(context.Background())
+	if requests.Load() != 1 {
+		t.Errorf("an accepted peer got %d requests, want 1", requests.Load())
 	}
 }
