@@ -353,8 +353,10 @@ func TestHookSilentBuildTimesOut(t *testing.T) {
 	testbed.WaitFor(t, time.Minute, "the remote build to stop", func() bool { return len(sleepers(b)) == 0 })
 }
 
-// TestHookMachineDiesMidBuild: after acceptance a lost machine fails the
-// build clearly (it is not left hanging) and names the machine.
+// TestHookMachineDiesMidBuild: after acceptance, a lost machine with no
+// other capable machine fails the build clearly (it is not left hanging)
+// and names the machine. With another machine the build moves there
+// (faults_integration_test.go).
 func TestHookMachineDiesMidBuild(t *testing.T) {
 	nix := testbed.Lookup(t, "2.8")
 	b := testbed.StartBuilder(t, nix)

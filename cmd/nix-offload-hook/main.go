@@ -1,7 +1,8 @@
 // Command nix-offload-hook is a drop-in replacement for Nix's remote build
 // hook, and the tools around it.
 //
-//	nix-offload-hook check [-config FILE] [-json] [MACHINE…]   test every machine
+//	nix-offload-hook check [-config FILE] [-config-only] [-json] [MACHINE…]
+//	                                                           test every machine (or just read the configuration)
 //	nix-offload-hook daemon [-config FILE] [-socket PATH]      run the broker
 //	nix-offload-hook status [-json]                            show the broker's state
 //	nix-offload-hook version                                   print the version
@@ -96,7 +97,7 @@ type failedError struct{ msg string }
 func (e *failedError) Error() string { return e.msg }
 
 const usage = `usage:
-  nix-offload-hook check [-config FILE] [-builders SPEC] [-json] [MACHINE...]
+  nix-offload-hook check [-config FILE] [-builders SPEC] [-config-only] [-json] [MACHINE...]
       connect to every configured machine (or the named ones) and test it:
       host key, serve protocol, remote Nix, a store round trip, clock skew
   nix-offload-hook daemon [-config FILE] [-builders SPEC] [-socket PATH] [-drain DURATION] [-debug]
