@@ -477,14 +477,6 @@ type lostError struct{ err error }
 func (e *lostError) Error() string { return e.err.Error() }
 func (e *lostError) Unwrap() error { return e.err }
 
-// lostMachine reports whether err means the connection to the machine, or
-// its nix-store, went away (the broker's rule too).
-func lostMachine(err error) bool {
-	var re *transport.RemoteError
-	var se *serveproto.StreamError
-	return errors.As(err, &re) || errors.As(err, &se) || errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF)
-}
-
 // localError marks a failure of the local store, which another machine
 // would not fix: its sessions fail with the same error types as a remote.
 type localError struct{ err error }
@@ -598,7 +590,7 @@ func (h *hook) runAccepted(ctx context.Context, req *hookproto.Request, drv *der
 		return &exitCodeError{exitTimedOut, err}
 	case errors.As(err, &be):
 		return &exitCodeError{exitBuildFailed, err}
-	case ctx.Err() == nil && !fetching && !errors.As(err, new(*localError)) && lostMachine(err):
+	case ctx.Err() == nil && !fetching && !errors.As(err, new(*localError)) && offload.MachineLost(err):
 		// A link that went dead shows only as the end of the stream; say
 		// why the connection was closed.
 		if why := run.client.Lost(); why != nil {

@@ -19,7 +19,6 @@ import (
 	"github.com/nix-offload/nix-offload/internal/offload"
 	"github.com/nix-offload/nix-offload/internal/scheduler"
 	"github.com/nix-offload/nix-offload/internal/serveproto"
-	"github.com/nix-offload/nix-offload/internal/transport"
 )
 
 // errClientGone cancels the builds of a client whose connection closed.
@@ -312,7 +311,7 @@ func (bd *build) runOn(m *machine) (retry bool, err error) {
 		b.mx.built(m.name, "error", time.Since(started))
 		bd.fail(brokerapi.FailMisc, err)
 		return false, err
-	case lostMachine(err):
+	case offload.MachineLost(err):
 		// Before or during the build: both are worth another machine.
 		b.mx.built(m.name, "lost", time.Since(started))
 		// A link that went dead shows only as the end of the stream; say
@@ -327,14 +326,6 @@ func (bd *build) runOn(m *machine) (retry bool, err error) {
 		bd.fail(brokerapi.FailMisc, err)
 		return false, err
 	}
-}
-
-// lostMachine reports whether err means the connection to the machine, or
-// its nix-store, went away.
-func lostMachine(err error) bool {
-	var re *transport.RemoteError
-	var se *serveproto.StreamError
-	return errors.As(err, &re) || errors.As(err, &se) || errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF)
 }
 
 // logSink turns the remote's stderr into log events once the build
