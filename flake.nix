@@ -8,13 +8,19 @@
     let
       inherit (nixpkgs) lib;
 
-      # Linux only: the hook uses Pdeathsig, SO_PEERCRED and SO_DOMAIN, which darwin lacks,
-      # so it does not build there yet (nixos-module/package.nix).
-      systems = [
+      # The test bed, the units and the module are Linux's; the hook itself also builds for
+      # darwin (CGO off; scripts/test cross-compiles it), untested there, and a broker on
+      # darwin refuses every client because it cannot read peer credentials.
+      linuxSystems = [
         "x86_64-linux"
         "aarch64-linux"
       ];
+      systems = linuxSystems ++ [
+        "x86_64-darwin"
+        "aarch64-darwin"
+      ];
       forAllSystems = f: lib.genAttrs systems (system: f system nixpkgs.legacyPackages.${system});
+      forLinux = f: lib.genAttrs linuxSystems (system: f system nixpkgs.legacyPackages.${system});
 
       # The commit, as `git describe --always` gives it to the Makefile's builds.
       version = self.shortRev or self.dirtyShortRev or "devel";
@@ -82,7 +88,7 @@
           services.nix-offload.package = lib.mkDefault (mkNixOffload pkgs);
         };
 
-      devShells = forAllSystems (
+      devShells = forLinux (
         _: pkgs: {
           default = pkgs.mkShell {
             packages = [
@@ -100,7 +106,7 @@
         }
       );
 
-      checks = forAllSystems (
+      checks = forLinux (
         system: pkgs: {
           package = self.packages.${system}.default;
           go-tests = goTests pkgs "nix-offload-go-tests" "./...";

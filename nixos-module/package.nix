@@ -3,6 +3,7 @@
 # packages.<system>.default and overlays.default.
 {
   lib,
+  stdenv,
   buildGoModule,
   version ? "devel",
 }:
@@ -39,19 +40,24 @@ buildGoModule {
   # The tests need root, Nix and sshd (the test bed); the flake's checks run the unit tests.
   doCheck = false;
 
-  postInstall = ''
-    install -D -m 0644 systemd/nix-offload.socket $out/lib/systemd/system/nix-offload.socket
-    install -D -m 0644 systemd/nix-offload.service $out/lib/systemd/system/nix-offload.service
-    substituteInPlace $out/lib/systemd/system/nix-offload.service \
-      --replace-fail /usr/local/bin/nix-offload-hook $out/bin/nix-offload-hook
-    install -D -m 0644 examples/offload.toml $out/share/doc/nix-offload/offload.toml.example
-  '';
+  # The units only where systemd is; the example configuration everywhere.
+  postInstall =
+    lib.optionalString stdenv.hostPlatform.isLinux ''
+      install -D -m 0644 systemd/nix-offload.socket $out/lib/systemd/system/nix-offload.socket
+      install -D -m 0644 systemd/nix-offload.service $out/lib/systemd/system/nix-offload.service
+      substituteInPlace $out/lib/systemd/system/nix-offload.service \
+        --replace-fail /usr/local/bin/nix-offload-hook $out/bin/nix-offload-hook
+    ''
+    + ''
+      install -D -m 0644 examples/offload.toml $out/share/doc/nix-offload/offload.toml.example
+    '';
 
   meta = {
     description = "Drop-in replacement for Nix's remote build hook, with a broker for warm SSH sessions";
     homepage = "https://github.com/nix-offload/nix-offload";
     mainProgram = "nix-offload-hook";
-    # Linux only: the code uses Pdeathsig, SO_PEERCRED and SO_DOMAIN, which darwin lacks.
-    platforms = lib.platforms.linux;
+    # Tested on Linux; it builds for darwin, where a broker refuses every client (no peer
+    # credentials without cgo) and the hook works alone.
+    platforms = lib.platforms.linux ++ lib.platforms.darwin;
   };
 }

@@ -61,7 +61,11 @@
 
           pkgs = {
             inherit lib;
-            stdenv.hostPlatform.system = system;
+            stdenv.hostPlatform = {
+              inherit system;
+              isLinux = lib.hasSuffix "-linux" system;
+              isDarwin = lib.hasSuffix "-darwin" system;
+            };
             callPackage =
               f: extra:
               let
@@ -98,6 +102,8 @@
       legacyPackages = lib.genAttrs [
         "x86_64-linux"
         "aarch64-linux"
+        "x86_64-darwin"
+        "aarch64-darwin"
       ] forSystem;
     };
 }
