@@ -67,7 +67,7 @@ func newBrokerEnv(t *testing.T, nix testbed.Nix, store string, slots int, builde
 
 func (e *brokerEnv) start(t *testing.T, nix testbed.Nix, store string) {
 	t.Helper()
-	cmd := nix.Command(store, e.mounts, hookBinary(t), "daemon", "-config", e.config, "-drain", "30s", "-debug")
+	cmd := nix.Command(store, e.mounts, testbed.HookBinary(t), "daemon", "-config", e.config, "-drain", "30s", "-debug")
 	e.log = &syncBuffer{}
 	cmd.Stdout, cmd.Stderr = e.log, e.log
 	if p := os.Getenv("NIX_OFFLOAD_TEST_BROKER_LOG"); p != "" {
@@ -224,7 +224,7 @@ func TestBrokerHookKilled(t *testing.T) {
 	expr := env.writeExpr(t, fmt.Sprintf(`derivation { name = "sleeper"; salt = %q; system = "x86_64-linux";
 		builder = "/bin/sh"; args = ["-c" "echo sleeping; /bin/sleep 300; echo > $out"]; }`, randomHex(8)))
 	cmd := nix.Command(store, env.mounts, "nix-build", "--max-jobs", "0", "--no-out-link",
-		"--option", "build-hook", hookBinary(t), "--option", "substituters", "", expr)
+		"--option", "build-hook", testbed.HookBinary(t), "--option", "substituters", "", expr)
 	cmd.Env = append(cmd.Env, "NIX_OFFLOAD_CONFIG="+env.config)
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -261,7 +261,7 @@ func TestBrokerStopsWhileBuilding(t *testing.T) {
 		builder = "/bin/sh"; args = ["-c" "echo slow ${n}; /bin/sleep 3; echo ${n} > $out"]; };
 		in [ (mk "1") (mk "2") ]`, salt))
 	cmd := nix.Command(store, env.mounts, "nix-build", "--max-jobs", "0", "--no-out-link",
-		"--option", "build-hook", hookBinary(t), "--option", "substituters", "", expr)
+		"--option", "build-hook", testbed.HookBinary(t), "--option", "substituters", "", expr)
 	cmd.Env = append(cmd.Env, "NIX_OFFLOAD_CONFIG="+env.config)
 	var stdout, stderr syncBuffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr

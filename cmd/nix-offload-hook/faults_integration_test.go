@@ -46,7 +46,7 @@ func newFaultEnv(t *testing.T, keepAlive string, ms ...faultMachine) offloadEnv 
 	if keepAlive != "" {
 		fmt.Fprintf(&cfg, "[ssh]\nserver-alive-interval = %q\n\n", keepAlive)
 	}
-	mounts := []string{dir, filepath.Dir(hookBinary(t))}
+	mounts := []string{dir, filepath.Dir(testbed.HookBinary(t))}
 	for _, m := range ms {
 		cfg.WriteString(machineTOML(m.b, true))
 		fmt.Fprintf(&cfg, "parallel-builds = %d\n%s\n", m.slots, m.extra)
@@ -89,7 +89,7 @@ type bgBuild struct {
 func startBuild(t *testing.T, nix testbed.Nix, store string, env offloadEnv, args ...string) *bgBuild {
 	t.Helper()
 	argv := append([]string{"nix-build", "--max-jobs", "0", "--no-out-link",
-		"--option", "build-hook", hookBinary(t), "--option", "substituters", ""}, args...)
+		"--option", "build-hook", testbed.HookBinary(t), "--option", "substituters", ""}, args...)
 	bb := &bgBuild{cmd: nix.Command(store, env.mounts, argv...), done: make(chan struct{})}
 	bb.cmd.Env = append(bb.cmd.Env, "NIX_OFFLOAD_CONFIG="+env.config)
 	bb.cmd.Stdout, bb.cmd.Stderr = &bb.stdout, &bb.stderr

@@ -9,42 +9,12 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
 
 	"github.com/nix-offload/nix-offload/internal/testbed"
 )
-
-var (
-	hookBinOnce sync.Once
-	hookBinPath string
-	hookBinErr  error
-)
-
-// hookBinary builds the hook once per test process, statically, so the same
-// binary runs on the host and inside the Nix 2.26/2.34 roots.
-func hookBinary(t *testing.T) string {
-	t.Helper()
-	hookBinOnce.Do(func() {
-		dir, err := os.MkdirTemp("", "nix-offload-hook-bin-")
-		if err != nil {
-			hookBinErr = err
-			return
-		}
-		hookBinPath = filepath.Join(dir, "nix-offload-hook")
-		cmd := exec.Command("go", "build", "-o", hookBinPath, ".")
-		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
-		if out, err := cmd.CombinedOutput(); err != nil {
-			hookBinErr = fmt.Errorf("go build: %v\n%s", err, out)
-		}
-	})
-	if hookBinErr != nil {
-		t.Fatal(hookBinErr)
-	}
-	return hookBinPath
-}
 
 // offloadEnv is what a local side needs to offload to builders: a config
 // directory (offload.toml, state dir) and the mounts that make it, the hook
@@ -60,7 +30,7 @@ func newOffloadEnv(t *testing.T, extra string, builders ...*testbed.Builder) off
 	dir := t.TempDir()
 	var cfg strings.Builder
 	fmt.Fprintf(&cfg, "[daemon]\nstate-dir = %q\n\n", filepath.Join(dir, "state"))
-	mounts := []string{dir, filepath.Dir(hookBinary(t))}
+	mounts := []string{dir, filepath.Dir(testbed.HookBinary(t))}
 	for _, b := range builders {
 		cfg.WriteString(machineTOML(b, true))
 		cfg.WriteString("parallel-builds = 4\n" + extra + "\n")
@@ -118,7 +88,7 @@ const graphRoot = "root c2 c1 c0 w1 w2 w3 w4"
 func nixBuild(t *testing.T, nix testbed.Nix, store string, env offloadEnv, args ...string) (string, string, error) {
 	t.Helper()
 	argv := append([]string{"nix-build", "--max-jobs", "0", "--no-out-link",
-		"--option", "build-hook", hookBinary(t), "--option", "substituters", ""}, args...)
+		"--option", "build-hook", testbed.HookBinary(t), "--option", "substituters", ""}, args...)
 	cmd := nix.Command(store, env.mounts, argv...)
 	cmd.Env = append(cmd.Env, "NIX_OFFLOAD_CONFIG="+env.config)
 	return runCmd(cmd)
@@ -214,7 +184,7 @@ func TestHookThroughDaemon(t *testing.T) {
 			b := testbed.StartBuilder(t, nix)
 			env := newOffloadEnv(t, "", b)
 			store := testbed.NewStore(t)
-			daemon := nix.Command(store, env.mounts, "nix-daemon", "--option", "build-hook", hookBinary(t),
+			daemon := nix.Command(store, env.mounts, "nix-daemon", "--option", "build-hook", testbed.HookBinary(t),
 				"--option", "max-jobs", "0", "--option", "substituters", "")
 			daemon.Env = append(daemon.Env, "NIX_OFFLOAD_CONFIG="+env.config)
 			var daemonErr bytes.Buffer
@@ -277,7 +247,7 @@ func TestHookDeclinesUnsupportedFeature(t *testing.T) {
 	expr := env.writeExpr(t, fmt.Sprintf(`derivation { name = "needs-kvm"; salt = %q; system = "x86_64-linux";
 		requiredSystemFeatures = ["kvm"]; builder = "/bin/sh"; args = ["-c" "echo local > $out"]; }`, randomHex(8)))
 	cmd := nix.Command(store, env.mounts, "nix-build", "--max-jobs", "1", "--no-out-link",
-		"--option", "build-hook", hookBinary(t), "--option", "substituters", "",
+		"--option", "build-hook", testbed.HookBinary(t), "--option", "substituters", "",
 		"--option", "system-features", "kvm", expr)
 	cmd.Env = append(cmd.Env, "NIX_OFFLOAD_CONFIG="+env.config)
 	out, errOut, err := runCmd(cmd)
@@ -302,7 +272,7 @@ func TestHookInterrupt(t *testing.T) {
 	expr := env.writeExpr(t, fmt.Sprintf(`derivation { name = "sleeper"; salt = %q; system = "x86_64-linux";
 		builder = "/bin/sh"; args = ["-c" "echo sleeping; /bin/sleep 300; echo > $out"]; }`, randomHex(8)))
 	argv := []string{"nix-build", "--max-jobs", "0", "--no-out-link",
-		"--option", "build-hook", hookBinary(t), "--option", "substituters", "", expr}
+		"--option", "build-hook", testbed.HookBinary(t), "--option", "substituters", "", expr}
 	cmd := nix.Command(store, env.mounts, argv...)
 	cmd.Env = append(cmd.Env, "NIX_OFFLOAD_CONFIG="+env.config)
 	if err := cmd.Start(); err != nil {
@@ -426,7 +396,7 @@ func TestHookUsesNixBuilders(t *testing.T) {
 	expr := env.writeExpr(t, graphExpr(randomHex(8)))
 	run := func(builders string) (string, string, error) {
 		cmd := nix.Command(store, env.mounts, "nix-build", "--max-jobs", "0", "--no-out-link",
-			"--option", "build-hook", hookBinary(t), "--option", "substituters", "", "--builders", builders, expr)
+			"--option", "build-hook", testbed.HookBinary(t), "--option", "substituters", "", "--builders", builders, expr)
 		cmd.Env = append(cmd.Env, "NIX_OFFLOAD_CONFIG=")
 		return runCmd(cmd)
 	}

@@ -474,7 +474,7 @@ func TestBrokerLoad500(t *testing.T) {
 	}
 	// nixBuild, started here so that a failed test can end it.
 	cmd := local.Command(store, env.mounts, "nix-build", "--max-jobs", "0", "--no-out-link",
-		"--option", "build-hook", hookBinary(t), "--option", "substituters", "", expr)
+		"--option", "build-hook", testbed.HookBinary(t), "--option", "substituters", "", expr)
 	cmd.Env = append(cmd.Env, "NIX_OFFLOAD_CONFIG="+env.config)
 	var stdout, stderr syncBuffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr

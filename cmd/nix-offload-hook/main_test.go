@@ -3,16 +3,15 @@ package main
 import (
 	"fmt"
 	"os"
-	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/nix-offload/nix-offload/internal/testbed"
 )
 
 func TestMain(m *testing.M) {
 	code := m.Run()
-	if hookBinPath != "" {
-		os.RemoveAll(filepath.Dir(hookBinPath))
-	}
+	testbed.RemoveHookBinary()
 	os.Exit(code)
 }
 

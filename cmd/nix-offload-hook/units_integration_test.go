@@ -132,7 +132,7 @@ func TestUnitsSocketActivation(t *testing.T) {
 	}
 
 	store := testbed.NewStore(t)
-	daemon := nix.Command(store, env.mounts, "nix-daemon", "--option", "build-hook", hookBinary(t),
+	daemon := nix.Command(store, env.mounts, "nix-daemon", "--option", "build-hook", testbed.HookBinary(t),
 		"--option", "max-jobs", "0", "--option", "substituters", "")
 	daemon.Env = append(daemon.Env, "NIX_OFFLOAD_CONFIG="+env.config)
 	var daemonLog syncBuffer
@@ -156,7 +156,7 @@ func TestUnitsSocketActivation(t *testing.T) {
 	// service with a clean environment.
 	argv = append(argv, "-E", "NIX_OFFLOAD_CONFIG="+env.config, "-E", "NOTIFY_SOCKET="+notify.path,
 		"-E", "WATCHDOG_USEC="+strconv.FormatInt(watchdog.Microseconds(), 10),
-		"-E", "NIX_CONF_DIR", "-E", "NIX_USER_CONF_FILES", hookBinary(t))
+		"-E", "NIX_CONF_DIR", "-E", "NIX_USER_CONF_FILES", testbed.HookBinary(t))
 	argv = append(argv, execStart[1:]...)
 	act := nix.Command(store, env.mounts, argv...)
 	var actLog syncBuffer
@@ -195,8 +195,8 @@ func TestUnitsSocketActivation(t *testing.T) {
 		t.Fatalf("status, the first connection: exit %d\n%s%s", code, out, errOut)
 	}
 	t.Logf("first connection answered by the activated broker in %v", time.Since(start).Round(time.Millisecond))
-	if got := exe(); got != hookBinary(t) {
-		t.Errorf("after the first connection the process is %s, want the broker %s", got, hookBinary(t))
+	if got := exe(); got != testbed.HookBinary(t) {
+		t.Errorf("after the first connection the process is %s, want the broker %s", got, testbed.HookBinary(t))
 	}
 	if notify.count("READY=1") != 1 {
 		t.Errorf("READY=1 sent %d times, want once; notifications %q", notify.count("READY=1"), notify.all())

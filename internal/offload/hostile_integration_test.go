@@ -13,7 +13,6 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -117,38 +116,6 @@ func TestHostileMachineRealStore(t *testing.T) {
 	}
 }
 
-var (
-	hookOnce sync.Once
-	hookPath string
-	hookErr  error
-)
-
-// hookBinary builds nix-offload-hook once per test process, statically.
-func hookBinary(t *testing.T) string {
-	t.Helper()
-	hookOnce.Do(func() {
-		dir, err := os.MkdirTemp("", "nix-offload-hostile-hook-")
-		if err != nil {
-			hookErr = err
-			return
-		}
-		goCmd, err := exec.LookPath("go")
-		if err != nil {
-			goCmd = "/usr/local/go/bin/go" // where the project's machines have it
-		}
-		hookPath = filepath.Join(dir, "nix-offload-hook")
-		cmd := exec.Command(goCmd, "build", "-o", hookPath, "github.com/nix-offload/nix-offload/cmd/nix-offload-hook")
-		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
-		if out, err := cmd.CombinedOutput(); err != nil {
-			hookErr = fmt.Errorf("go build: %v\n%s", err, out)
-		}
-	})
-	if hookErr != nil {
-		t.Fatal(hookErr)
-	}
-	return hookPath
-}
-
 // TestHookAgainstHostileMachine: nix-store --realise on the bed's Nix 2.8
 // hands a derivation to our hook, which offloads it over SSH to a machine
 // that builds it and lies about the output's narHash. The build fails with
@@ -202,7 +169,7 @@ systems = ["x86_64-linux"]
 // the handshake, holding the build's locks, whatever connect-timeout said.
 func TestHookMachineNeverGreets(t *testing.T) {
 	nix := testbed.Lookup(t, "2.8")
-	hook := hookBinary(t)
+	hook := testbed.HookBinary(t)
 	stalled := make(chan servetest.Op, 1)
 	srv := &servetest.Server{Stalled: stalled, Tamper: func(r *servetest.Reply) {
 		if r.Op == servetest.Handshake {
@@ -242,7 +209,7 @@ func TestHookMachineNeverGreets(t *testing.T) {
 
 func TestHookAgainstHostileMachine(t *testing.T) {
 	nix := testbed.Lookup(t, "2.8")
-	hook := hookBinary(t)
+	hook := testbed.HookBinary(t)
 	srv := &servetest.Server{Build: lyingBuild}
 	s := servetest.StartSSH(t, srv)
 	cfgFile, store, drv, out := hostileSetup(t, nix, s, "")
