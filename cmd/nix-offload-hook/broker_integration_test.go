@@ -203,7 +203,10 @@ func TestBrokerQueuesInsteadOfPostponing(t *testing.T) {
 	if got := storeFile(t, store, out); got != graphRoot {
 		t.Errorf("root output %q", got)
 	}
-	if !strings.Contains(errOut, "waits for a machine") {
+	// A build the broker queued is accepted "on 'nix-offload queue'". Whether
+	// it still waits when its hook sends the build (and says "waits for a
+	// machine") depends on how fast the builds before it end.
+	if !strings.Contains(errOut, "on 'nix-offload queue'") {
 		t.Errorf("no build was queued in the broker:\n%s", errOut)
 	}
 	// A postponed build would wait 30 s for nix-daemon to ask again.
