@@ -355,18 +355,10 @@ func (h *hook) connect(ctx context.Context, m machines.Machine) (*transport.Sess
 		client.Close()
 		return nil, nil, nil, err
 	}
-	// A machine that opens the channel but never greets (a wedged
-	// nix-store, a login shell waiting for input) answers keepalives, so
-	// only a deadline ends the wait: the connect timeout, as in the pool.
-	hctx, cancel := context.WithTimeout(ctx, target.ConnectTimeout)
-	defer cancel()
-	stop := context.AfterFunc(hctx, func() { sess.Close() })
-	conn, err := serveproto.Handshake(sess.Stdout(), sess.Stdin(), serveproto.Options{Explain: sess.Explain})
-	if !stop() && ctx.Err() == nil {
-		if err == nil {
-			err = errors.New("the session was closed")
-		}
-		err = fmt.Errorf("%s: no serve protocol greeting within %v: %w", m.Name(), target.ConnectTimeout, err)
+	conn, err := serveproto.HandshakeWithin(ctx, target.ConnectTimeout, sess.Stdout(), sess.Stdin(),
+		serveproto.Options{Explain: sess.Explain}, func() { sess.Close() })
+	if late := (*serveproto.NoGreetingError)(nil); errors.As(err, &late) {
+		err = fmt.Errorf("%s: %w", m.Name(), err)
 	}
 	if err != nil {
 		sess.Close()

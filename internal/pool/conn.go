@@ -1,7 +1,6 @@
 package pool
 
 import (
-	"context"
 	"errors"
 	"fmt"
 	"slices"
@@ -196,22 +195,14 @@ func (p *Pool) openOn(c *conn) (*Session, error) {
 	if err != nil {
 		return nil, err
 	}
-	timeout := p.target.ConnectTimeout
-	ctx, cancel := context.WithTimeout(p.ctx, timeout)
-	defer cancel()
-	stop := context.AfterFunc(ctx, func() { ts.Close() })
-	sc, err := serveproto.Handshake(ts.Stdout(), ts.Stdin(), serveproto.Options{Explain: ts.Explain})
-	if !stop() {
-		// The session is being closed under the handshake.
-		ts.Close()
-		switch {
-		case p.ctx.Err() != nil:
-			err = ErrClosed
-		case err != nil:
-			err = fmt.Errorf("pool: %s: no serve protocol greeting within %v: %w", p.name, timeout, err)
-		default:
-			err = fmt.Errorf("pool: %s: no serve protocol greeting within %v", p.name, timeout)
-		}
+	sc, err := serveproto.HandshakeWithin(p.ctx, p.target.ConnectTimeout, ts.Stdout(), ts.Stdin(),
+		serveproto.Options{Explain: ts.Explain}, func() { ts.Close() })
+	var late *serveproto.NoGreetingError
+	switch {
+	case err != nil && p.ctx.Err() != nil:
+		err = ErrClosed
+	case errors.As(err, &late):
+		err = fmt.Errorf("pool: %s: %w", p.name, err)
 	}
 	if err != nil {
 		ts.Close()

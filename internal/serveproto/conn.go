@@ -3,6 +3,7 @@ package serveproto
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -70,6 +71,42 @@ type Conn struct {
 	err    error // sticky: the error that broke the Conn
 	closed atomic.Bool
 }
+
+// HandshakeWithin is [Handshake] bounded by timeout and by ctx. A machine
+// that opens the channel but never greets (a wedged nix-store, a login
+// shell waiting for input) answers SSH keepalives, so only a deadline ends
+// the wait. When the bound passes first, abort is called (it must unblock
+// r, e.g. by closing the session) and the error says that no greeting came
+// in time, or is ctx's cause when ctx ended.
+func HandshakeWithin(ctx context.Context, timeout time.Duration, r io.Reader, w io.Writer, opt Options, abort func()) (*Conn, error) {
+	hctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	stop := context.AfterFunc(hctx, abort)
+	c, err := Handshake(r, w, opt)
+	if stop() {
+		return c, err
+	}
+	// abort ran: whatever Handshake returned, the session is going away.
+	if ctx.Err() != nil {
+		return nil, context.Cause(ctx)
+	}
+	return nil, &NoGreetingError{Timeout: timeout, Err: err}
+}
+
+// NoGreetingError is a [HandshakeWithin] whose timeout passed.
+type NoGreetingError struct {
+	Timeout time.Duration
+	Err     error // what the aborted Handshake returned; may be nil
+}
+
+func (e *NoGreetingError) Error() string {
+	if e.Err == nil {
+		return fmt.Sprintf("no serve protocol greeting within %v", e.Timeout)
+	}
+	return fmt.Sprintf("no serve protocol greeting within %v: %v", e.Timeout, e.Err)
+}
+
+func (e *NoGreetingError) Unwrap() error { return e.Err }
 
 // Handshake starts a session on a transport whose r is the server's stdout
 // and w its stdin. It sends the magic 0x390c9deb and [ClientVersion],
