@@ -37,15 +37,14 @@ import (
 	"os/signal"
 	"path/filepath"
 	"strings"
-	"sync"
-	"sync/atomic"
 	"syscall"
 	"time"
 
-	sshconfig "github.com/kevinburke/ssh_config"
 	"github.com/nix-community/go-nix/pkg/derivation"
 
 	"github.com/nix-offload/nix-offload/internal/brokerapi"
+	"github.com/nix-offload/nix-offload/internal/engine"
+	"github.com/nix-offload/nix-offload/internal/health"
 	"github.com/nix-offload/nix-offload/internal/hookproto"
 	"github.com/nix-offload/nix-offload/internal/localstore"
 	"github.com/nix-offload/nix-offload/internal/machines"
@@ -53,8 +52,6 @@ import (
 	"github.com/nix-offload/nix-offload/internal/scheduler"
 	"github.com/nix-offload/nix-offload/internal/serveproto"
 	"github.com/nix-offload/nix-offload/internal/slots"
-	"github.com/nix-offload/nix-offload/internal/sshconn"
-	"github.com/nix-offload/nix-offload/internal/transport"
 )
 
 // Exit codes Nix ≤ 2.28 understands for hook builds.
@@ -104,10 +101,14 @@ type hook struct {
 
 	cfg      *machines.Config
 	settings hookproto.Settings
-	slots    *slots.Dir        // embedded mode's slot files; nil until needed
 	broker   *brokerapi.Client // nil: embedded mode
-	down     map[string]string // machines that failed in this process: name → reason
-	gate     logGate           // remote stderr → build log
+	alone    *engine.Alone     // the placer without a broker; nil until needed
+	drvPath  string            // the request being answered, for messages
+
+	// The local store, opened by startLocal while a machine is dialled.
+	local     *localstore.Store
+	localDone chan error
+	localErr  error
 }
 
 func (h *hook) serve(ctx context.Context) error {
@@ -128,19 +129,21 @@ func (h *hook) serve(ctx context.Context) error {
 		h.log.Msg(hookproto.LvlInfo, fmt.Sprintf("nix-offload: no remote machines configured in %s; building locally", cfg.Path))
 		return hookproto.DeclinePermanently(h.out)
 	}
-	h.down = map[string]string{}
 
 	h.broker = h.dialBroker(ctx)
 	if h.broker != nil {
 		defer h.broker.Close()
-	} else {
-		sl, err := slots.Open(h.slotsDir())
-		if err != nil {
-			h.log.Msg(hookproto.LvlError, "nix-offload: "+err.Error()+"; building locally")
-			return hookproto.DeclinePermanently(h.out)
-		}
-		h.slots = sl
+	} else if err := h.openAlone(); err != nil {
+		h.log.Msg(hookproto.LvlError, "nix-offload: "+err.Error()+"; building locally")
+		return hookproto.DeclinePermanently(h.out)
 	}
+	defer func() {
+		if h.localDone != nil {
+			if l, err := h.localStore(); err == nil {
+				l.Close()
+			}
+		}
+	}()
 
 	for {
 		req, err := hookproto.ReadRequest(h.in)
@@ -150,6 +153,7 @@ func (h *hook) serve(ctx context.Context) error {
 		if err != nil {
 			return fmt.Errorf("reading a request from nix: %w", err)
 		}
+		h.drvPath = req.DrvPath
 		done, err := h.tryBroker(ctx, req)
 		if errors.Is(err, errNoBroker) {
 			done, err = h.try(ctx, req)
@@ -160,171 +164,101 @@ func (h *hook) serve(ctx context.Context) error {
 	}
 }
 
-// try answers one request. done means the request was accepted and built
-// (successfully or not): the process must exit.
+// try answers one request alone. done means the request was accepted and
+// built (successfully or not): the process must exit.
 func (h *hook) try(ctx context.Context, req *hookproto.Request) (done bool, err error) {
+	if err := h.openAlone(); err != nil {
+		return false, h.declineWith(req, err)
+	}
 	sreq := scheduler.Request{System: req.System, RequiredFeatures: req.RequiredFeatures, AmWilling: req.AmWilling}
-	run, d, err := h.open(ctx, req, sreq, false)
-	if err != nil {
+	lease, err := h.alone.Try(ctx, sreq)
+	var none *engine.NoMachineError
+	switch {
+	case errors.As(err, &none):
+		return false, h.reply(none.Decision, req)
+	case err != nil && ctx.Err() == nil:
+		// As Nix's own hook: a build no machine can take now is declined,
+		// with the reason, and Nix builds it or fails it at once.
+		return false, h.declineWith(req, err)
+	case err != nil:
 		return false, err
 	}
-	if run == nil {
-		return false, h.reply(d, req)
-	}
-	return true, h.build(ctx, req, run)
+	return true, h.build(ctx, req, lease)
 }
 
-// allDown reports whether every machine that could build sreq failed in
-// this process.
-func (h *hook) allDown(sreq scheduler.Request) bool {
-	for _, m := range h.cfg.Machines {
-		if _, down := h.down[m.Name()]; scheduler.Matches(m, sreq) && !down {
-			return false
-		}
-	}
-	return true
+// declineWith says why nothing can offload req and declines it.
+func (h *hook) declineWith(req *hookproto.Request, err error) error {
+	h.log.Msg(hookproto.LvlError, fmt.Sprintf("nix-offload: cannot build '%s' remotely: %v", req.DrvPath, err))
+	return hookproto.Decline(h.out)
 }
 
-// noMachine says why open found no machine for an accepted build.
-func (h *hook) noMachine(sreq scheduler.Request, d scheduler.Decision) string {
-	if !h.allDown(sreq) {
-		return d.Reason
+// openAlone makes the placer of a hook without a broker.
+func (h *hook) openAlone() error {
+	if h.alone != nil {
+		return nil
 	}
-	var why []string
-	for _, m := range h.cfg.Machines {
-		if reason, down := h.down[m.Name()]; down && scheduler.Matches(m, sreq) {
-			why = append(why, fmt.Sprintf("'%s': %s", m.Name(), reason))
-		}
-	}
-	return "every machine that can build it failed: " + strings.Join(why, "; ")
-}
-
-// maxMachines bounds the machines one accepted build is tried on when
-// machines are lost under it, as in the broker.
-const maxMachines = 3
-
-// machineRun is what one attempt at a build holds: a slot on a machine, a
-// serve session there and a session with the local store.
-type machineRun struct {
-	m      machines.Machine
-	slot   *slots.Slot
-	local  *localstore.Store
-	warmed func() error // see openLocal
-	sess   *transport.Session
-	conn   *serveproto.Conn
-	client *sshconn.Client
-}
-
-// close ends the sessions and frees the slot.
-func (r *machineRun) close() {
-	r.warmed()
-	r.local.Close()
-	r.sess.Close()
-	r.client.Close()
-	r.slot.Release()
-}
-
-// open takes a slot on the best machine for sreq and connects to it, before
-// anything is accepted on it: a machine that cannot be reached is skipped
-// (and said so), not reported as a failed build. run is nil when the
-// verdict is not Accept; d says why. With wait, a Postpone verdict waits
-// for a slot instead (after "# accept" there is no postponing), unless
-// every capable machine failed in this process: h.down is never cleared,
-// so that wait would never end.
-func (h *hook) open(ctx context.Context, req *hookproto.Request, sreq scheduler.Request, wait bool) (run *machineRun, d scheduler.Decision, err error) {
-	for {
-		d, slot, m, err := h.takeSlot(ctx, sreq)
-		if err != nil {
-			return nil, d, err
-		}
-		switch {
-		case d.Verdict == scheduler.Postpone && wait && !h.allDown(sreq):
-			select {
-			case <-time.After(postponeWait):
-				continue
-			case <-ctx.Done():
-				return nil, d, context.Cause(ctx)
-			}
-		case d.Verdict != scheduler.Accept:
-			return nil, d, nil
-		case slot == nil:
-			continue // lost a race with another hook: decide again
-		}
-		// The local store's read session starts while we dial: both are
-		// process or network start-up on the critical path.
-		local, warmed, err := h.openLocal()
-		if err != nil {
-			slot.Release()
-			return nil, d, err
-		}
-		sess, conn, client, err := h.connect(ctx, m)
-		if err != nil {
-			warmed()
-			local.Close()
-			slot.Release()
-			h.down[m.Name()] = err.Error()
-			h.log.Msg(hookproto.LvlWarn, fmt.Sprintf("nix-offload: cannot use '%s' for '%s': %v", m.Name(), req.DrvPath, err))
-			continue // the next machine, or a verdict that says why
-		}
-		return &machineRun{m: m, slot: slot, local: local, warmed: warmed, sess: sess, conn: conn, client: client}, d, nil
-	}
-}
-
-// takeSlot decides for sreq under the host-wide lock and, on Accept, takes
-// a slot on the best candidate that has one. slot is nil when the verdict
-// is not Accept, or when other hooks took the free slots first (decide
-// again).
-func (h *hook) takeSlot(ctx context.Context, sreq scheduler.Request) (scheduler.Decision, *slots.Slot, machines.Machine, error) {
-	if h.slots == nil {
-		sl, err := slots.Open(h.slotsDir())
-		if err != nil {
-			return scheduler.Decision{}, nil, machines.Machine{}, err
-		}
-		h.slots = sl
-	}
-	unlock, err := h.slots.Lock(ctx)
-	if err != nil {
-		return scheduler.Decision{}, nil, machines.Machine{}, err
-	}
-	defer unlock()
-	load, err := h.slots.Load(h.cfg.Machines)
-	if err != nil {
-		return scheduler.Decision{}, nil, machines.Machine{}, err
-	}
-	d := scheduler.Decide(h.cfg.Machines, sreq, load, h.down)
-	for _, c := range d.Candidates {
-		s, ok, err := h.slots.Acquire(c)
-		if err != nil {
-			return d, nil, machines.Machine{}, err
-		}
-		if ok {
-			return d, s, c, nil
-		}
-	}
-	return d, nil, machines.Machine{}, nil
-}
-
-// slotsDir is where embedded mode keeps its slot files.
-func (h *hook) slotsDir() string {
 	stateDir := h.cfg.Daemon.StateDir
 	if stateDir == "" {
 		stateDir = machines.DefaultStateDir
 	}
-	return filepath.Join(stateDir, "slots")
+	sl, err := slots.Open(filepath.Join(stateDir, "slots"))
+	if err != nil {
+		return err
+	}
+	tracker, herr := health.Open(filepath.Join(stateDir, "health.json"))
+	if herr != nil {
+		h.log.Msg(hookproto.LvlWarn, "nix-offload: "+herr.Error()+"; machine health is kept in this process only")
+	}
+	h.alone = &engine.Alone{
+		Machines: h.cfg.Machines,
+		Slots:    sl,
+		Health:   tracker,
+		GiveUp:   h.cfg.Daemon.MachineWait,
+		Connect: func(ctx context.Context, m machines.Machine) (engine.Session, func(), error) {
+			h.startLocal()
+			return engine.Connect(ctx, m, nil)
+		},
+		Warn: func(machine string, err error) {
+			h.log.Msg(hookproto.LvlWarn, fmt.Sprintf("nix-offload: cannot use '%s' for '%s': %v", machine, h.drvPath, err))
+		},
+	}
+	return nil
 }
 
-// openLocal opens the local store and starts its read session in the
-// background. warmed waits until that is done and says whether it worked;
-// the store must not be used, or closed, before warmed returned.
-func (h *hook) openLocal() (local *localstore.Store, warmed func() error, err error) {
-	local, err = localstore.Open(localstore.Options{})
-	if err != nil {
-		return nil, nil, err
+// startLocal opens the local store and starts its read session in the
+// background, while a machine is dialled: both are process or network
+// start-up on the critical path. localStore waits for it.
+func (h *hook) startLocal() {
+	if h.localDone != nil {
+		return
 	}
 	done := make(chan error, 1)
-	go func() { done <- local.Warm() }()
-	return local, sync.OnceValue(func() error { return <-done }), nil
+	h.localDone = done
+	go func() {
+		local, err := localstore.Open(localstore.Options{})
+		if err == nil {
+			if err = local.Warm(); err != nil {
+				local.Close()
+			}
+		}
+		h.local = local
+		done <- err
+	}()
 }
+
+// localStore returns the local store once startLocal's work is done.
+func (h *hook) localStore() (*localstore.Store, error) {
+	h.startLocal()
+	h.localErr = errors.Join(h.localErr, <-h.localDone)
+	h.localDone = closedErr
+	if h.localErr != nil {
+		return nil, fmt.Errorf("local store: %w", h.localErr)
+	}
+	return h.local, nil
+}
+
+// closedErr is a finished startLocal.
+var closedErr = func() chan error { c := make(chan error); close(c); return c }()
 
 // reply sends a non-accepting verdict and says why.
 func (h *hook) reply(d scheduler.Decision, req *hookproto.Request) error {
@@ -342,158 +276,97 @@ func (h *hook) reply(d scheduler.Decision, req *hookproto.Request) error {
 	}
 }
 
-// connect dials m and starts a serve session there, before we accept: a
-// machine that cannot be reached is skipped, not reported as a failed build.
-func (h *hook) connect(ctx context.Context, m machines.Machine) (*transport.Session, *serveproto.Conn, *sshconn.Client, error) {
-	target := sshconn.Resolve(m, sshconfig.DefaultUserSettings)
-	client, err := sshconn.Dial(ctx, target)
-	if err != nil {
-		return nil, nil, nil, err
-	}
-	sess, err := transport.SSH(client.Client, transport.ServeCommand(m.RemoteStore), transport.Options{Name: m.Name(), Stderr: h.remoteLog()})
-	if err != nil {
-		client.Close()
-		return nil, nil, nil, err
-	}
-	conn, err := serveproto.HandshakeWithin(ctx, target.ConnectTimeout, sess.Stdout(), sess.Stdin(),
-		serveproto.Options{Explain: sess.Explain}, func() { sess.Close() })
-	if late := (*serveproto.NoGreetingError)(nil); errors.As(err, &late) {
-		err = fmt.Errorf("%s: %w", m.Name(), err)
-	}
-	if err != nil {
-		sess.Close()
-		client.Close()
-		return nil, nil, nil, err
-	}
-	return sess, conn, client, nil
-}
-
-// logGate forwards the remote's stderr to the build log once the build
-// command has been sent; what the machine prints before (substitution
-// messages) is not part of the build's log.
-type logGate struct {
-	open     atomic.Bool
-	mu       sync.Mutex
-	w        io.Writer // guarded by mu; nil until accept
-	activity offload.Activity
-}
-
-func (h *hook) remoteLog() io.Writer { return &h.gate }
-
-func (g *logGate) Write(p []byte) (int, error) {
-	g.activity.Touch()
-	if !g.open.Load() {
-		return len(p), nil
-	}
-	g.mu.Lock()
-	defer g.mu.Unlock()
-	if g.w != nil {
-		g.w.Write(p)
-	}
-	return len(p), nil
-}
-
-func (g *logGate) attach(w io.Writer) {
-	g.mu.Lock()
-	g.w = w
-	g.mu.Unlock()
-}
-
-// build accepts a request on run's machine and runs it to the end.
-func (h *hook) build(ctx context.Context, req *hookproto.Request, run *machineRun) error {
+// build accepts a request on lease's machine and runs it to the end.
+func (h *hook) build(ctx context.Context, req *hookproto.Request, lease engine.Lease) error {
 	drv, err := readDerivation(req.DrvPath)
 	if err != nil {
-		run.close()
+		lease.Release(err)
 		// Not accepted yet: this is ours to explain, and Nix can build it.
 		h.log.Msg(hookproto.LvlError, "nix-offload: "+err.Error())
 		return hookproto.Decline(h.out)
 	}
-	if err := hookproto.Accept(h.out, run.m.Name()); err != nil {
-		run.close()
+	if err := hookproto.Accept(h.out, lease.Machine()); err != nil {
+		lease.Release(err)
 		return err
 	}
 	acc, err := h.readAccepted()
 	if err != nil {
-		run.close()
+		lease.Release(err)
 		return err
 	}
 	defer acc.log.Close(2 * time.Second)
-	return h.buildOn(ctx, req, drv, acc, run)
+	return h.runEngine(ctx, req, drv, acc, &firstLease{lease: lease, then: h.alone})
 }
 
-// buildOn runs an accepted build on run's machine. When that machine is
-// lost (it died, or its link did) before any output was fetched, the build
-// goes to another machine that can do it, up to maxMachines in all, as the
-// broker does: after "# accept" the build is ours to finish, and a user
-// expects it to finish while another capable machine exists. A build that
-// ran and failed on the machine is not retried. run is closed on return.
-func (h *hook) buildOn(ctx context.Context, req *hookproto.Request, drv *derivation.Derivation, acc *accepted, run *machineRun) error {
-	sreq := scheduler.Request{System: req.System, RequiredFeatures: req.RequiredFeatures}
-	for attempt := 1; ; attempt++ {
-		err := h.runAccepted(ctx, req, drv, acc, run)
-		run.close()
-		var lost *lostError
-		if !errors.As(err, &lost) {
-			return err
-		}
-		err = lost.err
-		if ctx.Err() != nil {
-			return err
-		}
-		if attempt >= maxMachines {
-			return fmt.Errorf("%w (%d machines lost; giving up)", err, attempt)
-		}
-		h.down[run.m.Name()] = err.Error()
-		if h.allDown(sreq) {
-			return fmt.Errorf("%w; no other machine can build it", err)
-		}
-		h.log.Msg(hookproto.LvlWarn, fmt.Sprintf("nix-offload: lost '%s' while building '%s': %v; trying another machine", run.m.Name(), req.DrvPath, err))
-		next, d, oerr := h.open(ctx, req, sreq, true)
-		switch {
-		case oerr != nil:
-			return fmt.Errorf("%w; no other machine: %v", err, oerr)
-		case next == nil && h.allDown(sreq):
-			return fmt.Errorf("%w; no other machine can build it: %s", err, h.noMachine(sreq, d))
-		case next == nil:
-			return fmt.Errorf("%w; no other machine can build it: %s", err, d.Reason)
-		}
-		h.log.Msg(hookproto.LvlInfo, fmt.Sprintf("nix-offload: building '%s' on '%s'", req.DrvPath, next.m.Name()))
-		run = next
+// firstLease hands out the lease the hook accepted on, then asks its
+// placer.
+type firstLease struct {
+	lease engine.Lease
+	then  engine.Placer
+}
+
+func (f *firstLease) Acquire(ctx context.Context, req scheduler.Request, exclude map[string]string) (engine.Lease, error) {
+	if l := f.lease; l != nil {
+		f.lease = nil
+		return l, nil
 	}
+	return f.then.Acquire(ctx, req, exclude)
 }
 
-// lostError is a build that lost its machine before any output was
-// fetched: another machine may do better.
-type lostError struct{ err error }
-
-func (e *lostError) Error() string { return e.err.Error() }
-func (e *lostError) Unwrap() error { return e.err }
-
-// localError marks a failure of the local store, which another machine
-// would not fix: its sessions fail with the same error types as a remote.
-type localError struct{ err error }
-
-func (e *localError) Error() string { return "local store: " + e.err.Error() }
-func (e *localError) Unwrap() error { return e.err }
-
-// hookLocal is the local store as offload.Run sees it in the hook, with
-// its read failures marked as local.
-type hookLocal struct{ *localstore.Store }
-
-func (l hookLocal) PathInfos(paths []string) ([]serveproto.PathInfo, error) {
-	infos, err := l.Store.PathInfos(paths)
+// runEngine runs an accepted build to its end with the engine, machines
+// from p, and maps the outcome to the hook's exit codes.
+func (h *hook) runEngine(ctx context.Context, req *hookproto.Request, drv *derivation.Derivation, acc *accepted, p engine.Placer) error {
+	local, err := h.localStore() // closed when the hook ends
 	if err != nil {
-		return nil, &localError{err}
+		return err
 	}
-	return infos, nil
-}
-
-func (l hookLocal) Valid(paths []string) ([]string, error) {
-	valid, err := l.Store.Valid(paths)
-	if err != nil {
-		return nil, &localError{err}
+	opts := h.buildOptions()
+	var copyAct hookproto.ActivityID
+	stopCopy := func() {
+		if copyAct != 0 {
+			h.log.Stop(copyAct)
+			copyAct = 0
+		}
 	}
-	return valid, nil
+	defer stopCopy()
+	err = engine.Run(ctx, p, engine.Build{
+		Request: scheduler.Request{System: req.System, RequiredFeatures: req.RequiredFeatures},
+		Job: offload.Job{
+			DrvPath:       req.DrvPath,
+			Drv:           drv,
+			Inputs:        acc.inputs,
+			WantedOutputs: acc.wanted,
+			Options:       opts,
+			Substitute:    h.settings.Bool("builders-use-substitutes", false),
+		},
+		Local: local,
+		Log:   acc.log,
+		Events: engine.Events{
+			Started: func(m string, n int) {
+				if n > 1 {
+					h.log.Msg(hookproto.LvlInfo, fmt.Sprintf("nix-offload: building '%s' on '%s'", req.DrvPath, m))
+				}
+			},
+			Copying: func(m string, n int, bytes uint64) {
+				stopCopy()
+				copyAct, _ = h.log.Start(hookproto.ActCopyPaths, hookproto.LvlInfo,
+					fmt.Sprintf("copying %d paths (%s) to '%s'", n, humanBytes(bytes), m))
+			},
+			Building: func(string) { stopCopy() },
+			Retrying: func(m string, err error) {
+				h.log.Msg(hookproto.LvlWarn, fmt.Sprintf("nix-offload: lost '%s' while building '%s': %v; trying another machine", m, req.DrvPath, err))
+			},
+		},
+	})
+	switch {
+	case err == nil:
+		return nil
+	case engine.TimedOut(err):
+		return &exitCodeError{exitTimedOut, err}
+	case engine.BuildFailed(err):
+		return &exitCodeError{exitBuildFailed, err}
+	}
+	return err
 }
 
 // accepted is what Nix sends after `# accept`, and the open build log.
@@ -521,76 +394,6 @@ func (h *hook) buildOptions() serveproto.BuildOptions {
 		BuildTimeout:  h.settings.Seconds("timeout", 0),
 		MaxLogSize:    h.settings.Uint("max-build-log-size", 0),
 		KeepFailed:    h.settings.Bool("keep-failed", false),
-	}
-}
-
-// runAccepted builds an accepted request on run's machine. A *lostError
-// means the machine was lost before any output was fetched.
-func (h *hook) runAccepted(ctx context.Context, req *hookproto.Request, drv *derivation.Derivation, acc *accepted, run *machineRun) error {
-	m, sess, conn := run.m, run.sess, run.conn
-	// What a machine prints before the build command (substitutions) is
-	// not the build's log, on a second machine too.
-	h.gate.open.Store(false)
-	h.gate.attach(acc.log)
-	if err := run.warmed(); err != nil {
-		return fmt.Errorf("local store: %w", err)
-	}
-	opts := h.buildOptions()
-	job := offload.Job{
-		Machine:       m.Name(),
-		DrvPath:       req.DrvPath,
-		Drv:           drv,
-		Inputs:        acc.inputs,
-		WantedOutputs: acc.wanted,
-		Options:       opts,
-		Substitute:    h.settings.Bool("builders-use-substitutes", false),
-	}
-
-	// Cancel the build when Nix's limits pass (plus grace), or when we are
-	// asked to stop: closing the session makes the machine stop the build.
-	bctx, cancel := context.WithCancelCause(ctx)
-	defer cancel(nil)
-	stopWatch := offload.WatchLimits(bctx, cancel, opts, &h.gate.activity)
-	defer stopWatch()
-	stopOnCancel := context.AfterFunc(bctx, func() { sess.Close() })
-	defer stopOnCancel()
-
-	var copyAct hookproto.ActivityID
-	fetching := false
-	err := offload.Run(bctx, conn, hookLocal{run.local}, job, offload.Events{
-		Copying: func(n int, bytes uint64) {
-			copyAct, _ = h.log.Start(hookproto.ActCopyPaths, hookproto.LvlInfo,
-				fmt.Sprintf("copying %d paths (%s) to '%s'", n, humanBytes(bytes), m.Name()))
-		},
-		Building: func() {
-			if copyAct != 0 {
-				h.log.Stop(copyAct)
-			}
-			h.gate.open.Store(true)
-			sess.StderrIsLog()
-		},
-		Fetching: func(int, uint64) { fetching = true },
-	})
-	var be *offload.BuildError
-	var le *offload.LimitError
-	switch {
-	case err == nil:
-		return nil
-	case errors.As(context.Cause(bctx), &le):
-		return &exitCodeError{exitTimedOut, fmt.Errorf("build of '%s' on '%s' failed: %w", req.DrvPath, m.Name(), le)}
-	case errors.As(err, &be) && be.TimedOut():
-		return &exitCodeError{exitTimedOut, err}
-	case errors.As(err, &be):
-		return &exitCodeError{exitBuildFailed, err}
-	case ctx.Err() == nil && !fetching && !errors.As(err, new(*localError)) && offload.MachineLost(err):
-		// A link that went dead shows only as the end of the stream; say
-		// why the connection was closed.
-		if why := run.client.Lost(); why != nil {
-			err = fmt.Errorf("%w: %v", err, why)
-		}
-		return &lostError{err}
-	default:
-		return err
 	}
 }
 

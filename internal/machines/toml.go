@@ -30,6 +30,10 @@ type Daemon struct {
 	Socket   string // unix socket of the broker; default [DefaultSocket]
 	StateDir string // health memory and embedded-mode slot files; default [DefaultStateDir]
 	Metrics  string // host:port of the Prometheus listener; "" = off
+	// MachineWait is how long a build waits for its capable machines to
+	// come back from transient failures before it fails; 0 = the default
+	// (5 minutes). Permanent failures fail it at once.
+	MachineWait time.Duration
 }
 
 // SSH is the [ssh] table: values every machine inherits unless it sets the key itself.
@@ -64,7 +68,7 @@ func Load(path string) (*Config, error) {
 // The TOML schema, key by key, in the order the documentation lists them.
 var (
 	rootKeys    = []string{"daemon", "ssh", "machine"}
-	daemonKeys  = []string{"socket", "state-dir", "metrics"}
+	daemonKeys  = []string{"socket", "state-dir", "metrics", "machine-wait"}
 	sshKeys     = []string{"user", "ssh-key", "known-hosts", "connect-timeout", "server-alive-interval"}
 	machineKeys = []string{"host", "port", "user", "ssh-key", "host-key", "known-hosts", "connect-timeout", "server-alive-interval",
 		"systems", "parallel-builds", "speed", "features", "mandatory-features", "remote-store", "enabled"}
@@ -222,6 +226,11 @@ func (p *tomlParser) daemon(l loc, t map[string]any, d *Daemon) {
 				}
 			}
 			d.Metrics = s
+		}
+	}
+	if v, ok := t["machine-wait"]; ok {
+		if w, ok := p.duration(l.child("machine-wait"), v); ok {
+			d.MachineWait = w
 		}
 	}
 }

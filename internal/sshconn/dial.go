@@ -52,6 +52,17 @@ func (e *ConnectError) Error() string {
 }
 func (e *ConnectError) Unwrap() error { return e.Err }
 
+// AuthError is a machine that refused every key we offered: it will not
+// let us in until its authorized_keys or our ssh-key changes. It comes
+// wrapped in a [*ConnectError].
+type AuthError struct {
+	User string
+	Err  error
+}
+
+func (e *AuthError) Error() string { return e.Err.Error() }
+func (e *AuthError) Unwrap() error { return e.Err }
+
 // Dial connects to t, verifies its host key and authenticates. ctx bounds the
 // whole attempt in addition to t.ConnectTimeout; once Dial returns, ctx no
 // longer matters: Close the client to end it.
@@ -117,6 +128,11 @@ func Dial(ctx context.Context, t Target) (*Client, error) {
 		conn.Close()
 		if hkErr != nil {
 			return nil, hkErr
+		}
+		// x/crypto/ssh has no type for a refused login, only these words
+		// (client_auth.go); this is the one place that reads them.
+		if strings.Contains(err.Error(), "unable to authenticate") {
+			err = &AuthError{User: t.User, Err: err}
 		}
 		return nil, &ConnectError{Name: t.Name, Addr: t.Addr, Err: err}
 	}

@@ -39,6 +39,9 @@ const DefaultStderrTail = 16 << 10
 // flush its stderr before reporting what it has.
 const explainWait = 3 * time.Second
 
+// killWait bounds how long Close waits for the process to end once killed.
+const killWait = 2 * time.Second
+
 // Options configure a session.
 type Options struct {
 	// Name identifies the peer in errors ("builder1", "local").
@@ -203,7 +206,8 @@ func (s *Session) Explain(err error) error {
 
 // Close cancels whatever the session is doing: it closes stdin (which makes
 // `nix-store --serve` interrupt a running build), ends the process, and
-// waits for it. It is idempotent and returns nil.
+// waits for it, at most about 3 s in all: an SSH command that outlives its
+// channel is the connection's to end. It is idempotent and returns nil.
 func (s *Session) Close() error {
 	s.closeOnce.Do(func() {
 		s.stdin.Close()
@@ -213,7 +217,14 @@ func (s *Session) Close() error {
 		case <-s.exited:
 		case <-t.C:
 			s.proc.kill()
-			<-s.exited
+			// sshd neither signals a forced-command session nor closes its
+			// channel before the command exits: do not wait for that. The
+			// connection's end frees the session's goroutines.
+			t.Reset(killWait)
+			select {
+			case <-s.exited:
+			case <-t.C:
+			}
 		}
 		if c, ok := s.stdout.(io.Closer); ok {
 			c.Close()

@@ -1,0 +1,101 @@
+package engine
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"sync"
+	"time"
+
+	sshconfig "github.com/kevinburke/ssh_config"
+
+	"github.com/nix-offload/nix-offload/internal/machines"
+	"github.com/nix-offload/nix-offload/internal/serveproto"
+	"github.com/nix-offload/nix-offload/internal/sshconn"
+	"github.com/nix-offload/nix-offload/internal/transport"
+)
+
+// OpenServe starts the serve command on client and shakes hands with it,
+// within timeout. A machine that lets us log in but never greets (a forced
+// command, a wedged nix-store) gets its whole connection closed when the
+// timeout passes, not just the session: sshd refuses to signal a
+// forced-command session, and only the connection's end frees every wait on
+// it. This is the one path from a connection to a protocol client; the
+// pool, the hook alone and `check` all take it.
+func OpenServe(ctx context.Context, client *sshconn.Client, command string, timeout time.Duration, opt transport.Options) (*transport.Session, *serveproto.Conn, error) {
+	if timeout <= 0 {
+		timeout = sshconn.DefaultConnectTimeout
+	}
+	sess, err := transport.SSH(client.Client, command, opt)
+	if err != nil {
+		return nil, nil, err
+	}
+	conn, err := serveproto.HandshakeWithin(ctx, timeout, sess.Stdout(), sess.Stdin(),
+		serveproto.Options{Explain: sess.Explain}, func() { client.Close() })
+	if late := (*serveproto.NoGreetingError)(nil); errors.As(err, &late) {
+		err = fmt.Errorf("%s: %w", opt.Name, err)
+	}
+	if err != nil {
+		sess.Close()
+		return nil, nil, err
+	}
+	return sess, conn, nil
+}
+
+// Connect dials m and opens a serve session on a connection of its own,
+// the hook alone's one-use session; closeConn ends the connection. stderr,
+// if not nil, receives the session's stderr before a Gate is set.
+func Connect(ctx context.Context, m machines.Machine, stderr io.Writer) (s Session, closeConn func(), err error) {
+	target := sshconn.Resolve(m, sshconfig.DefaultUserSettings)
+	client, err := sshconn.Dial(ctx, target)
+	if err != nil {
+		return nil, nil, err
+	}
+	ls := &LogSwitch{}
+	ls.Set(stderr)
+	sess, conn, err := OpenServe(ctx, client, transport.ServeCommand(m.RemoteStore), target.ConnectTimeout,
+		transport.Options{Name: m.Name(), Stderr: ls})
+	if err != nil {
+		client.Close()
+		return nil, nil, err
+	}
+	return &sshSession{ts: sess, conn: conn, client: client, log: ls}, func() { client.Close() }, nil
+}
+
+// sshSession is a serve session on a connection of its own.
+type sshSession struct {
+	ts     *transport.Session
+	conn   *serveproto.Conn
+	client *sshconn.Client
+	log    *LogSwitch
+}
+
+func (s *sshSession) Conn() *serveproto.Conn { return s.conn }
+func (s *sshSession) SetLog(w io.Writer)     { s.log.Set(w) }
+func (s *sshSession) StderrIsLog()           { s.ts.StderrIsLog() }
+func (s *sshSession) Lost() error            { return s.client.Lost() }
+func (s *sshSession) Close()                 { s.ts.Close() }
+
+// LogSwitch is a session's stderr sink that can be pointed elsewhere while
+// the session runs.
+type LogSwitch struct {
+	mu sync.Mutex
+	w  io.Writer // guarded by mu
+}
+
+func (l *LogSwitch) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.w != nil {
+		l.w.Write(p)
+	}
+	return len(p), nil
+}
+
+// Set sends what follows to w; nil: nowhere.
+func (l *LogSwitch) Set(w io.Writer) {
+	l.mu.Lock()
+	l.w = w
+	l.mu.Unlock()
+}
