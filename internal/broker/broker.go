@@ -25,7 +25,8 @@
 //
 // A build whose machine cannot give it a session, or whose connection dies
 // before its outputs were handed over, is retried on another machine, up to
-// maxAttempts machines. A build that ran and failed on the machine is not.
+// engine.MaxMachines machines (internal/engine runs every build; placer is
+// the broker's side of it). A build that ran and failed on the machine is not.
 package broker
 
 import (
@@ -50,8 +51,6 @@ import (
 )
 
 const (
-	// maxAttempts bounds the machines one build is tried on.
-	maxAttempts = 3
 	// probeEvery is how often a machine on backoff is tried anyway when a
 	// queued build has no other.
 	probeEvery = 10 * time.Second
@@ -67,6 +66,7 @@ type Session interface {
 	Conn() *serveproto.Conn
 	SetLog(w io.Writer)
 	StderrIsLog()
+	Lost() error
 	Close()
 	Locked(paths []string) (locked, rest []string)
 	MarkLocked(paths []string)

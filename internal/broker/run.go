@@ -8,13 +8,13 @@ import (
 	"path"
 	"slices"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/nix-community/go-nix/pkg/derivation"
 	"go.uber.org/zap"
 
 	"github.com/nix-offload/nix-offload/internal/brokerapi"
+	"github.com/nix-offload/nix-offload/internal/engine"
 	"github.com/nix-offload/nix-offload/internal/nar"
 	"github.com/nix-offload/nix-offload/internal/offload"
 	"github.com/nix-offload/nix-offload/internal/scheduler"
@@ -67,8 +67,8 @@ func (bd *build) end(ev brokerapi.Event) {
 	close(bd.terminal)
 }
 
-// run drives the build: wait for a slot, run on the machine, retry
-// elsewhere when the machine is lost.
+// run drives the build with the engine: a slot from the queue, a session
+// from the machine's pool, another machine when one is lost.
 func (bd *build) run() {
 	b := bd.b
 	defer b.wg.Done()
@@ -85,32 +85,164 @@ func (bd *build) run() {
 		close(bd.done)
 		bd.cancel(nil)
 	}()
-	for attempt := 1; ; attempt++ {
-		var m *machine
-		m, err = bd.waitSlot()
-		if errors.Is(err, errHandBack) {
-			bd.handBack(err)
-			return
-		}
-		if err != nil {
-			bd.fail(brokerapi.FailMisc, err)
-			return
-		}
-		b.log.Debug("build starts", zap.String("drv", bd.req.DrvPath), zap.String("machine", m.name), zap.Int("attempt", attempt))
-		bd.emit(brokerapi.Event{Type: brokerapi.EventStarted, Build: bd.t.id, Machine: m.name})
-		var retry bool
-		retry, err = bd.runOn(m)
-		b.log.Debug("build ends", zap.String("drv", bd.req.DrvPath), zap.String("machine", m.name), zap.Error(err))
-		if err == nil || !retry {
-			return
-		}
-		b.log.Warn("build lost its machine", zap.String("drv", bd.req.DrvPath), zap.String("machine", m.name), zap.Error(err))
-		if attempt >= maxAttempts || bd.ctx.Err() != nil || !b.requeue(bd.t, m, err) {
-			bd.fail(brokerapi.FailMisc, err)
-			return
-		}
-		bd.emit(brokerapi.Event{Type: brokerapi.EventRetrying, Machine: m.name, Reason: err.Error()})
+	p := &placer{bd: bd}
+	err = engine.Run(bd.ctx, p, engine.Build{
+		Request: bd.t.req,
+		Job: offload.Job{
+			DrvPath:       bd.req.DrvPath,
+			Drv:           bd.drv,
+			Inputs:        bd.inputs,
+			WantedOutputs: bd.req.WantedOutputs,
+			Options:       bd.options(),
+			Substitute:    bd.req.Options.Substitute,
+		},
+		Local: &buildLocal{bd: bd},
+		Log:   logEvents{bd},
+		Events: engine.Events{
+			Started: func(m string, n int) {
+				b.log.Debug("build starts", zap.String("drv", bd.req.DrvPath), zap.String("machine", m), zap.Int("attempt", n))
+			},
+			Copying: func(m string, n int, bytes uint64) {
+				bd.emit(brokerapi.Event{Type: brokerapi.EventCopying, Machine: m, Paths: n, Bytes: bytes})
+			},
+			Building: func(m string) {
+				bd.emit(brokerapi.Event{Type: brokerapi.EventBuilding, Machine: m})
+			},
+			Fetching: func(m string, n int, bytes uint64) {
+				bd.emit(brokerapi.Event{Type: brokerapi.EventFetching, Machine: m, Paths: n, Bytes: bytes})
+			},
+			Retrying: func(m string, err error) {
+				b.log.Warn("build lost its machine", zap.String("drv", bd.req.DrvPath), zap.String("machine", m), zap.Error(err))
+				bd.emit(brokerapi.Event{Type: brokerapi.EventRetrying, Machine: m, Reason: err.Error()})
+			},
+		},
+		Transfers: func(l engine.Lease) offload.Transfers {
+			bl := l.(*lease)
+			return transfers{sess: bl.sess, up: bl.m.uploads}
+		},
+	})
+	b.log.Debug("build ends", zap.String("drv", bd.req.DrvPath), zap.Error(err))
+	switch {
+	case err == nil:
+	case errors.Is(err, errHandBack):
+		bd.handBack(err)
+	case bd.ctx.Err() != nil && p.started:
+		// Cancelled while it ran: the client went away or asked for it.
+	case engine.TimedOut(err):
+		bd.fail(brokerapi.FailTimeout, err)
+	case engine.BuildFailed(err):
+		bd.fail(brokerapi.FailBuild, err)
+	default:
+		bd.fail(brokerapi.FailMisc, err)
 	}
+}
+
+// options are the build's settings as the machine takes them.
+func (bd *build) options() serveproto.BuildOptions {
+	return serveproto.BuildOptions{
+		MaxSilentTime: time.Duration(bd.req.Options.MaxSilentTime) * time.Second,
+		BuildTimeout:  time.Duration(bd.req.Options.Timeout) * time.Second,
+		MaxLogSize:    bd.req.Options.MaxLogSize,
+		KeepFailed:    bd.req.Options.KeepFailed,
+	}
+}
+
+// placer is the broker's engine.Placer for one build: the slot its ticket
+// holds or waits for in the queue, and a session from that machine's pool.
+type placer struct {
+	bd      *build
+	last    *machine // the machine of the last attempt
+	started bool     // an attempt began
+}
+
+// Acquire gives up the slot of a machine that was lost (the ticket goes to
+// the head of the queue, that machine excluded), waits for a slot and
+// takes a session there. A machine whose pool cannot give a session is
+// excluded too, and the ticket queued again.
+func (p *placer) Acquire(ctx context.Context, _ scheduler.Request, exclude map[string]string) (engine.Lease, error) {
+	bd, b := p.bd, p.bd.b
+	if m := p.last; m != nil {
+		p.last = nil
+		if !b.requeue(bd.t, m, errors.New(exclude[m.name])) {
+			return nil, errors.New("no other machine can build it")
+		}
+	}
+	for {
+		m, err := bd.waitSlot()
+		if err != nil {
+			return nil, err
+		}
+		bd.emit(brokerapi.Event{Type: brokerapi.EventStarted, Build: bd.t.id, Machine: m.name})
+		sess, err := m.pool.Get(ctx)
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil, context.Cause(ctx)
+			}
+			err = fmt.Errorf("cannot use '%s': %w", m.name, err)
+			b.log.Warn("build cannot use its machine", zap.String("drv", bd.req.DrvPath), zap.String("machine", m.name), zap.Error(err))
+			exclude[m.name] = err.Error()
+			if !b.requeue(bd.t, m, err) {
+				return nil, err
+			}
+			bd.emit(brokerapi.Event{Type: brokerapi.EventRetrying, Machine: m.name, Reason: err.Error()})
+			continue
+		}
+		bd.mu.Lock()
+		bd.machine = m
+		bd.mu.Unlock()
+		p.last, p.started = m, true
+		return &lease{bd: bd, m: m, sess: sess, started: time.Now()}, nil
+	}
+}
+
+// lease is a slot on m and a pool session there.
+type lease struct {
+	bd      *build
+	m       *machine
+	sess    Session
+	started time.Time
+}
+
+func (l *lease) Machine() string          { return l.m.name }
+func (l *lease) Session() engine.Session { return l.sess }
+
+// Release returns the session to the pool (reusable when the build ended
+// cleanly) and counts the outcome. The slot stays with the ticket: the
+// next attempt's Acquire or the end of the build frees it.
+func (l *lease) Release(err error) {
+	bd, m := l.bd, l.m
+	bd.mu.Lock()
+	offered := bd.ho != nil
+	broken := offered && bd.ho.broken
+	bd.mu.Unlock()
+	reusable, result := false, "error"
+	switch {
+	case err == nil:
+		reusable, result = !broken, "success"
+		m.builds.Add(1)
+	case bd.ctx.Err() != nil:
+		result = "cancelled"
+	case engine.RetryElsewhere(err):
+		result = "lost"
+	case engine.TimedOut(err):
+		reusable, result = engine.BuildFailed(err), "timeout"
+		m.failed.Add(1)
+	case engine.BuildFailed(err):
+		reusable, result = true, brokerapi.FailBuild
+		m.failed.Add(1)
+	default:
+		m.failed.Add(1)
+	}
+	bd.b.mx.built(m.name, result, time.Since(l.started))
+	m.pool.Put(l.sess, reusable)
+}
+
+// logEvents sends the build log to the client as log events.
+type logEvents struct{ bd *build }
+
+func (l logEvents) Write(p []byte) (int, error) {
+	l.bd.emit(brokerapi.Event{Type: brokerapi.EventLog, Text: string(p)})
+	return len(p), nil
 }
 
 // fail ends the stream with a failure, unless the outputs were offered
@@ -209,168 +341,40 @@ func (b *Broker) requeue(t *ticket, m *machine, why error) bool {
 	return true
 }
 
-// localError marks a failure of the local store, which another machine
-// would not fix.
-type localError struct{ err error }
-
-func (e *localError) Error() string { return "local store: " + e.err.Error() }
-func (e *localError) Unwrap() error { return e.err }
-
-// runOn runs the build on m. retry says the machine was lost before the
-// outputs were offered, so another machine may do better.
-func (bd *build) runOn(m *machine) (retry bool, err error) {
-	b := bd.b
-	sess, err := m.pool.Get(bd.ctx)
-	if err != nil {
-		if bd.ctx.Err() != nil {
-			return false, context.Cause(bd.ctx)
-		}
-		return true, fmt.Errorf("cannot use '%s': %w", m.name, err)
-	}
-	reusable := false
-	defer func() { m.pool.Put(sess, reusable) }()
-	bd.mu.Lock()
-	bd.machine = m
-	bd.mu.Unlock()
-
-	opts := serveproto.BuildOptions{
-		MaxSilentTime: time.Duration(bd.req.Options.MaxSilentTime) * time.Second,
-		BuildTimeout:  time.Duration(bd.req.Options.Timeout) * time.Second,
-		MaxLogSize:    bd.req.Options.MaxLogSize,
-		KeepFailed:    bd.req.Options.KeepFailed,
-	}
-	logw := &logSink{bd: bd}
-	sess.SetLog(logw)
-	defer sess.SetLog(nil)
-
-	bctx, cancel := context.WithCancelCause(bd.ctx)
-	defer cancel(nil)
-	stopWatch := offload.WatchLimits(bctx, cancel, opts, &logw.activity)
-	defer stopWatch()
-	stopOnCancel := context.AfterFunc(bctx, sess.Close)
-	defer stopOnCancel()
-
-	job := offload.Job{
-		Machine:       m.name,
-		DrvPath:       bd.req.DrvPath,
-		Drv:           bd.drv,
-		Inputs:        bd.inputs,
-		WantedOutputs: bd.req.WantedOutputs,
-		Options:       opts,
-		Substitute:    bd.req.Options.Substitute,
-		Transfers:     transfers{sess: sess, up: m.uploads},
-	}
-	started := time.Now()
-	err = offload.Run(bctx, sess.Conn(), &buildLocal{bd: bd, m: m}, job, offload.Events{
-		Copying: func(n int, bytes uint64) {
-			bd.emit(brokerapi.Event{Type: brokerapi.EventCopying, Machine: m.name, Paths: n, Bytes: bytes})
-		},
-		Building: func() {
-			bd.emit(brokerapi.Event{Type: brokerapi.EventBuilding, Machine: m.name})
-			logw.open.Store(true)
-			sess.StderrIsLog()
-		},
-		Fetching: func(n int, bytes uint64) {
-			bd.emit(brokerapi.Event{Type: brokerapi.EventFetching, Machine: m.name, Paths: n, Bytes: bytes})
-		},
-	})
-	bd.mu.Lock()
-	offered := bd.ho != nil
-	broken := offered && bd.ho.broken
-	bd.mu.Unlock()
-
-	var be *offload.BuildError
-	var le *offload.LimitError
-	var local *localError
-	switch {
-	case err == nil:
-		reusable = !broken
-		m.builds.Add(1)
-		b.mx.built(m.name, "success", time.Since(started))
-		return false, nil
-	case errors.As(context.Cause(bctx), &le):
-		m.failed.Add(1)
-		b.mx.built(m.name, "timeout", time.Since(started))
-		bd.fail(brokerapi.FailTimeout, fmt.Errorf("build of '%s' on '%s' failed: %w", bd.req.DrvPath, m.name, le))
-		return false, err
-	case bd.ctx.Err() != nil:
-		b.mx.built(m.name, "cancelled", time.Since(started))
-		return false, context.Cause(bd.ctx)
-	case errors.As(err, &be):
-		reusable = true
-		m.failed.Add(1)
-		kind := brokerapi.FailBuild
-		if be.TimedOut() {
-			kind = brokerapi.FailTimeout
-		}
-		b.mx.built(m.name, kind, time.Since(started))
-		bd.fail(kind, err)
-		return false, err
-	case offered || errors.As(err, &local):
-		m.failed.Add(1)
-		b.mx.built(m.name, "error", time.Since(started))
-		bd.fail(brokerapi.FailMisc, err)
-		return false, err
-	case offload.MachineLost(err):
-		// Before or during the build: both are worth another machine.
-		b.mx.built(m.name, "lost", time.Since(started))
-		// A link that went dead shows only as the end of the stream; say
-		// why the connection was closed.
-		if s, ok := sess.(interface{ Lost() error }); ok && s.Lost() != nil {
-			err = fmt.Errorf("%w: %v", err, s.Lost())
-		}
-		return true, err
-	default:
-		m.failed.Add(1)
-		b.mx.built(m.name, "error", time.Since(started))
-		bd.fail(brokerapi.FailMisc, err)
-		return false, err
-	}
-}
-
-// logSink turns the remote's stderr into log events once the build
-// command is out; what the machine prints before is not the build's log.
-type logSink struct {
-	bd       *build
-	open     atomic.Bool
-	activity offload.Activity
-}
-
-func (l *logSink) Write(p []byte) (int, error) {
-	l.activity.Touch()
-	if l.open.Load() {
-		l.bd.emit(brokerapi.Event{Type: brokerapi.EventLog, Text: string(p)})
-	}
-	return len(p), nil
-}
-
 // buildLocal is the local store as the engine sees it in the broker: reads
 // go to the broker's warm read sessions; outputs go to the client, which
 // makes them valid where the store is writable.
 type buildLocal struct {
 	bd *build
-	m  *machine
+}
+
+// machine is the machine of the current attempt.
+func (l *buildLocal) machine() *machine {
+	l.bd.mu.Lock()
+	defer l.bd.mu.Unlock()
+	return l.bd.machine
 }
 
 func (l *buildLocal) PathInfos(paths []string) ([]serveproto.PathInfo, error) {
 	infos, err := l.bd.b.local.pathInfos(paths)
 	if err != nil {
-		return nil, &localError{err}
+		return nil, &engine.LocalError{Err: err}
 	}
 	return infos, nil
 }
 
 func (l *buildLocal) Dump(p string, w io.Writer) (nar.Stats, error) {
 	st, err := l.bd.b.local.dump(p, w)
-	l.m.bytesSent.Add(uint64(st.Size))
-	l.bd.b.mx.sent(l.m.name, st.Size)
+	m := l.machine()
+	m.bytesSent.Add(uint64(st.Size))
+	l.bd.b.mx.sent(m.name, st.Size)
 	return st, err
 }
 
 func (l *buildLocal) Valid(paths []string) ([]string, error) {
 	valid, err := l.bd.b.local.valid(paths)
 	if err != nil {
-		return nil, &localError{err}
+		return nil, &engine.LocalError{Err: err}
 	}
 	return valid, nil
 }
@@ -381,7 +385,7 @@ func (l *buildLocal) AddOutputs(infos []serveproto.PathInfo, fetch func(path str
 	bd := l.bd
 	missing, err := bd.b.local.missingOutputs(infos)
 	if err != nil {
-		return &localError{err}
+		return &engine.LocalError{Err: err}
 	}
 	bd.b.mu.Lock()
 	bd.b.releaseLocked(bd.t)
@@ -395,11 +399,11 @@ func (l *buildLocal) AddOutputs(infos []serveproto.PathInfo, fetch func(path str
 	for i, in := range missing {
 		out[i] = brokerapi.PathInfo{Path: in.Path, Deriver: in.Deriver, NarHash: in.NarHash, NarSize: in.NarSize, References: in.References}
 	}
-	bd.end(brokerapi.Event{Type: brokerapi.EventOutputs, Build: bd.t.id, Machine: l.m.name, Outputs: out})
+	bd.end(brokerapi.Event{Type: brokerapi.EventOutputs, Build: bd.t.id, Machine: l.machine().name, Outputs: out})
 	select {
 	case err := <-ho.imported:
 		if err != nil {
-			return &localError{err}
+			return &engine.LocalError{Err: err}
 		}
 		return nil
 	case <-bd.ctx.Done():
