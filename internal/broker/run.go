@@ -203,7 +203,7 @@ type lease struct {
 	started time.Time
 }
 
-func (l *lease) Machine() string          { return l.m.name }
+func (l *lease) Machine() string         { return l.m.name }
 func (l *lease) Session() engine.Session { return l.sess }
 
 // Release returns the session to the pool (reusable when the build ended
