@@ -27,11 +27,12 @@ const (
 	// to come back from transient failures before it fails with the last
 	// error (machines.Daemon's machine-wait overrides it).
 	DefaultGiveUp = 5 * time.Minute
-	// slotLockWait bounds the wait for the host's slot lock: it is held for
-	// a few hundred system calls at a time, so a longer wait means another
-	// user's process holds it.
-	slotLockWait = 10 * time.Second
 )
+
+// slotLockWait bounds the wait for the host's slot lock: it is held for a
+// few hundred system calls at a time, so a longer wait means another user's
+// process holds it. A variable for tests.
+var slotLockWait = 10 * time.Second
 
 // Alone is the placer of a hook that works without a broker: it decides
 // under the host's slot lock (internal/slots), skips the machines the

@@ -1,0 +1,144 @@
+package main
+
+// The engine's placement rules as a user sees them from the hook working
+// alone (no broker): the host's health is shared by every hook, and a
+// machine that cannot serve until its configuration changes fails a build
+// at once instead of making Nix wait forever.
+
+import (
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/nix-offload/nix-offload/internal/testbed"
+)
+
+// silentListener accepts TCP connections and never says a word, like a
+// machine whose sshd is wedged; it counts the connections.
+type silentListener struct {
+	ln    net.Listener
+	count atomic.Int64
+	mu    sync.Mutex
+	conns []net.Conn
+}
+
+func newSilentListener(t *testing.T) *silentListener {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := &silentListener{ln: ln}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			s.count.Add(1)
+			s.mu.Lock()
+			s.conns = append(s.conns, c)
+			s.mu.Unlock()
+		}
+	}()
+	t.Cleanup(func() {
+		ln.Close()
+		<-done
+		s.mu.Lock()
+		for _, c := range s.conns {
+			c.Close()
+		}
+		s.mu.Unlock()
+	})
+	return s
+}
+
+func (s *silentListener) port() int { return s.ln.Addr().(*net.TCPAddr).Port }
+
+// A silent preferred machine is dialled once in a whole nix-build without a
+// broker (the failure goes to the host's health file, which the next hooks
+// read), and not at all by the next nix-build within its backoff. Before,
+// every hook dialled it again, connect-timeout each.
+func TestHookAloneSharesHealth(t *testing.T) {
+	local := testbed.Lookup(t, "2.8")
+	b := testbed.StartBuilder(t, local)
+	silent := newSilentListener(t)
+	env := newOffloadEnv(t, "", b)
+	cfg, err := os.ReadFile(env.config)
+	if err != nil {
+		t.Fatal(err)
+	}
+	text := string(cfg) + fmt.Sprintf(`
+[[machine]]
+host = "127.0.0.1"
+port = %d
+user = "root"
+ssh-key = %q
+host-key = %q
+systems = ["x86_64-linux"]
+speed = 10
+parallel-builds = 4
+connect-timeout = "2s"
+`, silent.port(), b.ClientKey, b.HostKey)
+	if err := os.WriteFile(env.config, []byte(text), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	store := testbed.NewStore(t)
+	for round, want := range []int64{1, 1} {
+		expr := env.writeExpr(t, fmt.Sprintf(`let salt = %q; in map (i: derivation {
+			name = "h${toString i}"; inherit salt; system = "x86_64-linux"; builder = "/bin/sh";
+			args = [ "-c" "echo ${toString i} > $out" ]; }) [1 2 3 4]`, randomHex(8)))
+		start := time.Now()
+		if _, errOut, err := nixBuild(t, local, store, env, expr); err != nil {
+			t.Fatalf("round %d: nix-build: %v\n%s", round, err, errOut)
+		}
+		if got := silent.count.Load(); got != want {
+			t.Errorf("round %d: the silent machine was dialled %d times in all, want %d", round, got, want)
+		}
+		t.Logf("round %d: 4 builds in %v", round, time.Since(start).Round(time.Millisecond))
+	}
+	if _, err := os.Stat(filepath.Join(env.dir, "state", "health.json")); err != nil {
+		t.Errorf("no health file: %v", err)
+	}
+}
+
+// A machine whose host key no longer matches the pinned one cannot serve
+// until someone changes the configuration: as with Nix's own hook, the
+// build fails at once with that error. Before, the hook postponed every
+// 5 s, forever.
+func TestHookAlonePermanentErrorFailsAtOnce(t *testing.T) {
+	local := testbed.Lookup(t, "2.8")
+	b := testbed.StartBuilder(t, local)
+	other := testbed.StartBuilder(t, local)
+	env := newOffloadEnv(t, "", b)
+	cfg, err := os.ReadFile(env.config)
+	if err != nil {
+		t.Fatal(err)
+	}
+	text := strings.Replace(string(cfg), fmt.Sprintf("host-key = %q", b.HostKey), fmt.Sprintf("host-key = %q", other.HostKey), 1)
+	if err := os.WriteFile(env.config, []byte(text), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	store := testbed.NewStore(t)
+	expr := env.writeExpr(t, fmt.Sprintf(`derivation { name = "pinned"; salt = %q; system = "x86_64-linux";
+		builder = "/bin/sh"; args = [ "-c" "echo x > $out" ]; }`, randomHex(8)))
+	start := time.Now()
+	_, errOut, err := startBuild(t, local, store, env, expr).wait(t, time.Minute)
+	if err == nil {
+		t.Fatal("the build succeeded on a machine with the wrong host key")
+	}
+	if took := time.Since(start); took > 20*time.Second {
+		t.Errorf("failed after %v, want at once", took)
+	}
+	if !strings.Contains(errOut, "host key mismatch") {
+		t.Errorf("nix-build does not say why:\n%s", errOut)
+	}
+}
