@@ -25,6 +25,7 @@ import (
 	gonar "github.com/nix-community/go-nix/pkg/nar"
 	"github.com/nix-community/go-nix/pkg/nixbase32"
 
+	"github.com/nix-offload/nix-offload/internal/engine"
 	"github.com/nix-offload/nix-offload/internal/machines"
 	"github.com/nix-offload/nix-offload/internal/serveproto"
 	"github.com/nix-offload/nix-offload/internal/sshconn"
@@ -173,25 +174,25 @@ func checkMachine(ctx context.Context, m machines.Machine, sshCfg sshconn.SSHCon
 
 	// Remote Nix version and clock, in one exec. (%N is GNU date; a date
 	// without it prints "%N" literally, and the whole seconds still count.)
+	// Bounded as the greeting is: a forced command (sshd's command=) runs
+	// instead and may never end.
+	octx, cancel := context.WithTimeout(ctx, connectTimeout(t))
 	t0 := time.Now()
-	out, err := client.Output(ctx, "nix-store --version && date +%s.%N")
+	out, err := client.Output(octx, "nix-store --version && date +%s.%N")
 	t1 := time.Now()
+	cancel()
 	if err != nil {
 		return fail("remote nix-store --version", err)
 	}
 	r.NixVersion, r.ClockSkew = parseVersionAndClock(string(out), t0, t1)
 
-	sess, err := transport.SSH(client.Client, transport.ServeCommand(m.RemoteStore), transport.Options{Name: m.Name()})
-	if err != nil {
-		return fail("start nix-store --serve", err)
-	}
-	defer sess.Close()
-	stopOnCancel := context.AfterFunc(ctx, func() { sess.Close() })
-	defer stopOnCancel()
-	conn, err := serveproto.Handshake(sess.Stdout(), sess.Stdin(), serveproto.Options{Explain: sess.Explain})
+	sess, conn, err := engine.OpenServe(ctx, client, transport.ServeCommand(m.RemoteStore), t.ConnectTimeout, transport.Options{Name: m.Name()})
 	if err != nil {
 		return fail("serve handshake", err)
 	}
+	defer sess.Close()
+	stopOnCancel := context.AfterFunc(ctx, func() { client.Close() })
+	defer stopOnCancel()
 	r.Protocol = conn.ServerVersion().String()
 
 	start = time.Now()
@@ -201,6 +202,14 @@ func checkMachine(ctx context.Context, m machines.Machine, sshCfg sshconn.SSHCon
 	r.RoundTrip = time.Since(start)
 	r.OK = true
 	return r
+}
+
+// connectTimeout is the bound of every wait for a machine's first answer.
+func connectTimeout(t sshconn.Target) time.Duration {
+	if t.ConnectTimeout > 0 {
+		return t.ConnectTimeout
+	}
+	return sshconn.DefaultConnectTimeout
 }
 
 // parseVersionAndClock reads the output of `nix-store --version && date +%s.%N`:

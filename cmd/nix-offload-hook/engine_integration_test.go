@@ -142,3 +142,64 @@ func TestHookAlonePermanentErrorFailsAtOnce(t *testing.T) {
 		t.Errorf("nix-build does not say why:\n%s", errOut)
 	}
 }
+
+// forceCommand makes b's sshd run command instead of whatever our key
+// asks for, as NixOS's nix.sshServe does for its key: a builder that logs
+// us in and never speaks the serve protocol.
+func forceCommand(t *testing.T, b *testbed.Builder, command string) {
+	t.Helper()
+	p := filepath.Join(b.Dir, "authorized_keys")
+	key, err := os.ReadFile(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(p, []byte(fmt.Sprintf("command=%q %s", command, key)), 0o644); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// A builder whose key runs `sleep 1000` costs connect-timeout and a few
+// seconds, alone, through the broker and in `check`: the connection is
+// closed when the greeting does not come, and nothing waits for the
+// command to end. Before, the hook hung for good (Session.Close waited for
+// an exit sshd never reports) and `check` with it.
+func TestForcedCommandBuilder(t *testing.T) {
+	local := testbed.Lookup(t, "2.8")
+	forced := testbed.StartBuilder(t, local)
+	good := testbed.StartBuilder(t, local)
+	forceCommand(t, forced, "sleep 1000")
+	const bound = 2*time.Second + 8*time.Second // connect-timeout + a few seconds
+
+	t.Run("check", func(t *testing.T) {
+		cfg := writeConfig(t, machineTOML(forced, true)+"connect-timeout = \"2s\"\n")
+		start := time.Now()
+		code, out, errOut := runCLI(t, "check", "-config", cfg)
+		if took := time.Since(start); took > bound {
+			t.Errorf("check took %v, want at most %v", took, bound)
+		}
+		if code == 0 {
+			t.Errorf("check passed a machine that never speaks the protocol:\n%s%s", out, errOut)
+		}
+	})
+	for _, mode := range []string{"alone", "broker"} {
+		t.Run(mode, func(t *testing.T) {
+			env := newFaultEnv(t, "",
+				faultMachine{b: forced, slots: 4, extra: "speed = 10\nconnect-timeout = \"2s\""},
+				faultMachine{b: good, slots: 4})
+			store := testbed.NewStore(t)
+			if mode == "broker" {
+				withBroker(t, local, store, env)
+			}
+			expr := env.writeExpr(t, fmt.Sprintf(`derivation { name = "forced"; salt = %q; system = "x86_64-linux";
+				builder = "/bin/sh"; args = [ "-c" "echo x > $out" ]; }`, randomHex(8)))
+			start := time.Now()
+			_, errOut, err := startBuild(t, local, store, env, expr).wait(t, time.Minute)
+			if err != nil {
+				t.Fatalf("nix-build: %v\n%s", err, errOut)
+			}
+			if took := time.Since(start); took > bound {
+				t.Errorf("the build took %v, want at most %v:\n%s", took, bound, errOut)
+			}
+		})
+	}
+}

@@ -77,8 +77,9 @@ func (s *sshSession) StderrIsLog()           { s.ts.StderrIsLog() }
 func (s *sshSession) Lost() error            { return s.client.Lost() }
 func (s *sshSession) Close()                 { s.ts.Close() }
 
-// LogSwitch is a session's stderr sink that can be pointed elsewhere while
-// the session runs.
+// LogSwitch is a session's stderr sink for its whole life; its target
+// changes per build. It never fails, so the transport never drops it; a
+// target that fails is dropped instead.
 type LogSwitch struct {
 	mu sync.Mutex
 	w  io.Writer // guarded by mu
@@ -88,7 +89,9 @@ func (l *LogSwitch) Write(p []byte) (int, error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if l.w != nil {
-		l.w.Write(p)
+		if _, err := l.w.Write(p); err != nil {
+			l.w = nil
+		}
 	}
 	return len(p), nil
 }

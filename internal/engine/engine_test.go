@@ -1,6 +1,7 @@
 package engine
 
 import (
+	"bytes"
 	"context"
 	"encoding/binary"
 	"errors"
@@ -160,15 +161,43 @@ func TestGate(t *testing.T) {
 }
 
 type syncBuf struct {
-	mu sync.Mutex
-	b  []byte
+	mu    sync.Mutex
+	b     []byte
+	first chan struct{} // closed at the first write
 }
 
 func (s *syncBuf) Write(p []byte) (int, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.b = append(s.b, p...)
+	s.wroteLocked()
+	if s.first != closedChan {
+		close(s.first)
+		s.first = closedChan
+	}
 	return len(p), nil
+}
+
+var closedChan = func() chan struct{} { c := make(chan struct{}); close(c); return c }()
+
+func (s *syncBuf) wroteLocked() {
+	if s.first == nil {
+		s.first = make(chan struct{})
+	}
+}
+
+// wrote is closed once something was written.
+func (s *syncBuf) wrote() <-chan struct{} {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.wroteLocked()
+	return s.first
+}
+
+func (s *syncBuf) Len() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.b)
 }
 
 func (s *syncBuf) String() string {
@@ -259,5 +288,70 @@ func TestRunRetriesElsewhere(t *testing.T) {
 	}
 	if fmt.Sprint(p.released) != "[b1: true b2: true b3: true]" {
 		t.Errorf("released %v", p.released)
+	}
+}
+
+type failingWriter struct{ n int }
+
+func (w *failingWriter) Write(p []byte) (int, error) {
+	w.n++
+	return 0, io.ErrClosedPipe
+}
+
+// The log switch never fails the transport's stderr drain, forgets a target
+// that fails, and writes nothing to a target after it was replaced.
+func TestLogSwitch(t *testing.T) {
+	var l LogSwitch
+	if n, err := l.Write([]byte("nowhere")); n != 7 || err != nil {
+		t.Errorf("Write without a target = %d, %v", n, err)
+	}
+	var a, b bytes.Buffer
+	l.Set(&a)
+	l.Write([]byte("one"))
+	l.Set(&b)
+	l.Write([]byte("two"))
+	l.Set(nil)
+	l.Write([]byte("three"))
+	if a.String() != "one" || b.String() != "two" {
+		t.Errorf("targets got %q and %q", a.String(), b.String())
+	}
+
+	fw := &failingWriter{}
+	l.Set(fw)
+	for range 3 {
+		if n, err := l.Write([]byte("x")); n != 1 || err != nil {
+			t.Errorf("Write to a failing target = %d, %v", n, err)
+		}
+	}
+	if fw.n != 1 {
+		t.Errorf("failing target written %d times, want once", fw.n)
+	}
+
+	// Switching while the drain writes: once set returns, the old target
+	// is never written again.
+	var old, next syncBuf
+	l.Set(&old)
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+				l.Write([]byte("x"))
+			}
+		}
+	}()
+	<-old.wrote()
+	l.Set(&next)
+	n := old.Len()
+	<-next.wrote()
+	close(stop)
+	wg.Wait()
+	if old.Len() != n || next.Len() == 0 {
+		t.Errorf("old target grew from %d to %d bytes after the switch; new target has %d", n, old.Len(), next.Len())
 	}
 }

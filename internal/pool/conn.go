@@ -8,6 +8,7 @@ import (
 
 	"golang.org/x/crypto/ssh"
 
+	"github.com/nix-offload/nix-offload/internal/engine"
 	"github.com/nix-offload/nix-offload/internal/serveproto"
 	"github.com/nix-offload/nix-offload/internal/sshconn"
 	"github.com/nix-offload/nix-offload/internal/transport"
@@ -188,24 +189,21 @@ func (p *Pool) forgetConnLocked(c *conn) {
 }
 
 // openOn opens a channel on c that runs the serve command, and shakes hands
-// with it. The handshake is bounded by the machine's connect timeout.
+// with it (engine.OpenServe). The handshake is bounded by the machine's
+// connect timeout.
 func (p *Pool) openOn(c *conn) (*Session, error) {
 	s := &Session{p: p, c: c, born: time.Now()}
-	ts, err := transport.SSH(c.client.Client, p.cmd, transport.Options{Name: p.name, Stderr: &s.log})
-	if err != nil {
-		return nil, err
-	}
-	sc, err := serveproto.HandshakeWithin(p.ctx, p.target.ConnectTimeout, ts.Stdout(), ts.Stdin(),
-		serveproto.Options{Explain: ts.Explain}, func() { ts.Close() })
+	// A machine that never greets gets its connection closed: the pool's
+	// watcher then forgets it, and every session on it fails.
+	ts, sc, err := engine.OpenServe(p.ctx, c.client, p.cmd, p.target.ConnectTimeout, transport.Options{Name: p.name, Stderr: &s.log})
 	var late *serveproto.NoGreetingError
 	switch {
 	case err != nil && p.ctx.Err() != nil:
 		err = ErrClosed
 	case errors.As(err, &late):
-		err = fmt.Errorf("pool: %s: %w", p.name, err)
+		err = fmt.Errorf("pool: %w", err)
 	}
 	if err != nil {
-		ts.Close()
 		return nil, err
 	}
 	s.ts, s.conn = ts, sc

@@ -56,6 +56,7 @@ import (
 	"time"
 
 	"github.com/nix-offload/nix-offload/internal/machines"
+	"github.com/nix-offload/nix-offload/internal/engine"
 	"github.com/nix-offload/nix-offload/internal/serveproto"
 	"github.com/nix-offload/nix-offload/internal/sshconn"
 	"github.com/nix-offload/nix-offload/internal/transport"
@@ -288,7 +289,7 @@ func (p *Pool) Put(s *Session, reusable bool) {
 	if s == nil || s.p != p {
 		return
 	}
-	s.log.set(nil)
+	s.log.Set(nil)
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if !s.inUse {
@@ -676,7 +677,7 @@ type Session struct {
 	c    *conn
 	ts   *transport.Session
 	conn *serveproto.Conn
-	log  logSwitch
+	log  engine.LogSwitch
 	born time.Time
 
 	// Guarded by p.mu.
@@ -698,7 +699,7 @@ func (s *Session) Conn() *serveproto.Conn { return s.conn }
 // while one blocks, the remote's stderr is not read. If w fails, it gets
 // nothing more. Once SetLog returns, the previous target gets no more
 // bytes; Put detaches the log.
-func (s *Session) SetLog(w io.Writer) { s.log.set(w) }
+func (s *Session) SetLog(w io.Writer) { s.log.Set(w) }
 
 // StderrIsLog tells the session that stderr now carries the build's log:
 // only Nix's own "error:" lines explain a failure from now on (see
@@ -746,30 +747,6 @@ func (s *Session) MarkLocked(paths []string) {
 	for _, path := range paths {
 		s.locked[path] = struct{}{}
 	}
-}
-
-// logSwitch is the session's stderr sink for its whole life; its target
-// changes per build. It never fails, so the transport never drops it.
-type logSwitch struct {
-	mu sync.Mutex
-	w  io.Writer // guarded by mu
-}
-
-func (l *logSwitch) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	if l.w != nil {
-		if _, err := l.w.Write(p); err != nil {
-			l.w = nil
-		}
-	}
-	return len(p), nil
-}
-
-func (l *logSwitch) set(w io.Writer) {
-	l.mu.Lock()
-	l.w = w
-	l.mu.Unlock()
 }
 
 func closed(c <-chan struct{}) bool {

@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"errors"
-	"io"
 	"slices"
 	"sync"
 	"testing"
@@ -237,70 +236,6 @@ func TestDefaults(t *testing.T) {
 	}
 }
 
-type failingWriter struct{ n int }
-
-func (w *failingWriter) Write(p []byte) (int, error) {
-	w.n++
-	return 0, io.ErrClosedPipe
-}
-
-// The log switch never fails the transport's stderr drain, forgets a target
-// that fails, and writes nothing to a target after it was replaced.
-func TestLogSwitch(t *testing.T) {
-	var l logSwitch
-	if n, err := l.Write([]byte("nowhere")); n != 7 || err != nil {
-		t.Errorf("Write without a target = %d, %v", n, err)
-	}
-	var a, b bytes.Buffer
-	l.set(&a)
-	l.Write([]byte("one"))
-	l.set(&b)
-	l.Write([]byte("two"))
-	l.set(nil)
-	l.Write([]byte("three"))
-	if a.String() != "one" || b.String() != "two" {
-		t.Errorf("targets got %q and %q", a.String(), b.String())
-	}
-
-	fw := &failingWriter{}
-	l.set(fw)
-	for range 3 {
-		if n, err := l.Write([]byte("x")); n != 1 || err != nil {
-			t.Errorf("Write to a failing target = %d, %v", n, err)
-		}
-	}
-	if fw.n != 1 {
-		t.Errorf("failing target written %d times, want once", fw.n)
-	}
-
-	// Switching while the drain writes: once set returns, the old target
-	// is never written again.
-	var old, next lockedBuffer
-	l.set(&old)
-	stop := make(chan struct{})
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			select {
-			case <-stop:
-				return
-			default:
-				l.Write([]byte("x"))
-			}
-		}
-	}()
-	time.Sleep(5 * time.Millisecond)
-	l.set(&next)
-	n := old.Len()
-	time.Sleep(5 * time.Millisecond)
-	close(stop)
-	wg.Wait()
-	if old.Len() != n || next.Len() == 0 {
-		t.Errorf("old target grew from %d to %d bytes after the switch; new target has %d", n, old.Len(), next.Len())
-	}
-}
 
 type lockedBuffer struct {
 	mu  sync.Mutex

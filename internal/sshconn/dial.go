@@ -165,7 +165,9 @@ func (c *Client) Close() error {
 }
 
 // Output runs a short command on the machine and returns its stdout. A
-// non-zero exit includes the command's stderr in the error.
+// non-zero exit includes the command's stderr in the error. When ctx ends
+// first, the whole connection is closed: sshd would keep a forced command's
+// channel open until the command exits.
 func (c *Client) Output(ctx context.Context, cmd string) ([]byte, error) {
 	s, err := c.NewSession()
 	if err != nil {
@@ -174,7 +176,9 @@ func (c *Client) Output(ctx context.Context, cmd string) ([]byte, error) {
 	defer s.Close()
 	var stdout, stderr bytes.Buffer
 	s.Stdout, s.Stderr = &stdout, &stderr
-	stop := context.AfterFunc(ctx, func() { s.Close() })
+	// Closing the session is not enough: sshd keeps a forced command's
+	// channel open until the command exits. ctx ending ends the connection.
+	stop := context.AfterFunc(ctx, func() { c.Close() })
 	defer stop()
 	if err := s.Run(cmd); err != nil {
 		if ctx.Err() != nil {
