@@ -55,8 +55,8 @@ import (
 	"sync"
 	"time"
 
-	"github.com/nix-offload/nix-offload/internal/machines"
 	"github.com/nix-offload/nix-offload/internal/engine"
+	"github.com/nix-offload/nix-offload/internal/machines"
 	"github.com/nix-offload/nix-offload/internal/serveproto"
 	"github.com/nix-offload/nix-offload/internal/sshconn"
 	"github.com/nix-offload/nix-offload/internal/transport"

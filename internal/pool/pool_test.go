@@ -236,7 +236,6 @@ func TestDefaults(t *testing.T) {
 	}
 }
 
-
 type lockedBuffer struct {
 	mu  sync.Mutex
 	buf bytes.Buffer
