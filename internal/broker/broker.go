@@ -122,8 +122,12 @@ type Broker struct {
 	seq    atomic.Uint64
 	wake   chan struct{}
 	wg     sync.WaitGroup // running builds
+	loops  sync.WaitGroup // the dispatcher and warm-up, which Close waits for
+	// healthFailing is set while the health file cannot be written.
+	healthFailing atomic.Bool
 
 	mu       sync.Mutex
+	probes   map[string]bool // machines on backoff granted a probe, not used yet
 	queue    []*ticket
 	tickets  map[string]*ticket // by id, while they hold a slot or wait
 	builds   map[string]*build  // by ticket id
@@ -181,6 +185,7 @@ func New(opt Options) *Broker {
 		cancel:     cancel,
 		wake:       make(chan struct{}, 1),
 		tickets:    map[string]*ticket{},
+		probes:     map[string]bool{},
 		builds:     map[string]*build{},
 	}
 	for _, m := range opt.Config.Machines {
@@ -191,8 +196,9 @@ func New(opt Options) *Broker {
 		b.cfgMs = append(b.cfgMs, m)
 	}
 	b.mx = newBrokerMetrics(b, opt.Metrics)
-	go b.dispatcher()
-	go b.warm()
+	b.loops.Add(2)
+	go func() { defer b.loops.Done(); b.dispatcher() }()
+	go func() { defer b.loops.Done(); b.warm() }()
 	return b
 }
 
@@ -203,18 +209,26 @@ func (b *Broker) onDial(m *machine) func(error) {
 			if b.health.Get(m.name).Failures > 0 {
 				b.log.Info("machine is back", zap.String("machine", m.name))
 			}
-			if err := b.health.Succeeded(m.name); err != nil {
-				b.log.Warn("recording machine health", zap.Error(err))
-			}
+			b.healthError(b.health.Succeeded(m.name))
 			b.kick()
 			return
 		}
 		st, herr := b.health.Failed(m.name, err)
-		if herr != nil {
-			b.log.Warn("recording machine health", zap.Error(herr))
-		}
+		b.healthError(herr)
 		b.log.Warn("machine unreachable", zap.String("machine", m.name), zap.Error(err),
 			zap.Int("failures", st.Failures), zap.Time("retry_at", st.Until))
+	}
+}
+
+// healthError says once that the health file cannot be used (the backoff
+// stays in memory), and again only after it worked in between.
+func (b *Broker) healthError(err error) {
+	if err == nil {
+		b.healthFailing.Store(false)
+		return
+	}
+	if !b.healthFailing.Swap(true) {
+		b.log.Warn("recording machine health; keeping it in memory until the file works", zap.Error(err))
 	}
 }
 
@@ -250,6 +264,7 @@ func (b *Broker) Close() {
 	b.mu.Unlock()
 	b.cancel()
 	b.wg.Wait()
+	b.loops.Wait()
 	for _, m := range b.machines {
 		m.pool.Close()
 	}
@@ -306,6 +321,7 @@ func (b *Broker) dispatcher() {
 			// Hooks that work without the broker record failures too.
 			b.health.Reload()
 		}
+		b.grantProbes()
 		b.mu.Lock()
 		b.dispatchLocked()
 		b.mu.Unlock()
@@ -355,19 +371,50 @@ func (b *Broker) dispatchLocked() {
 	b.queue = kept
 }
 
-// probeLocked picks a machine that can build t, has a free slot but is on
-// backoff, and is due for a probe.
+// grantProbes asks health, outside b.mu (it may wait for the health file's
+// lock), for a probe of each machine on backoff that has a free slot while
+// builds are queued; probeLocked hands the grants out.
+func (b *Broker) grantProbes() {
+	down := b.health.Down()
+	b.mu.Lock()
+	var due []string
+	if len(b.queue) > 0 {
+		for _, m := range b.machines {
+			if _, isDown := down[m.name]; isDown && !b.probes[m.name] && m.cfg.Enabled && m.used < m.cfg.ParallelBuilds {
+				due = append(due, m.name)
+			}
+		}
+	}
+	every := b.probeEvery
+	b.mu.Unlock()
+	var granted []string
+	for _, name := range due {
+		if ok, _ := b.health.Probe(name, every); ok {
+			granted = append(granted, name)
+		}
+	}
+	if len(granted) == 0 {
+		return
+	}
+	b.mu.Lock()
+	for _, name := range granted {
+		b.probes[name] = true
+	}
+	b.mu.Unlock()
+}
+
+// probeLocked picks a machine that can build t, has a free slot and was
+// granted a probe (grantProbes), and spends the grant.
 func (b *Broker) probeLocked(t *ticket) *machine {
 	for _, m := range b.machines {
-		if _, excluded := t.exclude[m.name]; excluded || m.used >= m.cfg.ParallelBuilds {
+		if _, excluded := t.exclude[m.name]; excluded || m.used >= m.cfg.ParallelBuilds || !b.probes[m.name] {
 			continue
 		}
 		if !scheduler.Matches(m.cfg, t.req) {
 			continue
 		}
-		if ok, _ := b.health.Probe(m.name, b.probeEvery); ok {
-			return m
-		}
+		delete(b.probes, m.name)
+		return m
 	}
 	return nil
 }

@@ -10,6 +10,9 @@ import (
 	"github.com/nix-offload/nix-offload/internal/serveproto"
 )
 
+// errLocalClosed is a local read after the broker closed.
+var errLocalClosed = errors.New("the broker is closing")
+
 // localPool shares a few warm read sessions on the local store among the
 // builds that run at once. localstore.Store serves one call at a time, and
 // a Dump of a large input holds its session for as long as the upload
@@ -43,6 +46,13 @@ func (p *localPool) with(f func(*localstore.Store) error) error {
 				return err
 			}
 			p.mu.Lock()
+			if p.closed {
+				// Opened while the broker closed: nobody would close it.
+				p.mu.Unlock()
+				s.Close()
+				<-p.sem
+				return errLocalClosed
+			}
 			p.all = append(p.all, s)
 			p.mu.Unlock()
 		}

@@ -28,7 +28,7 @@ const maxFileSize = 4 << 20
 const (
 	lockPollMin = time.Millisecond
 	lockPollMax = 10 * time.Millisecond
-	lockTimeout = 10 * time.Second
+	lockTimeout = time.Second
 )
 
 // fileContent is the JSON document in the state file.
@@ -37,10 +37,35 @@ type fileContent struct {
 	Machines map[string]State `json:"machines"`
 }
 
-// ensureDir creates the directory of the state file at path.
+// ensureDir creates the directory of the state file at path (mode 0700) and checks that no
+// other user can put files in it: it must be a directory, not a link, owned by this process's
+// user, and writable by nobody else. Otherwise another local user could hold the lock or plant
+// the files, and the Tracker keeps the state in memory.
 func ensureDir(path string) error {
-	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
-		return fmt.Errorf("health: %w; machine health is not shared with other processes until the directory can be created", err)
+	dir := filepath.Dir(path)
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return fmt.Errorf("health: %w; machine health is kept in this process only", err)
+	}
+	fi, err := os.Lstat(dir)
+	if err != nil {
+		return fmt.Errorf("health: %w; machine health is kept in this process only", err)
+	}
+	if err := ownedDir(fi); err != nil {
+		return fmt.Errorf("health: %s %v: another user could stall or forge it; machine health is kept in this process only (hint: chown it to uid %d and chmod 0700)", dir, err, os.Geteuid())
+	}
+	return nil
+}
+
+// ownedDir checks that fi is a directory of this process's user that no one else can write.
+func ownedDir(fi fs.FileInfo) error {
+	if !fi.IsDir() {
+		return errors.New("is not a directory")
+	}
+	if st, ok := fi.Sys().(*syscall.Stat_t); ok && int(st.Uid) != os.Geteuid() {
+		return fmt.Errorf("is owned by uid %d", st.Uid)
+	}
+	if fi.Mode().Perm()&0o022 != 0 {
+		return fmt.Errorf("is writable by others (mode %v)", fi.Mode().Perm())
 	}
 	return nil
 }
@@ -97,7 +122,7 @@ func writeState(path string, ms map[string]State) error {
 		return notSaved(err)
 	}
 	tmp := f.Name()
-	err = f.Chmod(0o644) // not subject to the umask, unlike the mode given at creation
+	err = f.Chmod(0o600) // not subject to the umask, unlike the mode given at creation
 	if err == nil {
 		_, err = f.Write(data)
 	}
@@ -121,15 +146,21 @@ func notSaved(err error) error {
 	return fmt.Errorf("health: saving the state: %w; other processes will not see this change", err)
 }
 
-// lockFile takes an exclusive flock on the lock file at path, creating it with mode 0644 if
-// needed, and returns the function that releases it. flock works on a descriptor opened
-// read-only, so any process that can read the lock file can take the lock. flock locks
-// belong to the open file, so two Trackers of one process exclude each other as two processes
-// do.
+// lockFile takes an exclusive flock on the lock file at path, creating it with mode 0600 if
+// needed, and returns the function that releases it. The file must belong to this process's
+// user: one that another user made (or could open) is refused, since its owner could hold the
+// lock. flock locks belong to the open file, so two Trackers of one process exclude each
+// other as two processes do.
 func lockFile(path string) (unlock func(), err error) {
-	f, err := os.OpenFile(path, os.O_RDONLY|os.O_CREATE|syscall.O_CLOEXEC|syscall.O_NOFOLLOW, 0o644)
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|syscall.O_CLOEXEC|syscall.O_NOFOLLOW, 0o600)
 	if err != nil {
 		return nil, fmt.Errorf("health: lock: %w; this change stays in this process's memory", err)
+	}
+	if fi, err := f.Stat(); err == nil {
+		if st, ok := fi.Sys().(*syscall.Stat_t); ok && int(st.Uid) != os.Geteuid() || fi.Mode().Perm()&0o077 != 0 {
+			f.Close()
+			return nil, fmt.Errorf("health: lock: %s is open to other users (mode %v): refusing it; this change stays in this process's memory", path, fi.Mode().Perm())
+		}
 	}
 	deadline := time.Now().Add(lockTimeout)
 	for wait := lockPollMin; ; wait = min(2*wait, lockPollMax) {

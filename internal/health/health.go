@@ -3,6 +3,7 @@ package health
 import (
 	"errors"
 	"fmt"
+	"maps"
 	"math/rand/v2"
 	"strings"
 	"sync"
@@ -50,10 +51,14 @@ type Tracker struct {
 
 	mu       sync.Mutex       // serialises this process's updates; held during file I/O
 	machines map[string]State // guarded by mu: what the file said last, with our changes
+	// unsaved are the machines whose last change could not be written (guarded by mu):
+	// Reload keeps them, and the next write that works saves them.
+	unsaved map[string]bool
 }
 
-// Open returns the Tracker of the state file at path, creating its directory (mode 0755) if
-// needed, and reads the file. An empty path gives a Tracker that remembers only in memory, for
+// Open returns the Tracker of the state file at path, creating its directory (mode 0700) if
+// needed, and reads the file. A directory that is not this user's alone (see the package
+// documentation) gives a Tracker in memory only, and an error that says so. An empty path gives a Tracker that remembers only in memory, for
 // tests and for processes that have no state directory.
 //
 // Open always returns a usable Tracker. When the error is not nil as well, the file could not
@@ -65,11 +70,13 @@ func Open(path string) (*Tracker, error) {
 		now:      time.Now,
 		jitter:   func() time.Duration { return rand.N(maxJitter) },
 		machines: map[string]State{},
+		unsaved:  map[string]bool{},
 	}
 	if path == "" {
 		return t, nil
 	}
 	if err := ensureDir(path); err != nil {
+		t.path = "" // a directory others can write is not ours to share through
 		return t, err
 	}
 	return t, t.Reload()
@@ -191,14 +198,28 @@ func (t *Tracker) Reload() error {
 	defer t.mu.Unlock()
 	ms, err := readState(t.path)
 	if ms != nil {
+		t.keepUnsavedLocked(ms)
 		t.machines = ms
 	}
-	return err
+	return (err)
+}
+
+// keepUnsavedLocked puts into ms, read from the file, what this process recorded but could
+// not save: a failure must not be forgotten because the file is full or read-only.
+func (t *Tracker) keepUnsavedLocked(ms map[string]State) {
+	for name := range t.unsaved {
+		if s, ok := t.machines[name]; ok {
+			ms[name] = s
+		} else {
+			delete(ms, name)
+		}
+	}
 }
 
 // update applies change to the state under both locks, with the file's newest content, and
 // saves the result if change reports that it changed something. When the file cannot be
-// used, change is applied to the Tracker's memory and the error says what was not shared.
+// used, change is applied to the Tracker's memory, kept there until a write works, and the
+// error says what was not shared.
 func (t *Tracker) update(change func(ms map[string]State, now time.Time) (changed bool)) error {
 	t.mu.Lock()
 	defer t.mu.Unlock()
@@ -206,30 +227,48 @@ func (t *Tracker) update(change func(ms map[string]State, now time.Time) (change
 		change(t.machines, t.clock())
 		return nil
 	}
+	// keep makes ms the memory, marking what differs from before as unsaved.
+	keep := func(ms map[string]State, err error) error {
+		for name, s := range ms {
+			if old, ok := t.machines[name]; !ok || old != s {
+				t.unsaved[name] = true
+			}
+		}
+		for name := range t.machines {
+			if _, ok := ms[name]; !ok {
+				t.unsaved[name] = true
+			}
+		}
+		t.machines = ms
+		return (err)
+	}
+	inMemory := func(err error) error {
+		ms := maps.Clone(t.machines)
+		change(ms, t.clock())
+		return keep(ms, err)
+	}
 	unlock, err := lockFile(t.path + ".lock")
 	if err != nil {
-		change(t.machines, t.clock())
-		return err
+		return inMemory(err)
 	}
 	defer unlock()
 	ms, rerr := readState(t.path)
 	if ms == nil {
 		// Unreadable: writing would throw away what other processes recorded.
-		change(t.machines, t.clock())
-		return rerr
+		return inMemory(rerr)
 	}
+	t.keepUnsavedLocked(ms)
 	// The clock is read with the lock held, so that updates from all processes are recorded
 	// in the order of their times.
 	changed := change(ms, t.clock())
-	if changed || rerr != nil { // a corrupt file is replaced even when nothing changed
+	if changed || rerr != nil || len(t.unsaved) > 0 { // a corrupt file is replaced even when nothing changed
 		if werr := writeState(t.path, ms); werr != nil {
-			// Memory keeps the change, so this process at least acts on it.
-			t.machines = ms
-			return errors.Join(rerr, werr)
+			return keep(ms, errors.Join(rerr, werr))
 		}
+		clear(t.unsaved)
 	}
 	t.machines = ms
-	return rerr
+	return (rerr)
 }
 
 // healthyInFile reads the file without the lock and, if it reads well, takes its content; it
