@@ -95,7 +95,7 @@ func runDaemon(ctx context.Context, args []string, stderr io.Writer) error {
 	n.Ready(fmt.Sprintf("%d machines", len(cfg.Machines)))
 	wctx, stopWatchdog := context.WithCancel(ctx)
 	defer stopWatchdog()
-	go n.Watchdog(wctx, func() error { return nil })
+	go n.Watchdog(wctx, func() error { return brokerHealthy(wctx, b, ln.Addr().String()) })
 	log.Info("broker ready", zap.String("socket", ln.Addr().String()), zap.Bool("socket_activated", activated),
 		zap.Int("machines", len(cfg.Machines)), zap.String("config", cfg.Path), zap.String("version", version()))
 
@@ -113,5 +113,25 @@ func runDaemon(ctx context.Context, args []string, stderr io.Writer) error {
 		log.Warn("serve", zap.Error(err))
 	}
 	log.Info("stopped")
+	return nil
+}
+
+// brokerHealthy is the watchdog's check: the dispatcher goes round, and a
+// status request on the broker's own socket is accepted and answered in
+// time, which needs the accept loop, a handler and the broker's lock.
+func brokerHealthy(ctx context.Context, b *broker.Broker, socket string) error {
+	if err := b.Healthy(); err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	c, err := brokerapi.Dial(ctx, socket)
+	if err != nil {
+		return fmt.Errorf("own socket: %w", err)
+	}
+	defer c.Close()
+	if _, err := c.Status(ctx); err != nil {
+		return fmt.Errorf("own socket: status: %w", err)
+	}
 	return nil
 }

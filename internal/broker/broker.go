@@ -32,6 +32,7 @@ package broker
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"slices"
 	"strconv"
@@ -125,6 +126,8 @@ type Broker struct {
 	loops  sync.WaitGroup // the dispatcher and warm-up, which Close waits for
 	// healthFailing is set while the health file cannot be written.
 	healthFailing atomic.Bool
+	// beat is when the dispatcher last went round (UnixNano), for Healthy.
+	beat atomic.Int64
 
 	mu       sync.Mutex
 	probes   map[string]bool // machines on backoff granted a probe, not used yet
@@ -312,6 +315,7 @@ func (b *Broker) dispatcher() {
 	tick := time.NewTicker(time.Second)
 	defer tick.Stop()
 	for {
+		b.beat.Store(time.Now().UnixNano())
 		select {
 		case <-b.ctx.Done():
 			return
@@ -326,6 +330,25 @@ func (b *Broker) dispatcher() {
 		b.dispatchLocked()
 		b.mu.Unlock()
 	}
+}
+
+// stuckAfter is how long the dispatcher may go without a round (it has one
+// every second) before Healthy reports it stuck.
+const stuckAfter = 30 * time.Second
+
+// Healthy reports an error when the dispatcher has stopped going round:
+// it waits for the broker's lock every second, so a lock held for good, or
+// a dispatcher that died, shows here. The daemon's systemd watchdog is fed
+// only while this and a request on the broker's own socket succeed.
+func (b *Broker) Healthy() error {
+	if b.ctx.Err() != nil {
+		return errors.New("the broker is closed")
+	}
+	last := time.Unix(0, b.beat.Load())
+	if since := time.Since(last); b.beat.Load() != 0 && since > stuckAfter {
+		return fmt.Errorf("the dispatcher has not run for %v", since.Round(time.Second))
+	}
+	return nil
 }
 
 // freeSlots reports whether any enabled machine has a free slot.

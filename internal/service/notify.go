@@ -3,12 +3,11 @@ package service
 import (
 	"context"
 	"fmt"
-	"net"
 	"os"
-	"strconv"
 	"strings"
 	"time"
 
+	"github.com/coreos/go-systemd/v22/daemon"
 	"go.uber.org/zap"
 )
 
@@ -104,60 +103,19 @@ func (n *Notifier) Watchdog(ctx context.Context, healthy func() error) error {
 	}
 }
 
-// notify sends one notification, if there is a NOTIFY_SOCKET.
+// notify sends one notification, if there is a NOTIFY_SOCKET (sd_notify(3), through
+// go-systemd's daemon package).
 func (n *Notifier) notify(state string) {
-	if err := sdNotify(os.Getenv("NOTIFY_SOCKET"), state); err != nil {
+	if _, err := daemon.SdNotify(false, state); err != nil {
 		n.logger().Warn("cannot notify systemd", zap.String("state", state), zap.Error(err))
 	}
-}
-
-// sdNotify sends state as one datagram to the notification socket at addr, a path or, with a
-// leading "@", an abstract name (sd_notify(3)). It does nothing if addr is empty. systemd
-// knows the sender from the credentials the kernel attaches, so nothing else is needed.
-//
-// go-systemd's daemon package does the same, but it imports golang.org/x/sys/unix, which
-// this module does not otherwise need.
-func sdNotify(addr, state string) error {
-	if addr == "" {
-		return nil
-	}
-	if addr[0] != '/' && addr[0] != '@' {
-		return fmt.Errorf("NOTIFY_SOCKET=%q: only unix socket paths and abstract names are supported", addr)
-	}
-	c, err := net.DialUnix("unixgram", nil, &net.UnixAddr{Name: addr, Net: "unixgram"})
-	if err != nil {
-		return err
-	}
-	defer c.Close()
-	_, err = c.Write([]byte(state))
-	return err
 }
 
 // watchdogInterval is the watchdog interval systemd set for this process, or 0 if it set none
 // (sd_watchdog_enabled(3)): WATCHDOG_USEC in microseconds, which applies to this process
 // unless WATCHDOG_PID names another one.
 func watchdogInterval() (time.Duration, error) {
-	usec := os.Getenv("WATCHDOG_USEC")
-	if usec == "" {
-		return 0, nil
-	}
-	if pid := os.Getenv("WATCHDOG_PID"); pid != "" {
-		p, err := strconv.Atoi(pid)
-		if err != nil {
-			return 0, fmt.Errorf("WATCHDOG_PID=%q: %w", pid, err)
-		}
-		if p != os.Getpid() {
-			return 0, nil
-		}
-	}
-	u, err := strconv.ParseUint(usec, 10, 63)
-	if err != nil {
-		return 0, fmt.Errorf("WATCHDOG_USEC=%q: %w", usec, err)
-	}
-	if u == 0 || u > uint64(time.Duration(1<<63-1)/time.Microsecond) {
-		return 0, fmt.Errorf("WATCHDOG_USEC=%q is out of range", usec)
-	}
-	return time.Duration(u) * time.Microsecond, nil
+	return daemon.SdWatchdogEnabled(false)
 }
 
 // oneLine keeps a status to one line: a newline in it would start another assignment, such as

@@ -215,7 +215,7 @@ func TestWatchdogSettings(t *testing.T) {
 		{"30000000", me, 30 * time.Second, ""},
 		{"30000000", "", 30 * time.Second, ""}, // no WATCHDOG_PID: it is ours
 		{"30000000", "1", 0, ""},               // another process's watchdog
-		{"0", me, 0, "out of range"},
+		{"0", me, 0, "positive"},
 		{"-5", me, 0, "WATCHDOG_USEC"},
 		{"thirty", me, 0, "WATCHDOG_USEC"},
 		{"30000000", "me", 0, "WATCHDOG_PID"},
