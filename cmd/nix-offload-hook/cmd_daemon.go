@@ -20,6 +20,7 @@ import (
 	"github.com/nix-offload/nix-offload/internal/machines"
 	"github.com/nix-offload/nix-offload/internal/metrics"
 	"github.com/nix-offload/nix-offload/internal/service"
+	"github.com/nix-offload/nix-offload/internal/slots"
 )
 
 // runDaemon runs the broker until SIGTERM or SIGINT (ctx ends).
@@ -74,7 +75,11 @@ func runDaemon(ctx context.Context, args []string, stderr io.Writer) error {
 	if cfg.Daemon.Metrics != "" {
 		reg = metrics.NewRegistry()
 	}
-	b := broker.New(broker.Options{Config: cfg, Health: hl, Metrics: reg, Log: log, Version: version()})
+	sl, err := slots.Open(filepath.Join(stateDir, "slots"))
+	if err != nil {
+		return err
+	}
+	b := broker.New(broker.Options{Config: cfg, Health: hl, Slots: sl, Metrics: reg, Log: log, Version: version()})
 	defer b.Close()
 	srv := broker.NewServer(b, service.PeerUID)
 	served := make(chan error, 1)

@@ -49,6 +49,7 @@ import (
 	"github.com/nix-offload/nix-offload/internal/metrics"
 	"github.com/nix-offload/nix-offload/internal/scheduler"
 	"github.com/nix-offload/nix-offload/internal/serveproto"
+	"github.com/nix-offload/nix-offload/internal/slots"
 )
 
 const (
@@ -97,6 +98,12 @@ type Options struct {
 	// NewPool makes the pool of machine m; onDial must be called after each
 	// connection attempt. NewSSHPool if nil.
 	NewPool func(m machines.Machine, onDial func(error)) Pool
+	// Slots, if set, is the host's slot directory (internal/slots): the
+	// broker holds a slot file for every slot it grants, so that hooks
+	// working alone at the same time (before it started, after it handed
+	// builds back) and the broker never run more than parallel-builds on a
+	// machine between them.
+	Slots *slots.Dir
 	// OpenLocal opens a read session on the local store;
 	// localstore.Open(localstore.Options{}) if nil.
 	OpenLocal func() (*localstore.Store, error)
@@ -157,6 +164,7 @@ type ticket struct {
 	created time.Time
 
 	machine *machine          // the slot held; nil while queued
+	slot    *slots.Slot       // its slot file, with Options.Slots
 	granted chan struct{}     // wake-ups of the build waiting for a slot or a failure
 	failure string            // why no machine will take it (after granted)
 	exclude map[string]string // machines that failed this build: name → why
@@ -374,13 +382,14 @@ func (b *Broker) dispatchLocked() {
 		d := b.decideLocked(t)
 		switch d.Verdict {
 		case scheduler.Accept:
-			b.grantLocked(t, b.byName[d.Candidates[0].Name()])
-			continue
+			if b.grantFirstLocked(t, d.Candidates) != nil {
+				continue
+			}
+			kept = append(kept, t) // hooks working alone hold those slots
 		case scheduler.Postpone:
-			if m := b.probeLocked(t); m != nil {
+			if m := b.probeLocked(t); m != nil && b.grantLocked(t, m) {
 				b.log.Info("probing a machine on backoff for a waiting build",
 					zap.String("machine", m.name), zap.String("drv", t.drvPath))
-				b.grantLocked(t, m)
 				continue
 			}
 			kept = append(kept, t)
@@ -458,13 +467,37 @@ func (b *Broker) decideLocked(t *ticket) scheduler.Decision {
 	return scheduler.Decide(b.cfgMs, t.req, b.loadLocked(), down)
 }
 
-func (b *Broker) grantLocked(t *ticket, m *machine) {
+func (b *Broker) grantLocked(t *ticket, m *machine) bool {
+	if b.opt.Slots != nil {
+		// The host's one slot ledger: hooks working alone count these
+		// files, and hold some while the broker starts or stops.
+		s, ok, err := b.opt.Slots.Acquire(m.cfg)
+		if err != nil {
+			b.log.Warn("slot files", zap.String("machine", m.name), zap.Error(err))
+		}
+		if !ok {
+			return false
+		}
+		t.slot = s
+	}
 	m.used++
 	t.machine = m
 	if t.queued {
 		t.queued = false
 		t.wake()
 	}
+	return true
+}
+
+// grantFirstLocked grants t the first of candidates whose slot it can
+// take, and returns that machine, or nil.
+func (b *Broker) grantFirstLocked(t *ticket, candidates []machines.Machine) *machine {
+	for _, c := range candidates {
+		if m := b.byName[c.Name()]; b.grantLocked(t, m) {
+			return m
+		}
+	}
+	return nil
 }
 
 // wake tells the build waiting on t that t got a slot or a failure. It
@@ -483,6 +516,10 @@ func (b *Broker) releaseLocked(t *ticket) {
 	if t.machine != nil {
 		t.machine.used--
 		t.machine = nil
+		if t.slot != nil {
+			t.slot.Release()
+			t.slot = nil
+		}
 		b.kick()
 	}
 	if t.queued {
@@ -534,12 +571,16 @@ func (b *Broker) Try(req brokerapi.TryRequest, owner *client) (brokerapi.TryResp
 	var resp brokerapi.TryResponse
 	switch d.Verdict {
 	case scheduler.Accept:
-		m := b.byName[d.Candidates[0].Name()]
-		b.grantLocked(t, m)
-		resp = brokerapi.TryResponse{Verdict: brokerapi.Accept, Machine: m.name}
+		if m := b.grantFirstLocked(t, d.Candidates); m != nil {
+			resp = brokerapi.TryResponse{Verdict: brokerapi.Accept, Machine: m.name}
+			break
+		}
+		// Hooks working alone hold the free slots' files: wait for them.
+		t.queued = true
+		b.queue = append(b.queue, t)
+		resp = brokerapi.TryResponse{Verdict: brokerapi.Accept, Queued: true, Reason: "the free slots are held by hooks working without the broker"}
 	case scheduler.Postpone:
-		if m := b.probeLocked(t); m != nil {
-			b.grantLocked(t, m)
+		if m := b.probeLocked(t); m != nil && b.grantLocked(t, m) {
 			resp = brokerapi.TryResponse{Verdict: brokerapi.Accept, Machine: m.name}
 			break
 		}
