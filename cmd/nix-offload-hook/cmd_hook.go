@@ -321,14 +321,8 @@ func (h *hook) runEngine(ctx context.Context, req *hookproto.Request, drv *deriv
 		return err
 	}
 	opts := h.buildOptions()
-	var copyAct hookproto.ActivityID
-	stopCopy := func() {
-		if copyAct != 0 {
-			h.log.Stop(copyAct)
-			copyAct = 0
-		}
-	}
-	defer stopCopy()
+	copying := &copyActivity{log: h.log}
+	defer copying.stop()
 	err = engine.Run(ctx, p, engine.Build{
 		Request: scheduler.Request{System: req.System, RequiredFeatures: req.RequiredFeatures},
 		Job: offload.Job{
@@ -347,12 +341,8 @@ func (h *hook) runEngine(ctx context.Context, req *hookproto.Request, drv *deriv
 					h.log.Msg(hookproto.LvlInfo, fmt.Sprintf("nix-offload: building '%s' on '%s'", req.DrvPath, m))
 				}
 			},
-			Copying: func(m string, n int, bytes uint64) {
-				stopCopy()
-				copyAct, _ = h.log.Start(hookproto.ActCopyPaths, hookproto.LvlInfo,
-					fmt.Sprintf("copying %d paths (%s) to '%s'", n, humanBytes(bytes), m))
-			},
-			Building: func(string) { stopCopy() },
+			Copying:  func(m string, n int, bytes uint64) { copying.start(m, n, bytes) },
+			Building: func(string) { copying.stop() },
 			Retrying: func(m string, err error) {
 				h.log.Msg(hookproto.LvlWarn, fmt.Sprintf("nix-offload: lost '%s' while building '%s': %v; trying another machine", m, req.DrvPath, err))
 			},
@@ -394,6 +384,26 @@ func (h *hook) buildOptions() serveproto.BuildOptions {
 		BuildTimeout:  h.settings.Seconds("timeout", 0),
 		MaxLogSize:    h.settings.Uint("max-build-log-size", 0),
 		KeepFailed:    h.settings.Bool("keep-failed", false),
+	}
+}
+
+// copyActivity is the "copying paths" activity Nix shows while inputs go
+// to a machine.
+type copyActivity struct {
+	log *hookproto.Logger
+	act hookproto.ActivityID
+}
+
+func (c *copyActivity) start(machine string, paths int, bytes uint64) {
+	c.stop()
+	c.act, _ = c.log.Start(hookproto.ActCopyPaths, hookproto.LvlInfo,
+		fmt.Sprintf("copying %d paths (%s) to '%s'", paths, humanBytes(bytes), machine))
+}
+
+func (c *copyActivity) stop() {
+	if c.act != 0 {
+		c.log.Stop(c.act)
+		c.act = 0
 	}
 }
 

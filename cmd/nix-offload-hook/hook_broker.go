@@ -156,14 +156,8 @@ func (h *hook) buildThroughBroker(ctx context.Context, req *hookproto.Request, a
 	}
 	defer stream.Close()
 
-	var copyAct hookproto.ActivityID
-	stopCopy := func() {
-		if copyAct != 0 {
-			h.log.Stop(copyAct)
-			copyAct = 0
-		}
-	}
-	defer stopCopy()
+	copying := &copyActivity{log: h.log}
+	defer copying.stop()
 	machine := resp.Machine
 	for {
 		ev, err := stream.Next()
@@ -183,11 +177,9 @@ func (h *hook) buildThroughBroker(ctx context.Context, req *hookproto.Request, a
 				h.log.Msg(hookproto.LvlInfo, fmt.Sprintf("nix-offload: building '%s' on '%s'", req.DrvPath, machine))
 			}
 		case brokerapi.EventCopying:
-			stopCopy()
-			copyAct, _ = h.log.Start(hookproto.ActCopyPaths, hookproto.LvlInfo,
-				fmt.Sprintf("copying %d paths (%s) to '%s'", ev.Paths, humanBytes(ev.Bytes), ev.Machine))
+			copying.start(ev.Machine, ev.Paths, ev.Bytes)
 		case brokerapi.EventBuilding:
-			stopCopy()
+			copying.stop()
 		case brokerapi.EventLog:
 			acc.log.Write([]byte(ev.Text))
 		case brokerapi.EventRetrying:

@@ -33,7 +33,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"slices"
 	"strconv"
 	"sync"
@@ -43,12 +42,12 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/nix-offload/nix-offload/internal/brokerapi"
+	"github.com/nix-offload/nix-offload/internal/engine"
 	"github.com/nix-offload/nix-offload/internal/health"
 	"github.com/nix-offload/nix-offload/internal/localstore"
 	"github.com/nix-offload/nix-offload/internal/machines"
 	"github.com/nix-offload/nix-offload/internal/metrics"
 	"github.com/nix-offload/nix-offload/internal/scheduler"
-	"github.com/nix-offload/nix-offload/internal/serveproto"
 	"github.com/nix-offload/nix-offload/internal/slots"
 )
 
@@ -63,13 +62,10 @@ const (
 )
 
 // Session is one warm serve session on a machine, used by one build at a
-// time (internal/pool implements it).
+// time (internal/pool implements it): the engine's session, and the
+// session's memory of the paths it holds locked on the machine.
 type Session interface {
-	Conn() *serveproto.Conn
-	SetLog(w io.Writer)
-	StderrIsLog()
-	Lost() error
-	Close()
+	engine.Session
 	Locked(paths []string) (locked, rest []string)
 	MarkLocked(paths []string)
 }
