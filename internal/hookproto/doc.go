@@ -3,8 +3,10 @@
 // external program, as in NixOS/nix 2.8.0 src/libstore/build/hook-instance.cc
 // and derivation-goal.cc (tryBuildHook, handleChildOutput) and
 // src/libutil/logging.cc (handleJSONLogMessage), checked against 2.26.4 and
-// 2.35. docs/reference/nix-build-hook.md is the full account; this is the
-// part a hook must get right.
+// 2.35. This is the part a hook must get right; the recorded stdin of Nix
+// 2.8, 2.26 and 2.34 in testdata/ (with its README) shows it byte by byte,
+// and the contract block at the top of cmd/nix-offload-hook/cmd_hook.go
+// says what the hook does with it.
 //
 // # Descriptors
 //

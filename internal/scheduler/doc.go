@@ -26,7 +26,8 @@
 //
 // # Replies
 //
-// Each [Verdict] is a reply line of the hook protocol (docs/reference/nix-build-hook.md §3):
+// Each [Verdict] is a reply line of the hook protocol (internal/hookproto: Accept, Decline,
+// DeclinePermanently, Postpone):
 //
 //	no machine configured at all          → DeclinePermanently  nix-daemon stops asking this hook
 //	requires "ca-derivations"             → Decline             see below

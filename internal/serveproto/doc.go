@@ -4,8 +4,9 @@
 // src/libstore/serve-protocol.hh, src/nix-store/nix-store.cc (opServe,
 // the server) and src/libstore/legacy-ssh-store.cc (the client), checked
 // against NixOS/nix 2.28.0 src/libstore/serve-protocol*.cc and the golden
-// files of its unit tests. docs/reference/serve-protocol.md has the
-// byte-by-byte account this package follows.
+// files of its unit tests. The layouts below, ops.go (one struct per
+// operation, with its Nix source) and the recorded bytes in testdata/ are
+// the byte-by-byte account this package follows.
 //
 // # The protocol
 //

@@ -6,7 +6,8 @@
 // A [Server] answers the handshake and the commands the build hook uses:
 // QueryValidPaths, QueryPathInfos, QueryClosure, DumpStorePath, ImportPaths,
 // BuildDerivation and AddToStoreNar, in the layout of the protocol version it
-// announces (docs/reference/serve-protocol.md). It reads every request
+// announces (internal/serveproto's doc.go and ops.go, each op with its Nix
+// source). It reads every request
 // strictly (sets sorted and without duplicates, bools 0 or 1, store paths
 // well formed, NARs canonical, the export stream of ImportPaths as
 // `nix-store --export` writes it, see [ExportReader]) and, like Nix, reports

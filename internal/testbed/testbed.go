@@ -1,7 +1,7 @@
 // Package testbed runs real Nix and real sshd on one Linux machine, for integration tests
 // and benchmarks: several Nix versions, private stores, and simulated builder hosts that
-// each have their own address, host key and /nix. It is the Go side of docs/TESTBED.md;
-// nothing here is a mock.
+// each have their own address, host key and /nix. scripts/setup and scripts/testbed-roots
+// install what it needs (the README's test bed section says what); nothing here is a mock.
 //
 // # Requirements
 //
