@@ -10,9 +10,11 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -202,4 +204,81 @@ func TestForcedCommandBuilder(t *testing.T) {
 			}
 		})
 	}
+}
+
+// hookUnder returns the pid of a process running the hook binary under the
+// process root (its child or grandchild), or 0.
+func hookUnder(t *testing.T, root int) int {
+	t.Helper()
+	hook := testbed.HookBinary(t)
+	entries, _ := os.ReadDir("/proc")
+	for _, e := range entries {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		if exe, err := os.Readlink(fmt.Sprintf("/proc/%d/exe", pid)); err != nil || exe != hook {
+			continue
+		}
+		for p, depth := pid, 0; p > 1 && depth < 8; depth++ {
+			if p = parentOf(p); p == root {
+				return pid
+			}
+		}
+	}
+	return 0
+}
+
+func parentOf(pid int) int {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0
+	}
+	// pid (comm) state ppid …; comm may hold spaces, so read after ")".
+	s := string(b)
+	fields := strings.Fields(s[strings.LastIndexByte(s, ')')+1:])
+	if len(fields) < 2 {
+		return 0
+	}
+	ppid, _ := strconv.Atoi(fields[1])
+	return ppid
+}
+
+// A hook waiting on a builder that logs in and never speaks ends within
+// 1 s of SIGTERM (before: it ignored it, waiting in Session.Close).
+func TestForcedCommandBuilderSIGTERM(t *testing.T) {
+	local := testbed.Lookup(t, "2.8")
+	forced := testbed.StartBuilder(t, local)
+	forceCommand(t, forced, "sleep 1000")
+	env := newFaultEnv(t, "", faultMachine{b: forced, slots: 1, extra: "connect-timeout = \"60s\""})
+	store := testbed.NewStore(t)
+	expr := env.writeExpr(t, fmt.Sprintf(`derivation { name = "forced"; salt = %q; system = "x86_64-linux";
+		builder = "/bin/sh"; args = [ "-c" "echo x > $out" ]; }`, randomHex(8)))
+	bb := startBuild(t, local, store, env, expr)
+	var pid int
+	testbed.WaitFor(t, 30*time.Second, "the hook to start", func() bool {
+		pid = hookUnder(t, bb.cmd.Process.Pid)
+		return pid != 0
+	})
+	// It is connected and waiting for the greeting once sshd runs the
+	// forced command for it.
+	testbed.WaitFor(t, 30*time.Second, "the forced command to run", func() bool {
+		for _, p := range forced.Processes() {
+			if comm, _ := os.ReadFile(fmt.Sprintf("/proc/%d/comm", p)); strings.TrimSpace(string(comm)) == "sleep" {
+				return true
+			}
+		}
+		return false
+	})
+	if err := syscall.Kill(pid, syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	testbed.WaitFor(t, time.Second, "the hook to exit after SIGTERM", func() bool {
+		_, err := os.Stat(fmt.Sprintf("/proc/%d/exe", pid))
+		if err != nil {
+			return true
+		}
+		st, _ := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+		return strings.Contains(string(st), ") Z ") // exited, not yet reaped
+	})
 }

@@ -37,14 +37,20 @@
 // and processes alike wait for; the data file itself cannot carry the lock because it is
 // replaced on every write. The new content goes to a temporary file in the same directory,
 // which is synced and renamed over the old one, so a reader, which takes no lock, sees either
-// the old state or the new one, never half of it. The file has mode 0644: anyone may read
-// which machines are down.
+// the old state or the new one, never half of it.
+//
+// The directory is made with mode 0700 and the files with 0600, and a directory that is not
+// this user's alone (a link, another owner, writable by others) or a lock file that others
+// can open is not used: another local user could otherwise hold the lock and stall every
+// process that records a failure, or forge the file. The Tracker then works in memory and
+// says so once, at [Open] or at the first change it could not save.
 //
 // # Problems never stop builds
 //
 // A file that cannot be parsed is treated as empty (every machine healthy) and replaced by
 // the next change; one that cannot be read or written leaves the [Tracker] working from its
-// memory. Either way the methods still give a usable answer, and their error, if any, says
+// memory, where changes it could not save survive [Tracker.Reload] and go out with the next
+// write that works. Either way the methods still give a usable answer, and their error, if any, says
 // what went wrong so that the caller can log it and carry on. [Open] returns a usable Tracker
 // even when it also returns an error.
 //
