@@ -42,8 +42,8 @@
 // The directory is made with mode 0700 and the files with 0600, and a directory that is not
 // this user's alone (a link, another owner, writable by others) or a lock file that others
 // can open is not used: another local user could otherwise hold the lock and stall every
-// process that records a failure, or forge the file. The Tracker then works in memory and
-// says so once, at [Open] or at the first change it could not save.
+// process that records a failure, or forge the file. [Open] then says so, and the Tracker
+// works in memory without further errors.
 //
 // # Problems never stop builds
 //
