@@ -110,8 +110,10 @@ func TestReapNets(t *testing.T) {
 	}
 	defer lock.Close()
 	defer mine.remove()
-	if n, err := reapNets(); err != nil || n < 1 {
-		t.Errorf("reapNets() = %d, %v; want at least 1 removed", n, err)
+	// Another test process's first RequireRoot may remove the dead owner's namespace
+	// before this call does, so the count says nothing; that it is gone does.
+	if _, err := reapNets(); err != nil {
+		t.Errorf("reapNets: %v", err)
 	}
 	if linkExists(dead.hostIf) {
 		t.Errorf("the dead owner's %s survives reapNets", dead.hostIf)

@@ -246,7 +246,9 @@ func Lookup(tb TB, version string) Nix {
 }
 
 // All returns every Nix the test bed can run, one per series, the host's first. It skips
-// the test if there is none.
+// the test if there is none. With NIX_OFFLOAD_TESTBED_REQUIRE=1 it fails the test unless
+// every series the project tests against (2.8, 2.26 and 2.34) is among them, so that a
+// missing root cannot make a test quietly run fewer versions.
 func All(tb TB) []Nix {
 	tb.Helper()
 	RequireRoot(tb)
@@ -268,7 +270,25 @@ func All(tb TB) []Nix {
 	if len(nixes) == 0 {
 		unavailable(tb, "testbed: no Nix here\n%s", strings.Join(seen, "\n"))
 	}
+	if missing := missingSeries(have); len(missing) > 0 && required() {
+		unavailable(tb, "testbed: no Nix %s here, so the test would run only against %v\n%s",
+			strings.Join(missing, ", "), nixes, strings.Join(seen, "\n"))
+	}
 	return nixes
+}
+
+// missingSeries returns the series of knownSeries that have lacks, in the order of
+// candidates.
+func missingSeries(have map[string]bool) []string {
+	var missing []string
+	for _, c := range candidates() {
+		for v, where := range knownSeries {
+			if where == c.where && !have[v] {
+				missing = append(missing, v)
+			}
+		}
+	}
+	return missing
 }
 
 // RequireRoot skips the test unless the process is root and can create a mount namespace
@@ -314,10 +334,46 @@ var canRunTestbed = sync.OnceValue(func() error {
 // unavailable skips the test, or fails it when NIX_OFFLOAD_TESTBED_REQUIRE=1.
 func unavailable(tb TB, format string, args ...any) {
 	tb.Helper()
-	if os.Getenv("NIX_OFFLOAD_TESTBED_REQUIRE") == "1" {
+	if required() {
 		tb.Fatalf(format+"\n(NIX_OFFLOAD_TESTBED_REQUIRE=1 turns this skip into a failure)", args...)
 	}
 	tb.Skipf(format, args...)
+}
+
+// required reports whether NIX_OFFLOAD_TESTBED_REQUIRE=1 asks for every test to run.
+func required() bool { return os.Getenv("NIX_OFFLOAD_TESTBED_REQUIRE") == "1" }
+
+// Unavailable is the one rule by which a test that needs something of the machine (root,
+// a program, a file) goes without it: it skips the test with the message, which should
+// say what is missing and how to get it, or fails it when NIX_OFFLOAD_TESTBED_REQUIRE=1
+// (as in CI), so that no run can pass by skipping. Every skip of a test that could run
+// on a well set-up machine goes through here.
+func Unavailable(tb TB, format string, args ...any) {
+	tb.Helper()
+	unavailable(tb, format, args...)
+}
+
+// Tool returns the path of the program name, from PATH or the standard directories
+// (/usr/local/sbin … /bin), or goes through [Unavailable] with hint (how to install it).
+func Tool(tb TB, name, hint string) string {
+	tb.Helper()
+	if p, err := exec.LookPath(name); err == nil {
+		return p
+	}
+	if p, err := lookTool(name); err == nil {
+		return p
+	}
+	unavailable(tb, "testbed: %s not found in PATH or %s; hint: %s", name, strings.Join(toolDirs, ", "), hint)
+	return ""
+}
+
+// RequireUser is [RequireRoot] for tests that need root only to act as other users (to
+// chown, to run a helper under another uid), not the mount namespaces of the test bed.
+func RequireUser(tb TB, why string) {
+	tb.Helper()
+	if os.Geteuid() != 0 {
+		unavailable(tb, "testbed: needs root, %s; run the tests as root", why)
+	}
 }
 
 // toolDirs is where the test bed looks for the programs it runs itself, whatever the
