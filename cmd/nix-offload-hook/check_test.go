@@ -96,21 +96,26 @@ func TestConfigChoice(t *testing.T) {
 		t.Fatalf("with $NIX_OFFLOAD_CONFIG: %+v, %v", cfg, err)
 	}
 
-	if fileExistsForTest(defaultConfigPath) {
-		t.Skipf("%s exists on this machine; the builders fallback cannot be tested here", defaultConfigPath)
-	}
 	t.Setenv("NIX_OFFLOAD_CONFIG", "")
 	cfg, err = loadConfig("", "ssh://from-builders x86_64-linux", "x86_64-linux")
 	if err != nil || len(cfg.Machines) != 1 || cfg.Machines[0].Host != "from-builders" {
 		t.Fatalf("builders fallback: %+v, %v", cfg, err)
+	}
+
+	// The default file, once it exists, wins over builders.
+	if err := os.WriteFile(defaultConfigPath, []byte("[[machine]]\nhost = \"from-default\"\nsystems = [\"x86_64-linux\"]\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	cfg, err = loadConfig("", "ssh://from-builders x86_64-linux", "x86_64-linux")
+	os.Remove(defaultConfigPath)
+	if err != nil || len(cfg.Machines) != 1 || cfg.Machines[0].Host != "from-default" || cfg.Path != defaultConfigPath {
+		t.Fatalf("with %s: %+v, %v", defaultConfigPath, cfg, err)
 	}
 	cfg, err = loadConfig("", "", "x86_64-linux")
 	if err != nil || len(cfg.Machines) != 0 {
 		t.Fatalf("empty builders must mean no machines: %+v, %v", cfg, err)
 	}
 }
-
-func fileExistsForTest(p string) bool { _, err := os.Stat(p); return err == nil }
 
 // TestCheckConfigOnly: `check -config-only` reads and checks the configuration, lists the
 // machines as the hook will use them, and connects to none of them; a broken configuration

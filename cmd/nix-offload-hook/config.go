@@ -7,8 +7,9 @@ import (
 	"github.com/nix-offload/nix-offload/internal/machines"
 )
 
-// defaultConfigPath is read when neither -config nor $NIX_OFFLOAD_CONFIG is set.
-const defaultConfigPath = "/etc/nix/offload.toml"
+// defaultConfigPath is read when neither -config nor $NIX_OFFLOAD_CONFIG is set. The
+// tests point it elsewhere (TestMain), so that the machine's own file never matters.
+var defaultConfigPath = "/etc/nix/offload.toml"
 
 // defaultBuilders is what `check` reads without a TOML file, as Nix does
 // when `builders` is not set.

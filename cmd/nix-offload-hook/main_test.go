@@ -3,6 +3,7 @@ package main
 import (
 	"fmt"
 	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 
@@ -10,8 +11,17 @@ import (
 )
 
 func TestMain(m *testing.M) {
+	// No test may read this machine's /etc/nix/offload.toml: in-process, the default
+	// configuration is a file that does not exist unless a test writes it.
+	dir, err := os.MkdirTemp("", "nix-offload-hook-test-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	defaultConfigPath = filepath.Join(dir, "offload.toml")
 	code := m.Run()
 	testbed.RemoveHookBinary()
+	os.RemoveAll(dir)
 	os.Exit(code)
 }
 

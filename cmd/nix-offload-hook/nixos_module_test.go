@@ -20,22 +20,14 @@ import (
 
 	"github.com/BurntSushi/toml"
 	"golang.org/x/crypto/ssh"
+
+	"github.com/nix-offload/nix-offload/internal/testbed"
 )
 
 // The NixOS module is tested by evaluating it with nixpkgs' lib and lib.evalModules
 // (nixos-module/tests/eval.nix, with stand-ins for the NixOS options it sets) and checking
 // what it produces here: the offload.toml text, which this binary must accept, the
 // build-hook setting, the units and the assertions.
-
-// requireNixTool skips the test when something the Nix tests need is missing, or fails it
-// under NIX_OFFLOAD_TESTBED_REQUIRE=1 (CI), so that CI cannot pass by skipping.
-func requireNixTool(t *testing.T, format string, args ...any) {
-	t.Helper()
-	if os.Getenv("NIX_OFFLOAD_TESTBED_REQUIRE") == "1" {
-		t.Fatalf(format+"\n(NIX_OFFLOAD_TESTBED_REQUIRE=1 turns this skip into a failure)", args...)
-	}
-	t.Skipf(format, args...)
-}
 
 // repoRoot is the top of the repository (this package is cmd/nix-offload-hook).
 func repoRoot(t *testing.T) string {
@@ -60,18 +52,14 @@ func nixpkgsLib(t *testing.T) string {
 	}
 	lib := filepath.Join(repoRoot(t), "..", "shared", "third_party", "nixpkgs-lib", "lib")
 	if _, err := os.Stat(filepath.Join(lib, "default.nix")); err != nil {
-		requireNixTool(t, "skipping: no nixpkgs lib: set NIXPKGS to a nixpkgs checkout, or provide %s (%v)", lib, err)
+		testbed.Unavailable(t, "no nixpkgs lib: set NIXPKGS to a nixpkgs checkout, or provide %s (%v)", lib, err)
 	}
 	return lib
 }
 
 func nixInstantiate(t *testing.T) string {
 	t.Helper()
-	p, err := exec.LookPath("nix-instantiate")
-	if err != nil {
-		requireNixTool(t, "skipping: nix-instantiate not found (apt-get install nix-bin): %v", err)
-	}
-	return p
+	return testbed.Tool(t, "nix-instantiate", "apt-get install nix-bin")
 }
 
 // runNixInstantiate runs nix-instantiate on a dummy store: evaluation only, nothing is
@@ -79,6 +67,7 @@ func nixInstantiate(t *testing.T) string {
 func runNixInstantiate(t *testing.T, args ...string) ([]byte, error) {
 	t.Helper()
 	cmd := exec.Command(nixInstantiate(t), append([]string{"--option", "store", "dummy://"}, args...)...)
+	cmd.Env = append(os.Environ(), testbed.NixConfEnv(t)...)
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr
 	out, err := cmd.Output()

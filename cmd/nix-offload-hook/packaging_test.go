@@ -19,26 +19,10 @@ import (
 	"github.com/nix-offload/nix-offload/internal/testbed"
 )
 
-// goTool is the go command running this test, for the Makefile.
-func goTool(t *testing.T) string {
-	t.Helper()
-	if p, err := exec.LookPath("go"); err == nil {
-		return p
-	}
-	if _, err := os.Stat("/usr/local/go/bin/go"); err == nil {
-		return "/usr/local/go/bin/go"
-	}
-	t.Skip("skipping: no go command on PATH")
-	return ""
-}
-
 // make runs the Makefile's target with vars, returning its output.
 func runMake(t *testing.T, vars ...string) string {
 	t.Helper()
-	mk, err := exec.LookPath("make")
-	if err != nil {
-		t.Skipf("skipping: make is not installed (apt-get install make): %v", err)
-	}
+	mk := testbed.Tool(t, "make", "apt-get install make")
 	cmd := exec.Command(mk, append([]string{"-C", repoRoot(t), "--no-print-directory"}, vars...)...)
 	out, err := cmd.CombinedOutput()
 	if err != nil {
@@ -62,7 +46,7 @@ func TestMakeInstall(t *testing.T) {
 	if err := os.WriteFile(mine, []byte("# the operator's own\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	vars := []string{"GO=" + goTool(t), "BIN=" + bin, "VERSION=v9.8.7-test", "DESTDIR=" + dest, "PREFIX=/usr"}
+	vars := []string{"GO=" + testbed.GoTool(t), "BIN=" + bin, "VERSION=v9.8.7-test", "DESTDIR=" + dest, "PREFIX=/usr"}
 	runMake(t, append([]string{"install"}, vars...)...)
 
 	hook := filepath.Join(dest, "usr", "bin", "nix-offload-hook")
@@ -126,12 +110,8 @@ func TestMakeInstall(t *testing.T) {
 	// and systemd checks them.
 	prefix := filepath.Join(tmp, "prefix")
 	units := filepath.Join(tmp, "units")
-	runMake(t, "install", "GO="+goTool(t), "BIN="+bin, "PREFIX="+prefix, "SYSTEMDUNITDIR="+units, "SYSCONFDIR="+filepath.Join(tmp, "etc"))
-	analyze, err := exec.LookPath("systemd-analyze")
-	if err != nil {
-		t.Logf("systemd-analyze not installed; the installed units were not verified")
-		return
-	}
+	runMake(t, "install", "GO="+testbed.GoTool(t), "BIN="+bin, "PREFIX="+prefix, "SYSTEMDUNITDIR="+units, "SYSCONFDIR="+filepath.Join(tmp, "etc"))
+	analyze := testbed.Tool(t, "systemd-analyze", "apt-get install systemd")
 	out, err := exec.Command(analyze, "verify", filepath.Join(units, "nix-offload.socket"), filepath.Join(units, "nix-offload.service")).CombinedOutput()
 	if err != nil || len(bytes.TrimSpace(out)) > 0 {
 		t.Errorf("systemd-analyze verify of the installed units: %v\n%s", err, out)
@@ -158,16 +138,13 @@ func TestExampleConfig(t *testing.T) {
 }
 
 // TestFlakeVendorHash: the vendorHash in nixos-module/package.nix is the NAR hash of what
-// buildGoModule vendors (`go mod vendor`, from the local module cache), so the flake builds.
-// It goes stale when go.mod, go.sum or the set of imported packages changes.
+// buildGoModule vendors (`go mod vendor`), so the flake builds. It goes stale when go.mod,
+// go.sum or the set of imported packages changes.
 func TestFlakeVendorHash(t *testing.T) {
 	if strings.Contains(os.Getenv("GOFLAGS"), "-mod=vendor") {
 		t.Skip("skipping: running inside a Nix build, where the vendor directory is the fixed-output derivation this hash describes")
 	}
-	nixHash, err := exec.LookPath("nix-hash")
-	if err != nil {
-		requireNixTool(t, "skipping: nix-hash not found (apt-get install nix-bin): %v", err)
-	}
+	nixHash := testbed.Tool(t, "nix-hash", "apt-get install nix-bin")
 	root := repoRoot(t)
 	pkg, err := os.ReadFile(filepath.Join(root, "nixos-module", "package.nix"))
 	if err != nil {
@@ -178,15 +155,20 @@ func TestFlakeVendorHash(t *testing.T) {
 		t.Fatal(`nixos-module/package.nix has no vendorHash = "sha256-…";`)
 	}
 	vendor := filepath.Join(t.TempDir(), "vendor")
-	cmd := exec.Command(goTool(t), "mod", "vendor", "-o", vendor)
+	cmd := exec.Command(testbed.GoTool(t), "mod", "vendor", "-o", vendor)
 	cmd.Dir = root
-	// Offline, from the module cache the build already filled; go.mod and go.sum are only read.
-	cmd.Env = append(os.Environ(), "GOFLAGS=", "GOPROXY=off", "GOTOOLCHAIN=local")
+	// go mod vendor needs the modules of every platform's imports, golang.org/x/sys among
+	// them, which no linux/amd64 build or test downloads: it fetches them as the go command
+	// does everything else (GOPROXY as set), so the test does not depend on what an earlier
+	// run left in the module cache. go.sum is checked; go.mod and go.sum are only read.
+	cmd.Env = append(os.Environ(), "GOFLAGS=-mod=readonly", "GOTOOLCHAIN=local")
 	goOut, err := cmd.CombinedOutput()
 	if err != nil {
 		t.Fatalf("go mod vendor: %v\n%s", err, goOut)
 	}
-	out, err := exec.Command(nixHash, "--type", "sha256", "--base32", vendor).Output()
+	hash := exec.Command(nixHash, "--type", "sha256", "--base32", vendor)
+	hash.Env = append(os.Environ(), testbed.NixConfEnv(t)...)
+	out, err := hash.Output()
 	if err != nil {
 		t.Fatalf("nix-hash: %v", err)
 	}

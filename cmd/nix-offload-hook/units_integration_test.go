@@ -92,7 +92,7 @@ func (n *notifySocket) all() []string {
 func TestUnitsSocketActivation(t *testing.T) {
 	nix := testbed.Lookup(t, "2.8")
 	if _, err := os.Stat(socketActivateTool); err != nil {
-		requireNixTool(t, "skipping: %s is not installed (package systemd): %v", socketActivateTool, err)
+		testbed.Unavailable(t, "%s is not installed: %v; hint: apt-get install systemd", socketActivateTool, err)
 	}
 	root := repoRoot(t)
 	service := parseUnitFile(t, filepath.Join(root, "systemd", "nix-offload.service"))["Service"]

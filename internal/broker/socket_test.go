@@ -18,6 +18,7 @@ import (
 
 	"github.com/nix-offload/nix-offload/internal/brokerapi"
 	"github.com/nix-offload/nix-offload/internal/service"
+	"github.com/nix-offload/nix-offload/internal/testbed"
 )
 
 // The broker's socket is root's: its mode keeps other users from connecting, and the server
@@ -106,11 +107,9 @@ func TestServerRefusesNonRootPeers(t *testing.T) {
 	})
 }
 
-// Environment of the helper process that TestSocketIsRootOnly runs as nobody.
-const (
-	socketHelperEnv = "NIX_OFFLOAD_BROKER_TEST_SOCKET" // the socket to connect to
-	testbedRequire  = "NIX_OFFLOAD_TESTBED_REQUIRE"
-)
+// socketHelperEnv is the socket the helper process that TestSocketIsRootOnly runs as
+// nobody connects to.
+const socketHelperEnv = "NIX_OFFLOAD_BROKER_TEST_SOCKET"
 
 // TestSocketHelper is not a test: run by TestSocketIsRootOnly as another user, it asks the
 // broker for its status and prints "status <code> <body>" or "error: <dial error>".
@@ -142,12 +141,7 @@ func TestSocketHelper(t *testing.T) {
 // directory nobody cannot write) refuses the connection; with the mode loosened by hand, the
 // server itself answers 403.
 func TestSocketIsRootOnly(t *testing.T) {
-	if os.Geteuid() != 0 {
-		if os.Getenv(testbedRequire) == "1" {
-			t.Fatalf("%s=1 but not root: this test runs a helper as another user", testbedRequire)
-		}
-		t.Skip("skipping: needs root, to run a helper as another user")
-	}
+	testbed.RequireUser(t, "to run a helper as another user")
 	const nobody = 65534
 	// Everything on the way to the socket and to the helper binary must be open to nobody.
 	dir, err := os.MkdirTemp("", "nix-offload-broker-")

@@ -37,10 +37,7 @@ type probeCapture struct {
 // testdata/nix-<series>.bin.
 func TestRealCapture(t *testing.T) {
 	testbed.RequireRoot(t)
-	goTool, err := exec.LookPath("go")
-	if err != nil {
-		t.Skip("needs the go tool on PATH to build testdata/probe")
-	}
+	goTool := testbed.GoTool(t)
 	bin := filepath.Join(t.TempDir(), "probe")
 	build := exec.Command(goTool, "build", "-o", bin, "./testdata/probe")
 	build.Env = append(os.Environ(), "CGO_ENABLED=0") // static: runs in the Debian roots too

@@ -9,7 +9,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"slices"
 	"strings"
 	"syscall"
@@ -30,17 +29,6 @@ import (
 // addBound is how long AddOutputs may take for a few small paths. A method
 // that waits for the worker's lock would never finish.
 const addBound = 20 * time.Second
-
-func nixSystem(t *testing.T) string {
-	switch runtime.GOARCH {
-	case "amd64":
-		return "x86_64-linux"
-	case "arm64":
-		return "aarch64-linux"
-	}
-	t.Skipf("skipping: no Nix system type known for GOARCH %s", runtime.GOARCH)
-	return ""
-}
 
 // bed is one test bed store and a Store on it.
 type bed struct {
@@ -180,7 +168,7 @@ func (b *bed) checkValid(t *testing.T, want serveproto.PathInfo) {
 }
 
 func TestIntegration(t *testing.T) {
-	system := nixSystem(t)
+	system := testbed.System(t)
 	for _, nix := range testbed.All(t) {
 		t.Run(nix.Series(), func(t *testing.T) {
 			t.Parallel()

@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"runtime"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -38,7 +37,7 @@ func startBed(t *testing.T, nix testbed.Nix, opt Options) *bed {
 	t.Helper()
 	e := &bed{b: testbed.StartBuilder(t, nix)}
 	opt.Machine = machines.Machine{Host: e.b.Addr, Port: e.b.Port, User: e.b.User, SSHKey: e.b.ClientKey,
-		HostKey: e.b.HostKey, Systems: []string{nixSystem(t)}, ParallelBuilds: opt.Machine.ParallelBuilds}
+		HostKey: e.b.HostKey, Systems: []string{testbed.System(t)}, ParallelBuilds: opt.Machine.ParallelBuilds}
 	opt.Dial = func(ctx context.Context, t sshconn.Target) (*sshconn.Client, error) {
 		e.dials.Add(1)
 		return sshconn.Dial(ctx, t)
@@ -72,22 +71,11 @@ func randomHash() string {
 	return nixbase32.EncodeToString(b)
 }
 
-func nixSystem(t *testing.T) string {
-	switch runtime.GOARCH {
-	case "amd64":
-		return "x86_64-linux"
-	case "arm64":
-		return "aarch64-linux"
-	}
-	t.Skipf("no Nix system type known for GOARCH %s", runtime.GOARCH)
-	return ""
-}
-
 // derivation is a build of script with /bin/sh; the output path is any
 // well-formed one (serve servers do not recompute it).
 func derivation(t *testing.T, name, script string) (string, serveproto.BasicDerivation, serveproto.BuildOptions) {
 	out := "/nix/store/" + randomHash() + "-" + name
-	system := nixSystem(t)
+	system := testbed.System(t)
 	return "/nix/store/" + randomHash() + "-" + name + ".drv", serveproto.BasicDerivation{
 		Outputs:  map[string]serveproto.DerivationOutput{"out": {Path: out}},
 		Platform: system,

@@ -9,7 +9,6 @@ import (
 	"os"
 	"os/exec"
 	"regexp"
-	"runtime"
 	"slices"
 	"strings"
 	"sync"
@@ -27,18 +26,6 @@ import (
 // store: testbed.Nix.Command runs each server in its own mount namespace with a new
 // directory over /nix and the test bed's nix.conf, so neither the machine's store nor its
 // Nix configuration matters.
-
-// nixSystem is the Nix system type of this machine.
-func nixSystem(t *testing.T) string {
-	switch runtime.GOARCH {
-	case "amd64":
-		return "x86_64-linux"
-	case "arm64":
-		return "aarch64-linux"
-	}
-	testbed.Unavailable(t, "serveproto: no Nix system type known for GOARCH %s", runtime.GOARCH)
-	return ""
-}
 
 // forEachNix runs f as a subtest for every Nix of the test bed.
 func forEachNix(t *testing.T, f func(t *testing.T, nix testbed.Nix)) {
@@ -175,7 +162,7 @@ func shDerivation(system, name, script string, inputs ...string) (string, BasicD
 }
 
 func TestIntegration(t *testing.T) {
-	system := nixSystem(t)
+	system := testbed.System(t)
 	forEachNix(t, func(t *testing.T, nix testbed.Nix) { testIntegration(t, nix, system) })
 }
 
@@ -354,7 +341,7 @@ func testIntegration(t *testing.T, nix testbed.Nix, system string) {
 // Closing the server's stdin during a build cancels it: the server exits
 // at once, without a reply (§3.8.5).
 func TestIntegrationCancel(t *testing.T) {
-	system := nixSystem(t)
+	system := testbed.System(t)
 	forEachNix(t, func(t *testing.T, nix testbed.Nix) { testIntegrationCancel(t, nix, system) })
 }
 

@@ -11,20 +11,16 @@ import (
 	"strings"
 	"testing"
 	"time"
-)
 
-const socketActivate = "/usr/bin/systemd-socket-activate"
+	"github.com/nix-offload/nix-offload/internal/testbed"
+)
 
 // startActivated runs the "serve" helper under systemd-socket-activate listening on sock, with
 // extra options for the tool, and returns it with its stderr.
 func startActivated(t *testing.T, sock string, opts ...string) (*exec.Cmd, *bytes.Buffer) {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("skipping: the systemd-socket-activate tests run as root only")
-	}
-	if _, err := os.Stat(socketActivate); err != nil {
-		t.Skipf("skipping: %s is not installed (package systemd): %v", socketActivate, err)
-	}
+	testbed.RequireUser(t, "to run systemd-socket-activate")
+	socketActivate := testbed.Tool(t, "systemd-socket-activate", "apt-get install systemd")
 	exe, err := os.Executable()
 	if err != nil {
 		t.Fatal(err)

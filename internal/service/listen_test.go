@@ -12,6 +12,8 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+
+	"github.com/nix-offload/nix-offload/internal/testbed"
 )
 
 // roundTrip connects to ln's address, accepts the connection and checks that a byte passes;
@@ -232,9 +234,7 @@ func TestListenPathTooLong(t *testing.T) {
 // socket, and be let in (with PeerUID saying who it is) once the mode is loosened, which shows
 // that the refusal came from the socket's mode and not from the test's set-up.
 func TestListenOtherUsersCannotConnect(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("skipping: needs root, to run a helper as another user")
-	}
+	testbed.RequireUser(t, "to run a helper as another user")
 	const nobody = 65534
 	// Everything on the way to the socket and to the helper binary must be open to nobody.
 	dir, err := os.MkdirTemp("", "nix-offload-service-")

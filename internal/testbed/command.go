@@ -58,6 +58,20 @@ func (n Nix) Command(storeDir string, mounts []string, argv ...string) *exec.Cmd
 	return cmd
 }
 
+// NixConfEnv returns the environment variables that make a Nix command run outside
+// [Nix.Command] (nix-hash, nix-instantiate --store dummy://) read the test bed's nix.conf
+// instead of the machine's: a fresh Debian has no /etc/nix/nix.conf, and Nix's built-in
+// build-users-group = nixbld names a group that does not exist there. Append them to
+// os.Environ().
+func NixConfEnv(tb TB) []string {
+	tb.Helper()
+	dir := tb.TempDir()
+	if err := os.WriteFile(filepath.Join(dir, "nix.conf"), []byte(baseNixConf), 0o644); err != nil {
+		tb.Fatalf("testbed: %v", err)
+	}
+	return []string{"NIX_CONF_DIR=" + dir, "NIX_USER_CONF_FILES=", "NIX_CONFIG="}
+}
+
 // NewStore returns a new empty directory that [Nix.Command] can mount at /nix; Nix creates
 // its store and database there on first use. It is removed when the test ends, after the
 // test's cleanups registered later have run; stop every process using it before then.

@@ -59,6 +59,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"sync"
 	"syscall"
@@ -364,6 +365,35 @@ func Tool(tb TB, name, hint string) string {
 		return p
 	}
 	unavailable(tb, "testbed: %s not found in PATH or %s; hint: %s", name, strings.Join(toolDirs, ", "), hint)
+	return ""
+}
+
+// GoTool returns the go command (from PATH, else /usr/local/go/bin/go), for tests that
+// build a helper program or run the Makefile, or goes through [Unavailable].
+func GoTool(tb TB) string {
+	tb.Helper()
+	if p, err := exec.LookPath("go"); err == nil {
+		return p
+	}
+	const local = "/usr/local/go/bin/go"
+	if _, err := os.Stat(local); err == nil {
+		return local
+	}
+	unavailable(tb, "testbed: no go command in PATH or %s; hint: put Go >= 1.26 on PATH", local)
+	return ""
+}
+
+// System returns the Nix system type of this machine ("x86_64-linux"), or goes through
+// [Unavailable] on an architecture the test bed has none for.
+func System(tb TB) string {
+	tb.Helper()
+	switch runtime.GOARCH {
+	case "amd64":
+		return "x86_64-linux"
+	case "arm64":
+		return "aarch64-linux"
+	}
+	unavailable(tb, "testbed: no Nix system type known for GOARCH %s", runtime.GOARCH)
 	return ""
 }
 
