@@ -7,7 +7,6 @@ import (
 	"io"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"strings"
 	"sync"
 	"syscall"
@@ -23,9 +22,8 @@ import (
 // runs in production (it sees the same /nix as nix-daemon).
 type brokerEnv struct {
 	offloadEnv
-	socket string
-	cmd    *exec.Cmd
-	log    *syncBuffer
+	cmd *exec.Cmd
+	log *syncBuffer
 }
 
 type syncBuffer struct {
@@ -50,17 +48,15 @@ func (s *syncBuffer) String() string {
 func newBrokerEnv(t *testing.T, nix testbed.Nix, store string, slots int, builders ...*testbed.Builder) *brokerEnv {
 	t.Helper()
 	env := newOffloadEnv(t, "", builders...)
-	socket := filepath.Join(env.dir, "hook.sock")
 	cfg, err := os.ReadFile(env.config)
 	if err != nil {
 		t.Fatal(err)
 	}
-	text := strings.Replace(string(cfg), "[daemon]\n", fmt.Sprintf("[daemon]\nsocket = %q\n", socket), 1)
-	text = strings.ReplaceAll(text, "parallel-builds = 4\n", fmt.Sprintf("parallel-builds = %d\n", slots))
+	text := strings.ReplaceAll(string(cfg), "parallel-builds = 4\n", fmt.Sprintf("parallel-builds = %d\n", slots))
 	if err := os.WriteFile(env.config, []byte(text), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	e := &brokerEnv{offloadEnv: env, socket: socket}
+	e := &brokerEnv{offloadEnv: env}
 	e.start(t, nix, store)
 	return e
 }

@@ -42,7 +42,9 @@ func newFaultEnv(t *testing.T, keepAlive string, ms ...faultMachine) offloadEnv 
 	t.Helper()
 	dir := t.TempDir()
 	var cfg strings.Builder
-	fmt.Fprintf(&cfg, "[daemon]\nstate-dir = %q\n\n", filepath.Join(dir, "state"))
+	// A socket of the test's own: on the default one a broker of the machine could answer.
+	socket := filepath.Join(dir, "hook.sock")
+	fmt.Fprintf(&cfg, "[daemon]\nsocket = %q\nstate-dir = %q\n\n", socket, filepath.Join(dir, "state"))
 	if keepAlive != "" {
 		fmt.Fprintf(&cfg, "[ssh]\nserver-alive-interval = %q\n\n", keepAlive)
 	}
@@ -56,23 +58,14 @@ func newFaultEnv(t *testing.T, keepAlive string, ms ...faultMachine) offloadEnv 
 	if err := os.WriteFile(p, []byte(cfg.String()), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	return offloadEnv{dir: dir, config: p, mounts: mounts}
+	return offloadEnv{dir: dir, config: p, socket: socket, mounts: mounts}
 }
 
-// withBroker names a socket in env's configuration and starts a broker on
-// it for store.
+// withBroker starts a broker for store on the socket env's configuration
+// names.
 func withBroker(t *testing.T, nix testbed.Nix, store string, env offloadEnv) *brokerEnv {
 	t.Helper()
-	socket := filepath.Join(env.dir, "hook.sock")
-	cfg, err := os.ReadFile(env.config)
-	if err != nil {
-		t.Fatal(err)
-	}
-	text := strings.Replace(string(cfg), "[daemon]\n", fmt.Sprintf("[daemon]\nsocket = %q\n", socket), 1)
-	if err := os.WriteFile(env.config, []byte(text), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	e := &brokerEnv{offloadEnv: env, socket: socket}
+	e := &brokerEnv{offloadEnv: env}
 	e.start(t, nix, store)
 	return e
 }

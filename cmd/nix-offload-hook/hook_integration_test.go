@@ -22,6 +22,9 @@ import (
 type offloadEnv struct {
 	dir    string
 	config string
+	// socket is the broker socket config names, in dir: until a test starts a broker
+	// there (newBrokerEnv, withBroker), the hook finds none and runs embedded.
+	socket string
 	mounts []string
 }
 
@@ -29,7 +32,9 @@ func newOffloadEnv(t *testing.T, extra string, builders ...*testbed.Builder) off
 	t.Helper()
 	dir := t.TempDir()
 	var cfg strings.Builder
-	fmt.Fprintf(&cfg, "[daemon]\nstate-dir = %q\n\n", filepath.Join(dir, "state"))
+	// A socket of the test's own: on the default one a broker of the machine could answer.
+	socket := filepath.Join(dir, "hook.sock")
+	fmt.Fprintf(&cfg, "[daemon]\nsocket = %q\nstate-dir = %q\n\n", socket, filepath.Join(dir, "state"))
 	mounts := []string{dir, filepath.Dir(testbed.HookBinary(t))}
 	for _, b := range builders {
 		cfg.WriteString(machineTOML(b, true))
@@ -40,7 +45,7 @@ func newOffloadEnv(t *testing.T, extra string, builders ...*testbed.Builder) off
 	if err := os.WriteFile(p, []byte(cfg.String()), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	return offloadEnv{dir: dir, config: p, mounts: mounts}
+	return offloadEnv{dir: dir, config: p, socket: socket, mounts: mounts}
 }
 
 // writeExpr writes a Nix expression file into the env's directory.

@@ -126,7 +126,11 @@ func TestUnitsSocketActivation(t *testing.T) {
 	}
 	// [daemon] socket names the socket unit's path, as the NixOS module and the README's
 	// example configuration do.
-	cfgText := strings.Replace(string(cfg), "[daemon]\n", fmt.Sprintf("[daemon]\nsocket = %q\n", sockPath), 1)
+	cfgText := strings.Replace(string(cfg), fmt.Sprintf("socket = %q\n", env.socket), fmt.Sprintf("socket = %q\n", sockPath), 1)
+	if cfgText == string(cfg) {
+		t.Fatalf("%s names no socket = %q to replace:\n%s", env.config, env.socket, cfg)
+	}
+	env.socket = sockPath
 	if err := os.WriteFile(env.config, []byte(cfgText), 0o644); err != nil {
 		t.Fatal(err)
 	}
@@ -198,6 +202,8 @@ func TestUnitsSocketActivation(t *testing.T) {
 	if got := exe(); got != testbed.HookBinary(t) {
 		t.Errorf("after the first connection the process is %s, want the broker %s", got, testbed.HookBinary(t))
 	}
+	// The datagram may reach the test's reader just after the answer: wait for it.
+	testbed.WaitFor(t, 5*time.Second, "READY=1", func() bool { return notify.count("READY=1") > 0 })
 	if notify.count("READY=1") != 1 {
 		t.Errorf("READY=1 sent %d times, want once; notifications %q", notify.count("READY=1"), notify.all())
 	}
