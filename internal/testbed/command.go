@@ -6,7 +6,9 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 )
@@ -103,6 +105,50 @@ func KillCommand(cmd *exec.Cmd) error {
 		return nil // exited already (or a zombie): only its group was left to kill
 	}
 	return killNS(ns, killTimeout)
+}
+
+// CommandProcesses returns a function that lists the processes of a started command from
+// [Nix.Command]: those in its mount namespaces and their descendants, sorted, including the
+// builds that Nix starts in sessions of their own, and still after the command itself has
+// exited. Nix can move itself into a mount namespace of its own (Nix 2.8's nix-store
+// --serve does, as it starts), so each call while the command runs also notes the one it
+// is in then; call it once after the command has got going. Call CommandProcesses right
+// after cmd.Start; the namespaces are held until the test ends.
+func CommandProcesses(tb TB, cmd *exec.Cmd) func() []int {
+	tb.Helper()
+	if cmd.Process == nil {
+		tb.Fatalf("testbed: CommandProcesses: command was not started")
+	}
+	var mu sync.Mutex
+	var held []nsID
+	hold := func() error {
+		f, err := os.Open(fmt.Sprintf("/proc/%d/ns/mnt", cmd.Process.Pid))
+		if err != nil {
+			return err
+		}
+		ns, err := nsOfFile(f)
+		if err != nil || sharedNS(ns) || slices.Contains(held, ns) {
+			f.Close()
+			return err
+		}
+		held = append(held, ns)
+		tb.Cleanup(func() { f.Close() })
+		return nil
+	}
+	if err := hold(); err != nil || len(held) == 0 {
+		tb.Fatalf("testbed: CommandProcesses: the command is not in a mount namespace of its own (%v)", err)
+	}
+	return func() []int {
+		mu.Lock()
+		defer mu.Unlock()
+		_ = hold() // fails once the command has exited: its namespaces are all held by then
+		var pids []int
+		for _, ns := range held {
+			pids = append(pids, pidsIn(ns)...)
+		}
+		slices.Sort(pids)
+		return slices.Compact(pids)
+	}
 }
 
 // killTimeout bounds how long the test bed waits for SIGKILLed processes to disappear.

@@ -28,8 +28,9 @@ import (
 // opener starts a fresh serve session whose stderr goes to sink, and
 // reports which processes of the peer are still alive (for cancellation).
 type opener struct {
-	open      func(t *testing.T, sink io.Writer) *transport.Session
-	leftovers func() []string // command lines of build processes still running
+	// open starts a session; leftovers, if set, returns the command lines of the build
+	// processes of that session still running.
+	open func(t *testing.T, sink io.Writer) (s *transport.Session, leftovers func() []string)
 }
 
 // TestConformance runs one suite over every transport and every Nix on the
@@ -40,16 +41,18 @@ func TestConformance(t *testing.T) {
 		t.Run("local/"+nix.Version, func(t *testing.T) {
 			store := testbed.NewStore(t)
 			suite(t, opener{
-				open: func(t *testing.T, sink io.Writer) *transport.Session {
+				open: func(t *testing.T, sink io.Writer) (*transport.Session, func() []string) {
 					cmd := nix.Command(store, nil, transport.ServeArgv("")...)
 					s, err := transport.LocalCmd(cmd, transport.Options{Name: "local " + nix.Version, Stderr: sink})
 					if err != nil {
 						t.Fatal(err)
 					}
 					t.Cleanup(func() { s.Close(); testbed.KillCommand(cmd) })
-					return s
+					// Nix starts the build in a session of its own: it is found by the
+					// command's namespace, where it would outlive the session's process.
+					procs := testbed.CommandProcesses(t, cmd)
+					return s, func() []string { return buildProcesses(procs()) }
 				},
-				leftovers: func() []string { return nil }, // the session's own process is checked by Done
 			})
 		})
 		t.Run("ssh/"+nix.Version, func(t *testing.T) {
@@ -61,15 +64,14 @@ func TestConformance(t *testing.T) {
 			}
 			t.Cleanup(func() { client.Close() })
 			suite(t, opener{
-				open: func(t *testing.T, sink io.Writer) *transport.Session {
+				open: func(t *testing.T, sink io.Writer) (*transport.Session, func() []string) {
 					s, err := transport.SSH(client.Client, transport.ServeCommand(""), transport.Options{Name: b.Name, Stderr: sink})
 					if err != nil {
 						t.Fatal(err)
 					}
 					t.Cleanup(func() { s.Close() })
-					return s
+					return s, func() []string { return buildProcesses(b.Processes()) }
 				},
-				leftovers: func() []string { return buildProcesses(b.Processes()) },
 			})
 		})
 	}
@@ -77,7 +79,7 @@ func TestConformance(t *testing.T) {
 
 func suite(t *testing.T, o opener) {
 	t.Run("round trip", func(t *testing.T) {
-		s := o.open(t, nil)
+		s, _ := o.open(t, nil)
 		c := handshake(t, s)
 		narBytes := oneFileNAR(t, fmt.Sprintf("conformance %x\n", randomBytes(8)))
 		sum := sha256.Sum256(narBytes)
@@ -98,7 +100,7 @@ func suite(t *testing.T, o opener) {
 	})
 
 	t.Run("errors are explained", func(t *testing.T) {
-		s := o.open(t, nil)
+		s, _ := o.open(t, nil)
 		c := handshake(t, s)
 		missing := "/nix/store/" + nixbase32.EncodeToString(randomBytes(20)) + "-missing"
 		_, err := c.DumpStorePath(missing, io.Discard)
@@ -117,7 +119,7 @@ func suite(t *testing.T, o opener) {
 
 	t.Run("log reaches the sink", func(t *testing.T) {
 		var log lockedBuffer
-		s := o.open(t, &log)
+		s, _ := o.open(t, &log)
 		c := handshake(t, s)
 		// More than a pipe's worth of log: the session must keep draining.
 		script := `i=0; while [ $i -lt 3000 ]; do echo "log line $i of a chatty build"; i=$((i+1)); done; echo done > $out`
@@ -136,7 +138,7 @@ func suite(t *testing.T, o opener) {
 
 	t.Run("closing cancels a build", func(t *testing.T) {
 		var log lockedBuffer
-		s := o.open(t, &log)
+		s, leftovers := o.open(t, &log)
 		c := handshake(t, s)
 		done := make(chan error, 1)
 		go func() {
@@ -144,6 +146,10 @@ func suite(t *testing.T, o opener) {
 			done <- err
 		}()
 		testbed.WaitFor(t, 20*time.Second, "build to start", func() bool { return strings.Contains(log.String(), "started") })
+		// The check below would pass if it could not see the build at all.
+		if len(leftovers()) == 0 {
+			t.Fatal("the running build's processes cannot be found")
+		}
 		closed := time.Now()
 		s.Close()
 		if err := <-done; err == nil {
@@ -155,7 +161,7 @@ func suite(t *testing.T, o opener) {
 			t.Fatal("session process still running after Close returned")
 		}
 		// The remote's MonitorFdHup sees stdin hang up and stops the build.
-		testbed.WaitFor(t, 20*time.Second, "remote build processes to end", func() bool { return len(o.leftovers()) == 0 })
+		testbed.WaitFor(t, 20*time.Second, "remote build processes to end", func() bool { return len(leftovers()) == 0 })
 		t.Logf("build stopped %v after Close", time.Since(closed).Round(time.Millisecond))
 	})
 }
