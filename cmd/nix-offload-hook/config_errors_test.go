@@ -12,7 +12,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync/atomic"
+	"sync"
 	"testing"
 	"time"
 
@@ -27,9 +27,13 @@ import (
 
 // connCounter is a listener on 127.0.0.1 that counts and drops every connection.
 type connCounter struct {
-	ln    net.Listener
-	count atomic.Int64
-	done  chan struct{}
+	ln       net.Listener
+	mu       sync.Mutex
+	count    int64           // guarded by mu
+	accepted map[string]bool // remote addresses of the connections accepted; guarded by mu
+	markers  int64           // connections of connections() itself; guarded by mu
+	changed  chan struct{}   // closed and replaced at each accept; guarded by mu
+	done     chan struct{}
 }
 
 func newConnCounter(t *testing.T) *connCounter {
@@ -38,7 +42,7 @@ func newConnCounter(t *testing.T) *connCounter {
 	if err != nil {
 		t.Fatal(err)
 	}
-	c := &connCounter{ln: ln, done: make(chan struct{})}
+	c := &connCounter{ln: ln, accepted: map[string]bool{}, changed: make(chan struct{}), done: make(chan struct{})}
 	go func() {
 		defer close(c.done)
 		for {
@@ -46,7 +50,12 @@ func newConnCounter(t *testing.T) *connCounter {
 			if err != nil {
 				return
 			}
-			c.count.Add(1)
+			c.mu.Lock()
+			c.count++
+			c.accepted[conn.RemoteAddr().String()] = true
+			close(c.changed)
+			c.changed = make(chan struct{})
+			c.mu.Unlock()
 			conn.Close()
 		}
 	}()
@@ -57,11 +66,33 @@ func newConnCounter(t *testing.T) *connCounter {
 func (c *connCounter) port() int { return c.ln.Addr().(*net.TCPAddr).Port }
 
 // connections returns how many connections arrived. A connection that completed its TCP
-// handshake is in the accept queue by the time the dialer returned, so the count is settled
-// once the accept loop has drained the queue; the short wait only lets it get there.
-func (c *connCounter) connections() int64 {
-	time.Sleep(100 * time.Millisecond)
-	return c.count.Load()
+// handshake is in the accept queue by the time its dialer returned, and the queue is
+// first in, first out: so once a marker connection made here has been accepted, every
+// earlier one has been counted.
+func (c *connCounter) connections(t *testing.T) int64 {
+	t.Helper()
+	marker, err := net.Dial("tcp", c.ln.Addr().String())
+	if err != nil {
+		t.Fatalf("connCounter: %v", err)
+	}
+	defer marker.Close()
+	timeout := time.After(10 * time.Second)
+	c.mu.Lock()
+	c.markers++
+	c.mu.Unlock()
+	for {
+		c.mu.Lock()
+		seen, n, changed := c.accepted[marker.LocalAddr().String()], c.count-c.markers, c.changed
+		c.mu.Unlock()
+		if seen {
+			return n
+		}
+		select {
+		case <-changed:
+		case <-timeout:
+			t.Fatal("connCounter: the marker connection was not accepted within 10 s")
+		}
+	}
 }
 
 // testKeys writes an unencrypted client key and returns its path and a host key line.
@@ -146,7 +177,7 @@ func TestCheckReportsConfigErrorsFirst(t *testing.T) {
 	if strings.Join(got, "\n") != strings.Join(wantFull, "\n") {
 		t.Errorf("stderr:\n%s\nwant these lines, in this order:\n%s", errOut, strings.Join(wantFull, "\n"))
 	}
-	if n := lc.connections(); n != 0 {
+	if n := lc.connections(t); n != 0 {
 		t.Errorf("check made %d connections with a broken configuration", n)
 	}
 
@@ -160,7 +191,7 @@ func TestCheckReportsConfigErrorsFirst(t *testing.T) {
 	if code != exitFailed {
 		t.Errorf("control: exit %d, want %d (the counter is no SSH server); stderr %q", code, exitFailed, errOut)
 	}
-	if n := lc.connections(); n == 0 {
+	if n := lc.connections(t); n == 0 {
 		t.Errorf("control: check made no connection, so the counter proves nothing")
 	}
 }
@@ -187,7 +218,7 @@ func TestCheckReportsMachinesFileErrorsFirst(t *testing.T) {
 			t.Errorf("stderr lacks %q:\n%s", want, errOut)
 		}
 	}
-	if n := lc.connections(); n != 0 {
+	if n := lc.connections(t); n != 0 {
 		t.Errorf("check made %d connections with a broken machines list", n)
 	}
 }
@@ -265,7 +296,7 @@ func TestHookDeclinesOnBrokenConfig(t *testing.T) {
 					t.Errorf("log lacks %q:\n%s", w, logText)
 				}
 			}
-			if n := lc.connections(); n != 0 {
+			if n := lc.connections(t); n != 0 {
 				t.Errorf("the hook made %d connections with a broken configuration", n)
 			}
 		})

@@ -15,8 +15,9 @@ type uploads struct {
 }
 
 type flight struct {
-	done chan struct{}
-	err  error
+	done    chan struct{}
+	err     error
+	waiters int // claims waiting for this upload; guarded by uploads.mu
 }
 
 func newUploads(streams int) *uploads {
@@ -47,6 +48,7 @@ func (u *uploads) claim(ctx context.Context, path string) (upload bool, done fun
 			}
 			return true, func(err error) { <-u.streams; finish(err) }, nil
 		}
+		f.waiters++
 		u.mu.Unlock()
 		select {
 		case <-f.done:
@@ -55,9 +57,22 @@ func (u *uploads) claim(ctx context.Context, path string) (upload bool, done fun
 			}
 			// The other upload failed: this build tries itself.
 		case <-ctx.Done():
+			u.mu.Lock()
+			f.waiters--
+			u.mu.Unlock()
 			return false, nil, context.Cause(ctx)
 		}
 	}
+}
+
+// waiting returns how many claims wait for the upload of path in flight.
+func (u *uploads) waiting(path string) int {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if f := u.inflight[path]; f != nil {
+		return f.waiters
+	}
+	return 0
 }
 
 // transfers is offload.Transfers for one build: the session's memory of

@@ -7,6 +7,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/nix-offload/nix-offload/internal/testbed"
 )
 
 // Builds that need the same path on one machine send it once; the others
@@ -33,7 +35,8 @@ func TestUploadsSendAPathOnce(t *testing.T) {
 			}
 		}()
 	}
-	time.Sleep(20 * time.Millisecond)
+	// Every other claim waits for the one upload before it ends.
+	testbed.WaitFor(t, 10*time.Second, "9 claims waiting for the upload", func() bool { return u.waiting("/nix/store/p") == 9 })
 	close(release)
 	wg.Wait()
 	if n := uploads.Load(); n != 1 {
@@ -53,7 +56,9 @@ func TestUploadsSendAPathOnce(t *testing.T) {
 		}
 		got <- up
 	}()
-	time.Sleep(10 * time.Millisecond)
+	// Fail the upload only once the other claim waits for it: had it come later, it
+	// would upload anyway, and the test would show nothing.
+	testbed.WaitFor(t, 10*time.Second, "a claim waiting for q", func() bool { return u.waiting("/nix/store/q") == 1 })
 	done(errors.New("connection lost"))
 	if !<-got {
 		t.Error("after a failed upload the waiting build did not take over")

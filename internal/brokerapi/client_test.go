@@ -16,20 +16,48 @@ import (
 // serve runs handler on a unix socket and counts the connections made.
 func serve(t *testing.T, handler http.Handler) (socket string, conns *atomic.Int32) {
 	t.Helper()
+	socket, conns, _ = serveCounting(t, handler)
+	return socket, conns
+}
+
+// serveCounting is serve that also sends on closed each time the server has done with a
+// connection.
+func serveCounting(t *testing.T, handler http.Handler) (socket string, conns *atomic.Int32, closed <-chan struct{}) {
+	t.Helper()
 	socket = filepath.Join(t.TempDir(), "s.sock")
 	ln, err := net.Listen("unix", socket)
 	if err != nil {
 		t.Fatal(err)
 	}
 	conns = &atomic.Int32{}
+	done := make(chan struct{}, 100)
 	srv := &http.Server{Handler: handler, ConnState: func(_ net.Conn, st http.ConnState) {
-		if st == http.StateNew {
+		switch st {
+		case http.StateNew:
 			conns.Add(1)
+		case http.StateClosed, http.StateHijacked:
+			select {
+			case done <- struct{}{}:
+			default:
+			}
 		}
 	}}
 	go srv.Serve(ln)
 	t.Cleanup(func() { srv.Close() })
-	return socket, conns
+	return socket, conns, done
+}
+
+// waitClosed waits until the server has closed n connections.
+func waitClosed(t *testing.T, closed <-chan struct{}, n int) {
+	t.Helper()
+	timeout := time.After(10 * time.Second)
+	for range n {
+		select {
+		case <-closed:
+		case <-timeout:
+			t.Fatalf("the server did not close %d connections within 10 s", n)
+		}
+	}
 }
 
 // A hook reads the build's events, then fetches the outputs and reports,
@@ -125,7 +153,7 @@ func TestErrorsAndVersion(t *testing.T) {
 // request reaches whoever listens on the socket.
 func TestDialCheckedRefusesThePeer(t *testing.T) {
 	var requests atomic.Int32
-	socket, conns := serve(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	socket, conns, closed := serveCounting(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		requests.Add(1)
 	}))
 	refused := errors.New("served by uid 1000")
@@ -140,8 +168,10 @@ func TestDialCheckedRefusesThePeer(t *testing.T) {
 	if checked.Load() != 1 {
 		t.Errorf("check ran %d times, want 1", checked.Load())
 	}
-	// The server saw at most a connection that closed at once, never a request.
-	time.Sleep(50 * time.Millisecond)
+	// The server saw at most a connection that closed at once, never a request. A request
+	// written on it would be in the socket before the close, so the server has read it by
+	// the time it sees the connection closed.
+	waitClosed(t, closed, 1)
 	if n := requests.Load(); n != 0 {
 		t.Errorf("%d requests reached the refused peer (%d connections)", n, conns.Load())
 	}
