@@ -180,7 +180,7 @@ func (p *Pool) releaseConnLocked(c *conn) {
 	if c.isDead() {
 		p.forgetConnLocked(c)
 	} else {
-		c.emptySince = time.Now()
+		c.emptySince = p.now()
 	}
 }
 
@@ -192,7 +192,7 @@ func (p *Pool) forgetConnLocked(c *conn) {
 // with it (engine.OpenServe). The handshake is bounded by the machine's
 // connect timeout.
 func (p *Pool) openOn(c *conn) (*Session, error) {
-	s := &Session{p: p, c: c, born: time.Now()}
+	s := &Session{p: p, c: c, born: p.now()}
 	// A machine that never greets gets its connection closed: the pool's
 	// watcher then forgets it, and every session on it fails.
 	ts, sc, err := engine.OpenServe(p.ctx, c.client, p.cmd, p.target.ConnectTimeout, transport.Options{Name: p.name, Stderr: &s.log})

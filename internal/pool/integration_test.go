@@ -419,10 +419,14 @@ func TestIntegrationRetire(t *testing.T) {
 		t.Errorf("stats %+v", st)
 	}
 
-	f := startBed(t, testbed.Lookup(t, "2.34"), Options{Idle: -1, MaxAge: 300 * time.Millisecond})
+	f := startBed(t, testbed.Lookup(t, "2.34"), Options{Idle: -1, MaxAge: time.Minute})
+	// The pool's clock runs an offset ahead of the real one, moved by the test, so that
+	// neither a slow machine nor a sleep decides the sessions' ages.
+	var ahead atomic.Int64
+	f.p.now = func() time.Time { return time.Now().Add(time.Duration(ahead.Load())) }
 	s3 := get(t, f.p)
 	f.p.Put(s3, true)
-	time.Sleep(400 * time.Millisecond)
+	ahead.Store(int64(2 * time.Minute))
 	s4 := get(t, f.p)
 	if s4 == s3 {
 		t.Fatal("a session older than MaxAge was handed out")

@@ -177,6 +177,8 @@ type Pool struct {
 
 	// tick and trim are tidyEvery and idleTrim; tests shorten them.
 	tick, trim time.Duration
+	// now is the clock of MaxAge and of idle trimming; tests move it.
+	now func() time.Time
 
 	mu       sync.Mutex
 	closed   bool
@@ -211,6 +213,7 @@ func New(opt Options) *Pool {
 		cancel: cancel,
 		tick:   tidyEvery,
 		trim:   idleTrim,
+		now:    time.Now,
 		live:   map[*Session]struct{}{},
 	}
 }
@@ -306,7 +309,7 @@ func (p *Pool) Put(s *Session, reusable bool) {
 	case !reusable:
 		p.closeLocked(s)
 	default:
-		switch p.checkLocked(s, time.Now()) {
+		switch p.checkLocked(s, p.now()) {
 		case retire:
 			p.stats.Retired++
 			p.closeLocked(s)
@@ -314,7 +317,7 @@ func (p *Pool) Put(s *Session, reusable bool) {
 			p.closeLocked(s)
 		default:
 			s.ts.ResetStderr()
-			s.idleSince = time.Now()
+			s.idleSince = p.now()
 			p.idle = append(p.idle, s)
 		}
 	}
@@ -416,7 +419,7 @@ func (p *Pool) dispatchLocked() {
 	if p.closed {
 		return
 	}
-	now := time.Now()
+	now := p.now()
 	for len(p.waiters) > 0 && len(p.idle) > 0 {
 		s := p.idle[len(p.idle)-1]
 		p.idle = p.idle[:len(p.idle)-1]
@@ -561,7 +564,7 @@ func (p *Pool) run(st *start) {
 	if w := st.w; w != nil && !w.done {
 		p.handOutLocked(s, w)
 	} else {
-		s.idleSince = time.Now()
+		s.idleSince = p.now()
 		p.idle = append(p.idle, s)
 	}
 	p.dispatchLocked()
@@ -622,8 +625,8 @@ func (p *Pool) tidyLoop() {
 		select {
 		case <-p.ctx.Done():
 			return
-		case now := <-t.C:
-			p.tidy(now)
+		case <-t.C:
+			p.tidy(p.now())
 		}
 	}
 }
