@@ -29,10 +29,10 @@ import (
 // wrong, and leave nothing valid and nothing on disk.
 
 // TestNixStoreHelper is the fake nix-store that servetest.LocalStore runs;
-// in a normal test run it has nothing to do.
+// in a normal test run it has nothing to do and passes, as the other helper
+// processes do, so that the run's skip count shows only real skips.
 func TestNixStoreHelper(t *testing.T) {
 	servetest.RunNixStoreHelper()
-	t.Skip("the fake nix-store of the hostile-machine tests; runs only as their helper process")
 }
 
 const (
