@@ -16,7 +16,9 @@
 // (openssh-client). When something is missing, [Lookup], [All], [RequireRoot] and
 // [StartBuilder] skip the test and say what is missing and how to get it. With
 // NIX_OFFLOAD_TESTBED_REQUIRE=1 in the environment they fail instead, so that CI cannot
-// pass by skipping.
+// pass by skipping; [All] then also fails unless Nix 2.8, 2.26 and 2.34 are all there.
+// Tests that need something else of the machine (a program, root to act as another user)
+// go without it by the same rule: [Unavailable], [Tool], [GoTool], [RequireUser].
 //
 // # Isolation
 //
