@@ -117,6 +117,10 @@ func (h *hook) serve(ctx context.Context) error {
 		return fmt.Errorf("reading settings from nix: %w", err)
 	}
 	h.settings = settings
+	if buildersEmpty(settings) {
+		h.log.Msg(hookproto.LvlInfo, "nix-offload: Nix's builders setting is empty (--builders '' or `builders =` in nix.conf); building locally")
+		return hookproto.DeclinePermanently(h.out)
+	}
 	cfg, err := loadConfig("", settings.String("builders", ""), settings.String("system", nixSystem()))
 	if err != nil {
 		// A broken configuration must not abort every build: say why and let

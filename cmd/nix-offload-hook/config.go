@@ -4,6 +4,7 @@ import (
 	"os"
 
 	"github.com/nix-offload/nix-offload/internal/brokerapi"
+	"github.com/nix-offload/nix-offload/internal/hookproto"
 	"github.com/nix-offload/nix-offload/internal/machines"
 )
 
@@ -67,4 +68,15 @@ func loadConfig(path, builders, system string) (*machines.Config, error) {
 		return nil, &configError{err}
 	}
 	return &machines.Config{Path: machines.BuildersName, Machines: ms}, nil
+}
+
+// buildersEmpty reports whether Nix sent `builders` with an empty value: Nix's way to ask for
+// a local build (`--builders ""`), and the one value nix-daemon takes from an untrusted client
+// (NixOS/nix 2.8 to 2.34 daemon, wopSetOptions). It holds even when offload.toml lists the
+// machines, or an untrusted user could not opt out of offloading. Nix always sends the
+// setting, and its default (@/etc/nix/machines) is not empty; a Nix that did not send it at
+// all asks for nothing.
+func buildersEmpty(s hookproto.Settings) bool {
+	v, sent := s["builders"]
+	return sent && v == ""
 }
