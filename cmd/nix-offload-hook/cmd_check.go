@@ -61,14 +61,13 @@ type checkOptions struct {
 
 func runCheck(ctx context.Context, args []string, stdout io.Writer) error {
 	fs := flag.NewFlagSet("check", flag.ContinueOnError)
-	fs.SetOutput(io.Discard)
 	var opt checkOptions
 	fs.StringVar(&opt.config, "config", "", "configuration file (TOML)")
 	fs.StringVar(&opt.builders, "builders", "", "Nix machines specification, used when there is no TOML configuration")
 	fs.BoolVar(&opt.json, "json", false, "print one JSON object per machine")
 	fs.BoolVar(&opt.configOnly, "config-only", false, "only read and check the configuration and list its machines; connect to nothing")
-	if err := fs.Parse(args); err != nil {
-		return usageError{fmt.Sprintf("check: %v\n\n%s", err, usage)}
+	if err := parseFlags(fs, args, stdout, "check [flags] [MACHINE...]"); err != nil {
+		return err
 	}
 	opt.names = fs.Args()
 

@@ -89,9 +89,12 @@ func runHook(ctx context.Context, args []string) error {
 	}
 	err := h.serve(ctx)
 	if err != nil {
+		// Said once, as @nix JSON, which Nix shows at any point of the
+		// conversation; main must not print it again.
 		h.log.Msg(hookproto.LvlError, "error: "+err.Error())
+		return &saidError{err}
 	}
-	return err
+	return nil
 }
 
 type hook struct {

@@ -16,15 +16,14 @@ import (
 // runStatus prints the broker's state.
 func runStatus(ctx context.Context, args []string, stdout io.Writer) error {
 	fs := flag.NewFlagSet("status", flag.ContinueOnError)
-	fs.SetOutput(io.Discard)
 	config := fs.String("config", "", "configuration file (TOML)")
 	socket := fs.String("socket", "", "the broker's socket (default: [daemon] socket, else "+brokerapi.DefaultSocket+")")
 	asJSON := fs.Bool("json", false, "print the status as JSON")
-	if err := fs.Parse(args); err != nil || fs.NArg() > 0 {
-		if err == nil {
-			err = fmt.Errorf("unexpected arguments %q", fs.Args())
-		}
-		return usageError{fmt.Sprintf("status: %v\n\n%s", err, usage)}
+	if err := parseFlags(fs, args, stdout, "status [flags]"); err != nil {
+		return err
+	}
+	if fs.NArg() > 0 {
+		return usageError{fmt.Sprintf("status: unexpected arguments %q\n\n%s", fs.Args(), usage)}
 	}
 	if *socket == "" {
 		cfg, err := loadConfig(*config, "", nixSystem())

@@ -1,6 +1,8 @@
 package main
 
 import (
+	"errors"
+	"fmt"
 	"os"
 
 	"github.com/nix-offload/nix-offload/internal/brokerapi"
@@ -35,32 +37,38 @@ func (e *configError) Unwrap() error { return e.err }
 
 // configFile returns the TOML configuration to read: path if given, else
 // $NIX_OFFLOAD_CONFIG, else /etc/nix/offload.toml if it exists; "" when
-// there is none and Nix's machines format applies.
-func configFile(path string) string {
+// there is none and Nix's machines format applies. from says which, for
+// errors: "-config", "$NIX_OFFLOAD_CONFIG" or "the default".
+func configFile(path string) (file, from string) {
 	if path != "" {
-		return path
+		return path, "-config"
 	}
 	if p := os.Getenv("NIX_OFFLOAD_CONFIG"); p != "" {
-		return p
+		return p, "$NIX_OFFLOAD_CONFIG"
 	}
 	if _, err := os.Stat(defaultConfigPath); err == nil {
-		return defaultConfigPath
+		return defaultConfigPath, "the default"
 	}
-	return ""
+	return "", ""
 }
 
 // loadConfig reads the TOML configuration when there is one (see
 // configFile), else the machines in builders, Nix's machines format as in
 // its `builders` setting ("" = no machines).
 func loadConfig(path, builders, system string) (*machines.Config, error) {
-	if f := configFile(path); f != "" {
+	if f, from := configFile(path); f != "" {
 		cfg, err := machines.Load(f)
-		if err != nil {
-			return nil, &configError{err}
+		var inside *machines.Error
+		switch {
+		case errors.As(err, &inside):
+			return nil, &configError{err} // names file, line and key already
+		case err != nil:
+			// Not read at all: say that this path was taken as the configuration.
+			return nil, &configError{fmt.Errorf("configuration file (%s): %w", from, err)}
 		}
 		return cfg, nil
 	}
-	ms, err := machines.ParseBuilders(builders, system, os.ReadFile)
+	ms, err := machines.ParseBuilders(builders, system, machines.ReadFile)
 	if err != nil {
 		return nil, &configError{err}
 	}

@@ -3,14 +3,18 @@ package main
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
 	"github.com/nix-offload/nix-offload/internal/hookproto"
+	"github.com/nix-offload/nix-offload/internal/testbed"
 )
 
 // Careless and hostile inputs at the front doors (issue 19): each test here failed before
@@ -75,5 +79,85 @@ func TestHookEmptyBuildersBuildsLocally(t *testing.T) {
 	reply, log := serve(t, "nix-2.34.bin")
 	if reply == "# decline-permanently\n" || lc.connections() == 0 {
 		t.Errorf("control, default builders: reply %q, no connection; the hook should have tried the machine\n%s", reply, log)
+	}
+}
+
+// TestNoArguments: the bare command is a usage error (exit 2, with the usage), not a panic.
+func TestNoArguments(t *testing.T) {
+	code, out, errOut := runCLI(t)
+	if code != exitUsage || out != "" || !strings.Contains(errOut, "no command given") || !strings.Contains(errOut, "usage:") {
+		t.Errorf("exit %d, stdout %q, stderr %q; want 2 and the usage", code, out, errOut)
+	}
+}
+
+// TestSubcommandHelp: -h and -help on a subcommand list its flags on stdout and exit 0, as
+// `help` does for the whole tool.
+func TestSubcommandHelp(t *testing.T) {
+	for _, tc := range []struct{ cmd, flag string }{
+		{"check", "-config-only"}, {"daemon", "-drain"}, {"status", "-json"},
+	} {
+		for _, h := range []string{"-h", "-help", "--help"} {
+			code, out, errOut := runCLI(t, tc.cmd, h)
+			if code != exitOK || errOut != "" || !strings.Contains(out, "usage: nix-offload-hook "+tc.cmd) || !strings.Contains(out, tc.flag) {
+				t.Errorf("%s %s: exit %d, stdout %q, stderr %q; want 0 and the flags (%s among them)", tc.cmd, h, code, out, errOut, tc.flag)
+			}
+		}
+	}
+	if code, _, errOut := runCLI(t, "check", "-nosuchflag"); code != exitUsage || !strings.Contains(errOut, "check: flag provided but not defined: -nosuchflag") {
+		t.Errorf("a wrong flag: exit %d, %q; want 2 naming the subcommand and the flag", code, errOut)
+	}
+}
+
+// TestConfigNotARegularFile: a configuration path that names a directory, a FIFO or a device
+// is refused at once (never read, never blocking), and the message names the path and says
+// it was taken as the configuration, and from where.
+func TestConfigNotARegularFile(t *testing.T) {
+	dir := t.TempDir()
+	fifo := filepath.Join(dir, "fifo")
+	if err := syscall.Mkfifo(fifo, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct{ path, kind string }{
+		{dir, "a directory"},
+		{fifo, "a named pipe (FIFO)"},
+		{"/dev/zero", "a character device"},
+	} {
+		done := make(chan struct{})
+		var code int
+		var errOut string
+		go func() {
+			defer close(done)
+			code, _, errOut = runCLI(t, "check", "-config-only", "-config", tc.path)
+		}()
+		select {
+		case <-done:
+		case <-time.After(20 * time.Second):
+			t.Fatalf("check -config %s does not return", tc.path)
+		}
+		want := "nix-offload-hook: configuration file (-config): " + tc.path + " is " + tc.kind + ", not a regular file\n"
+		if code != exitUsage || errOut != want {
+			t.Errorf("-config %s: exit %d, stderr %q; want 2 and %q", tc.path, code, errOut, want)
+		}
+	}
+	t.Setenv("NIX_OFFLOAD_CONFIG", dir)
+	if _, _, errOut := runCLI(t, "check", "-config-only"); !strings.Contains(errOut, "configuration file ($NIX_OFFLOAD_CONFIG): "+dir+" is a directory") {
+		t.Errorf("$NIX_OFFLOAD_CONFIG=%s: %q; want it named as the source", dir, errOut)
+	}
+}
+
+// TestHookErrorSaidOnce: in hook mode an error goes to Nix once, as @nix JSON, and is not
+// printed a second time in plain text.
+func TestHookErrorSaidOnce(t *testing.T) {
+	cmd := exec.Command(testbed.HookBinary(t), "7")
+	cmd.Stdin = strings.NewReader("") // Nix went away before its settings
+	cmd.Env = append(os.Environ(), "NIX_OFFLOAD_CONFIG="+writeMachineConfig(t, 1, ""))
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	err := cmd.Run()
+	if ee := (*exec.ExitError)(nil); !errors.As(err, &ee) || ee.ExitCode() != exitFailed {
+		t.Errorf("exit %v, want %d", err, exitFailed)
+	}
+	if n := strings.Count(stderr.String(), "reading settings from nix"); n != 1 || !strings.HasPrefix(stderr.String(), "@nix ") {
+		t.Errorf("the error was said %d times, want once as @nix JSON:\n%s", n, stderr.String())
 	}
 }

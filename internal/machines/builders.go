@@ -8,7 +8,6 @@ import (
 	"maps"
 	"math"
 	"net/url"
-	"os"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -56,7 +55,7 @@ var ignoredStoreSettings = map[string]bool{
 // "# a; b" as a comment and an entry "b"). An entry "@path" includes the file at path: files
 // nest, a missing file is ignored as Nix ignores it, any other read error is reported, and a
 // cycle or nesting deeper than [MaxIncludeDepth] is an error. readFile reads includes
-// ([os.ReadFile] if nil).
+// ([ReadFile], bounded and for regular files only, if nil).
 //
 // An entry is up to eight whitespace-separated fields; "-" or a missing field means its
 // default:
@@ -80,7 +79,7 @@ var ignoredStoreSettings = map[string]bool{
 // order met, and each names the entry.
 func ParseBuilders(spec, system string, readFile func(string) ([]byte, error)) ([]Machine, error) {
 	if readFile == nil {
-		readFile = os.ReadFile
+		readFile = ReadFile
 	}
 	p := &buildersParser{system: system, readFile: readFile}
 	p.text(BuildersName, spec)

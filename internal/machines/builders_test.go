@@ -6,6 +6,7 @@ import (
 	"io/fs"
 	"os"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -236,5 +237,53 @@ func TestParseBuildersRealMissingFile(t *testing.T) {
 	ms, err := ParseBuilders("@"+t.TempDir()+"/machines", "x86_64-linux", os.ReadFile)
 	if err != nil || ms != nil {
 		t.Errorf("ParseBuilders of a missing file = %v, %v; want nothing", ms, err)
+	}
+}
+
+// TestIncludeNotARegularFile: "@path" naming a FIFO, a device or a directory is an error at
+// the include, given at once; a plain read of a FIFO would block the hook forever and one of
+// /dev/zero would grow it until it is killed. A missing file still lists no machines.
+func TestIncludeNotARegularFile(t *testing.T) {
+	dir := t.TempDir()
+	fifo := dir + "/machines"
+	if err := syscall.Mkfifo(fifo, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct{ path, kind string }{
+		{fifo, "a named pipe (FIFO)"},
+		{"/dev/zero", "a character device"},
+		{dir, "a directory"},
+	} {
+		done := make(chan error, 1)
+		go func() { _, err := ParseBuilders("@"+tc.path, "x86_64-linux", nil); done <- err }()
+		select {
+		case err := <-done:
+			want := "builders:1: @" + tc.path + ": " + tc.path + " is " + tc.kind + ", not a regular file"
+			if err == nil || err.Error() != want {
+				t.Errorf("@%s: %v, want %q", tc.path, err, want)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatalf("@%s: ParseBuilders blocks", tc.path)
+		}
+	}
+	if ms, err := ParseBuilders("@"+dir+"/missing", "x86_64-linux", nil); err != nil || len(ms) != 0 {
+		t.Errorf("missing include: %v, %v; want no machines and no error, as Nix", ms, err)
+	}
+}
+
+// TestLoadNotARegularFile: Load refuses a configuration that is not a regular file, or is
+// larger than MaxFileSize, before reading it.
+func TestLoadNotARegularFile(t *testing.T) {
+	big := t.TempDir() + "/offload.toml"
+	if err := os.WriteFile(big, make([]byte, MaxFileSize+1), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	for path, want := range map[string]string{
+		"/dev/zero": "/dev/zero is a character device, not a regular file",
+		big:         big + " is larger than 4 MiB",
+	} {
+		if _, err := Load(path); err == nil || err.Error() != want {
+			t.Errorf("Load(%s) = %v, want %q", path, err, want)
+		}
 	}
 }

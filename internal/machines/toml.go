@@ -7,7 +7,6 @@ import (
 	"maps"
 	"math"
 	"net"
-	"os"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -17,6 +16,8 @@ import (
 	"unicode/utf8"
 
 	"github.com/BurntSushi/toml"
+
+	"github.com/nix-offload/nix-offload/internal/smallfile"
 )
 
 // Defaults for the [daemon] table.
@@ -54,11 +55,23 @@ type Config struct {
 	Machines []Machine
 }
 
-// Load reads and parses a TOML file. A file that cannot be read gives the error from
-// [os.ReadFile] (test it with [errors.Is] and [io/fs.ErrNotExist]); anything wrong inside the
-// file gives [Error]s naming path, line and key.
+// MaxFileSize bounds a configuration file: offload.toml, or a machines file that `builders`
+// includes. The largest real one, [MaxParallelBuilds]-scale fleets of a few hundred machines
+// with pinned host keys, is well under 1 MiB; a bound makes /dev/zero or a runaway file an
+// error instead of a process that grows until it is killed.
+const MaxFileSize = 4 << 20
+
+// ReadFile reads a configuration file: it must be a regular file of at most [MaxFileSize]
+// bytes, checked before reading, so a directory, a FIFO or a device is refused at once, with
+// its path (see package smallfile). A missing file gives an error for which
+// errors.Is(err, fs.ErrNotExist) holds.
+func ReadFile(path string) ([]byte, error) { return smallfile.Read(path, MaxFileSize) }
+
+// Load reads (with [ReadFile]) and parses a TOML file. A file that cannot be read gives that
+// error (test it with [errors.Is] and [io/fs.ErrNotExist]); anything wrong inside the file
+// gives [Error]s naming path, line and key.
 func Load(path string) (*Config, error) {
-	data, err := os.ReadFile(path)
+	data, err := ReadFile(path)
 	if err != nil {
 		return nil, err
 	}
