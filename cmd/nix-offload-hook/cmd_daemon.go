@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"net/http"
 	"path/filepath"
 	"time"
 
@@ -89,7 +88,7 @@ func runDaemon(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		if err != nil {
 			return fmt.Errorf("metrics: %w", err)
 		}
-		ms := &http.Server{Handler: reg.Handler(), ReadHeaderTimeout: 10 * time.Second}
+		ms := broker.NewMetricsServer(reg.Handler())
 		go ms.Serve(mln)
 		defer ms.Close()
 		log.Info("metrics", zap.String("address", mln.Addr().String()))
