@@ -59,7 +59,7 @@ type checkOptions struct {
 	names      []string
 }
 
-func runCheck(ctx context.Context, args []string, stdout io.Writer) error {
+func runCheck(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs := flag.NewFlagSet("check", flag.ContinueOnError)
 	var opt checkOptions
 	fs.StringVar(&opt.config, "config", "", "configuration file (TOML)")
@@ -81,6 +81,9 @@ func runCheck(ctx context.Context, args []string, stdout io.Writer) error {
 	ms, err := selectMachines(cfg.Machines, opt.names)
 	if err != nil {
 		return err
+	}
+	for _, w := range keyWarnings(ms) {
+		fmt.Fprintf(stderr, "nix-offload-hook: warning: %s\n", w)
 	}
 	if opt.configOnly {
 		return printConfigSummary(stdout, cfg, ms, opt.json)

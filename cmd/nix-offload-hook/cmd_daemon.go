@@ -48,6 +48,9 @@ func runDaemon(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	if err != nil {
 		return err
 	}
+	for _, w := range keyWarnings(cfg.Machines) {
+		log.Warn(w)
+	}
 	*socket = brokerSocket(*socket, cfg)
 	stateDir := cfg.Daemon.StateDir
 	if stateDir == "" {

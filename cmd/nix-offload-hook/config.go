@@ -4,10 +4,12 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
 
 	"github.com/nix-offload/nix-offload/internal/brokerapi"
 	"github.com/nix-offload/nix-offload/internal/hookproto"
 	"github.com/nix-offload/nix-offload/internal/machines"
+	"github.com/nix-offload/nix-offload/internal/service"
 )
 
 // defaultConfigPath is read when neither -config nor $NIX_OFFLOAD_CONFIG is set.
@@ -66,6 +68,10 @@ func loadConfig(path, builders, system string) (*machines.Config, error) {
 			// Not read at all: say that this path was taken as the configuration.
 			return nil, &configError{fmt.Errorf("configuration file (%s): %w", from, err)}
 		}
+		if err := service.CheckSocketPath(cfg.Daemon.Socket); err != nil {
+			// Found here, by `check` too, not only when the broker starts.
+			return nil, &configError{fmt.Errorf("%s: daemon.socket: %w", cfg.Path, err)}
+		}
 		return cfg, nil
 	}
 	ms, err := machines.ParseBuilders(builders, system, machines.ReadFile)
@@ -87,4 +93,27 @@ func loadConfig(path, builders, system string) (*machines.Config, error) {
 func buildersEmpty(s hookproto.Settings) bool {
 	v, sent := s["builders"]
 	return sent && v == ""
+}
+
+// keyWarnings names the private key files of ms that other users can read. ssh refuses such
+// a key ("UNPROTECTED PRIVATE KEY FILE"), and whoever can read it can log in to the machine;
+// nix-offload still uses it, so `check` and the broker say so. Paths with "~" (expanded by
+// ssh_config's rules) and files that are not there are left alone.
+func keyWarnings(ms []machines.Machine) []string {
+	var out []string
+	seen := map[string]bool{}
+	for _, m := range ms {
+		k := m.SSHKey
+		if k == "" || seen[k] || !filepath.IsAbs(k) {
+			continue
+		}
+		seen[k] = true
+		fi, err := os.Stat(k)
+		if err != nil || fi.Mode().Perm()&0o077 == 0 {
+			continue
+		}
+		out = append(out, fmt.Sprintf("ssh-key %s (of %s) can be read by other users (mode %04o); whoever reads it can log in to the machine: chmod 600 %s",
+			k, m.Name(), fi.Mode().Perm(), k))
+	}
+	return out
 }

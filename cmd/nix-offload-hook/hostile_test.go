@@ -161,3 +161,38 @@ func TestHookErrorSaidOnce(t *testing.T) {
 		t.Errorf("the error was said %d times, want once as @nix JSON:\n%s", n, stderr.String())
 	}
 }
+
+// TestCheckSocketPathTooLong: a [daemon] socket longer than a unix socket allows is a
+// configuration error that `check` reports, not something found only when the broker starts.
+func TestCheckSocketPathTooLong(t *testing.T) {
+	long := "/run/" + strings.Repeat("n", 110) + "/hook.sock"
+	path := filepath.Join(t.TempDir(), "offload.toml")
+	if err := os.WriteFile(path, []byte("[daemon]\nsocket = \""+long+"\"\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	code, _, errOut := runCLI(t, "check", "-config-only", "-config", path)
+	if want := path + ": daemon.socket: socket path " + long + " is too long"; code != exitUsage || !strings.Contains(errOut, want) {
+		t.Errorf("exit %d, stderr %q; want 2 and %q", code, errOut, want)
+	}
+}
+
+// TestCheckWarnsReadableKey: `check` warns about a private key file that other users can read,
+// and is quiet about one that only its owner can.
+func TestCheckWarnsReadableKey(t *testing.T) {
+	path := writeMachineConfig(t, 1, "")
+	cfg, err := loadConfig(path, "", "x86_64-linux")
+	if err != nil {
+		t.Fatal(err)
+	}
+	key := cfg.Machines[0].SSHKey
+	if _, _, errOut := runCLI(t, "check", "-config-only", "-config", path); strings.Contains(errOut, "warning") {
+		t.Errorf("a 0600 key: %q, want no warning", errOut)
+	}
+	if err := os.Chmod(key, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	code, _, errOut := runCLI(t, "check", "-config-only", "-config", path)
+	if want := "nix-offload-hook: warning: ssh-key " + key + " (of 127.0.0.1:1) can be read by other users (mode 0644)"; code != exitOK || !strings.Contains(errOut, want) {
+		t.Errorf("a 0644 key: exit %d, stderr %q; want 0 and %q", code, errOut, want)
+	}
+}

@@ -49,7 +49,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	case len(args) == 0:
 		err = usageError{"no command given\n\n" + usage}
 	case args[0] == "check":
-		err = runCheck(ctx, args[1:], stdout)
+		err = runCheck(ctx, args[1:], stdout, stderr)
 	case args[0] == "daemon":
 		err = runDaemon(ctx, args[1:], stdout, stderr)
 	case args[0] == "status":

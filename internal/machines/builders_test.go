@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io/fs"
 	"os"
+	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
@@ -285,5 +286,31 @@ func TestLoadNotARegularFile(t *testing.T) {
 		if _, err := Load(path); err == nil || err.Error() != want {
 			t.Errorf("Load(%s) = %v, want %q", path, err, want)
 		}
+	}
+}
+
+// TestLoadResolvesRelativePaths: relative ssh-key and known-hosts paths in offload.toml name
+// files beside it, whatever the working directory of the process that reads it; absolute
+// and "~/" paths stay as written.
+func TestLoadResolvesRelativePaths(t *testing.T) {
+	dir := t.TempDir()
+	path := dir + "/offload.toml"
+	text := "[ssh]\nssh-key = \"keys/default\"\nknown-hosts = [\"known_hosts\", \"/etc/ssh/ssh_known_hosts\"]\n" +
+		"[[machine]]\nhost = \"b1\"\nsystems = [\"x\"]\n" +
+		"[[machine]]\nhost = \"b2\"\nsystems = [\"x\"]\nssh-key = \"~/.ssh/b2\"\nknown-hosts = [\"../kh\"]\n"
+	if err := os.WriteFile(path, []byte(text), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	t.Chdir("/")
+	cfg, err := Load(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b1, b2 := cfg.Machines[0], cfg.Machines[1]
+	if b1.SSHKey != dir+"/keys/default" || strings.Join(b1.KnownHosts, " ") != dir+"/known_hosts /etc/ssh/ssh_known_hosts" {
+		t.Errorf("b1: ssh-key %q, known-hosts %q; want them under %s", b1.SSHKey, b1.KnownHosts, dir)
+	}
+	if b2.SSHKey != "~/.ssh/b2" || strings.Join(b2.KnownHosts, " ") != filepath.Dir(dir)+"/kh" {
+		t.Errorf("b2: ssh-key %q, known-hosts %q", b2.SSHKey, b2.KnownHosts)
 	}
 }
