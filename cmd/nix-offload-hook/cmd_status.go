@@ -3,9 +3,11 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
+	"path/filepath"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -34,7 +36,13 @@ func runStatus(ctx context.Context, args []string, stdout io.Writer) error {
 	}
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
-	c, err := brokerapi.Dial(ctx, *socket)
+	// As the hook does: a socket that neither root nor this user serves may be anyone's
+	// broker, and what it would show is not ours.
+	c, err := brokerapi.DialChecked(ctx, *socket, brokerPeer)
+	var untrusted *untrustedBrokerError
+	if errors.As(err, &untrusted) {
+		return fmt.Errorf("%s: %w; hooks refuse it too (whoever can create files in %s can put a socket there)", *socket, err, filepath.Dir(*socket))
+	}
 	if err != nil {
 		return fmt.Errorf("no broker on %s: %w (start one with `nix-offload-hook daemon`; hooks build without it meanwhile)", *socket, err)
 	}

@@ -1,10 +1,14 @@
 package main
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"errors"
 	"fmt"
+	"io"
+	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -194,5 +198,82 @@ func TestCheckWarnsReadableKey(t *testing.T) {
 	code, _, errOut := runCLI(t, "check", "-config-only", "-config", path)
 	if want := "nix-offload-hook: warning: ssh-key " + key + " (of 127.0.0.1:1) can be read by other users (mode 0644)"; code != exitOK || !strings.Contains(errOut, want) {
 		t.Errorf("a 0644 key: exit %d, stderr %q; want 0 and %q", code, errOut, want)
+	}
+}
+
+// fakeBrokerEnv makes the test binary a fake broker (TestFakeBrokerHelper) on that socket.
+const fakeBrokerEnv = "NIX_OFFLOAD_FAKE_BROKER_SOCKET"
+
+// TestFakeBrokerHelper is not a test: run by TestStatusRefusesForeignBroker as another user,
+// it serves a made-up status on the socket in $NIX_OFFLOAD_FAKE_BROKER_SOCKET, prints
+// "listening" and serves until its stdin closes.
+func TestFakeBrokerHelper(t *testing.T) {
+	socket := os.Getenv(fakeBrokerEnv)
+	if socket == "" {
+		return
+	}
+	ln, err := net.Listen("unix", socket)
+	if err != nil {
+		fmt.Println("error:", err)
+		return
+	}
+	go http.Serve(ln, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.WriteString(w, `{"version":"evil","machines":[{"name":"root@fake-builder","systems":["x86_64-linux"],"enabled":true,"up":true}]}`)
+	}))
+	fmt.Println("listening")
+	io.Copy(io.Discard, os.Stdin)
+}
+
+// TestStatusRefusesForeignBroker: `status` on a socket that another user serves (here
+// nobody, who could bind it in a world-writable directory) refuses to show what it says and
+// names the uid, as the hook refuses to use it; the same fake served by root is shown.
+func TestStatusRefusesForeignBroker(t *testing.T) {
+	testbed.RequireRoot(t)
+	const nobody = 65534
+	dir, err := os.MkdirTemp("", "nix-offload-status-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	if err := os.Chmod(dir, 0o1777); err != nil {
+		t.Fatal(err)
+	}
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	exe := filepath.Join(dir, "helper")
+	if bin, err := os.ReadFile(self); err != nil || os.WriteFile(exe, bin, 0o755) != nil {
+		t.Fatalf("copying the test binary: %v", err)
+	}
+	fake := func(t *testing.T, socket string, cred *syscall.Credential) {
+		cmd := exec.Command(exe, "-test.run=^TestFakeBrokerHelper$")
+		cmd.Env = append(os.Environ(), fakeBrokerEnv+"="+socket)
+		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: cred}
+		stdin, _ := cmd.StdinPipe()
+		stdout, _ := cmd.StdoutPipe()
+		cmd.Stderr = os.Stderr
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { stdin.Close(); cmd.Wait() })
+		line, err := bufio.NewReader(stdout).ReadString('\n')
+		if line != "listening\n" {
+			t.Fatalf("fake broker: %q, %v", line, err)
+		}
+	}
+
+	foreign := filepath.Join(dir, "foreign.sock")
+	fake(t, foreign, &syscall.Credential{Uid: nobody, Gid: nobody})
+	code, out, errOut := runCLI(t, "status", "-socket", foreign)
+	if code != exitFailed || strings.Contains(out, "fake-builder") ||
+		!strings.Contains(errOut, fmt.Sprintf("the socket is served by uid %d, not by root or this hook's user: refusing it", nobody)) {
+		t.Errorf("a broker run by nobody: exit %d, stdout %q, stderr %q; want 1, nothing shown, and the uid named", code, out, errOut)
+	}
+
+	own := filepath.Join(dir, "own.sock")
+	fake(t, own, nil)
+	if code, out, errOut := runCLI(t, "status", "-socket", own); code != exitOK || !strings.Contains(out, "root@fake-builder") {
+		t.Errorf("control, the same fake run by root: exit %d, stdout %q, stderr %q; want it shown", code, out, errOut)
 	}
 }
