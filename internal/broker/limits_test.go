@@ -9,7 +9,6 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -17,31 +16,12 @@ import (
 	"github.com/nix-offload/nix-offload/internal/brokerapi"
 	"github.com/nix-offload/nix-offload/internal/machines"
 	"github.com/nix-offload/nix-offload/internal/metrics"
-	"github.com/nix-offload/nix-offload/internal/service"
 )
 
 // Careless and hostile clients of the broker's two HTTP servers (issue 19).
 
-// serveTuned is serveOn with tune applied to the server before it serves.
-func serveTuned(t *testing.T, b *Broker, tune func(*Server)) string {
-	t.Helper()
-	path := filepath.Join(t.TempDir(), "hook.sock")
-	ln, _, err := service.Listen(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv := NewServer(b, func(net.Conn) (uint32, error) { return 0, nil })
-	tune(srv)
-	done := make(chan error, 1)
-	go func() { done <- srv.Serve(ln) }()
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		srv.Shutdown(ctx)
-		<-done
-	})
-	return path
-}
+// asRoot is a peerUID that says root.
+func asRoot(net.Conn) (uint32, error) { return 0, nil }
 
 // wantJSONError checks that body is the API's {"error": …} with a message containing want.
 func wantJSONError(t *testing.T, what string, code, wantCode int, body, want string) {
@@ -57,7 +37,7 @@ func wantJSONError(t *testing.T, what string, code, wantCode int, body, want str
 // than the bound (before, an 80 MiB body was read to 64 MiB and answered "unexpected EOF").
 func TestOversizedBody(t *testing.T) {
 	b := newTestBroker(t, testMachine("b1", 1, "x86_64-linux"))
-	socket := serveOn(t, b, t.TempDir(), func(net.Conn) (uint32, error) { return 0, nil })
+	socket := serveOn(t, b, t.TempDir(), asRoot)
 	huge := `{"drvPath":"/nix/store/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-x.drv","inputs":["` + strings.Repeat("a", 80<<20) + `"]}`
 
 	code, body := request(t, socket, "POST", brokerapi.Prefix+"/builds", huge)
@@ -83,7 +63,7 @@ func TestOversizedBody(t *testing.T) {
 // answered 404 in the API's JSON, saying which version this broker speaks.
 func TestUnknownEndpoint(t *testing.T) {
 	b := newTestBroker(t, testMachine("b1", 1, "x86_64-linux"))
-	socket := serveOn(t, b, t.TempDir(), func(net.Conn) (uint32, error) { return 0, nil })
+	socket := serveOn(t, b, t.TempDir(), asRoot)
 	for _, e := range []struct{ method, path string }{
 		{"GET", "/v1/nope"}, {"POST", "/v2/try"}, {"DELETE", "/v1/try"}, {"GET", "/"},
 	} {
@@ -97,7 +77,7 @@ func TestUnknownEndpoint(t *testing.T) {
 // a derivation in the store, whatever its suffix.
 func TestNonCanonicalStorePaths(t *testing.T) {
 	b := newTestBroker(t, testMachine("b1", 1, "x86_64-linux"))
-	socket := serveOn(t, b, t.TempDir(), func(net.Conn) (uint32, error) { return 0, nil })
+	socket := serveOn(t, b, t.TempDir(), asRoot)
 	good := "/nix/store/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-x.drv"
 	for _, p := range []string{
 		"/nix/store/../../etc/passwd",
@@ -150,17 +130,10 @@ func dialRequest(t *testing.T, network, addr, path string) (net.Conn, *bufio.Rea
 	return c, br, resp.StatusCode
 }
 
-// TestSocketConnectionLimit: connections beyond the limit are answered 503 in JSON and
-// closed at once, not left to wait (a hook then builds without the broker).
-func TestSocketConnectionLimit(t *testing.T) {
-	b := newTestBroker(t, testMachine("b1", 1, "x86_64-linux"))
-	socket := serveTuned(t, b, func(s *Server) { s.limit = newConnLimit(2) })
-	for range 2 {
-		if _, _, code := dialRequest(t, "unix", socket, brokerapi.Prefix+"/status"); code != http.StatusOK {
-			t.Fatalf("a connection within the limit: %d", code)
-		}
-	}
-	c, err := net.Dial("unix", socket)
+// refusedAnswer connects to addr and reads the answer the server sends before any request.
+func refusedAnswer(t *testing.T, network, addr string) (int, string) {
+	t.Helper()
+	c, err := net.Dial(network, addr)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -168,17 +141,32 @@ func TestSocketConnectionLimit(t *testing.T) {
 	c.SetDeadline(time.Now().Add(10 * time.Second))
 	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
 	if err != nil {
-		t.Fatalf("the third connection got no answer: %v", err)
+		t.Fatalf("a connection over the limit got no answer: %v", err)
 	}
+	defer resp.Body.Close()
 	body, _ := io.ReadAll(resp.Body)
-	wantJSONError(t, "third connection", resp.StatusCode, http.StatusServiceUnavailable, string(body), "too many connections (at most 2)")
+	return resp.StatusCode, string(body)
+}
+
+// TestSocketConnectionLimit: connections beyond the limit are answered 503 in JSON and
+// closed at once, not left to wait (a hook then builds without the broker).
+func TestSocketConnectionLimit(t *testing.T) {
+	b := newTestBroker(t, testMachine("b1", 1, "x86_64-linux"))
+	socket := serveOn(t, b, t.TempDir(), asRoot, func(s *Server) { s.limit = newConnLimit(2) })
+	for range 2 {
+		if _, _, code := dialRequest(t, "unix", socket, brokerapi.Prefix+"/status"); code != http.StatusOK {
+			t.Fatalf("a connection within the limit: %d", code)
+		}
+	}
+	code, body := refusedAnswer(t, "unix", socket)
+	wantJSONError(t, "third connection", code, http.StatusServiceUnavailable, body, "too many connections (at most 2)")
 }
 
 // TestSocketIdleTimeout: a connection that carries no request is closed by the broker
 // (before, 150 idle keep-alive connections stayed open indefinitely).
 func TestSocketIdleTimeout(t *testing.T) {
 	b := newTestBroker(t, testMachine("b1", 1, "x86_64-linux"))
-	socket := serveTuned(t, b, func(s *Server) { s.srv.IdleTimeout = 50 * time.Millisecond })
+	socket := serveOn(t, b, t.TempDir(), asRoot, func(s *Server) { s.srv.IdleTimeout = 50 * time.Millisecond })
 	c, br, code := dialRequest(t, "unix", socket, brokerapi.Prefix+"/status")
 	if code != http.StatusOK {
 		t.Fatalf("status: %d", code)
@@ -207,20 +195,8 @@ func TestMetricsServerLimits(t *testing.T) {
 			t.Fatalf("a connection within the limit: %d", code)
 		}
 	}
-	c, err := net.Dial("tcp", ln.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	c.SetDeadline(time.Now().Add(10 * time.Second))
-	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
-	if err != nil {
-		t.Fatalf("connection %d got no answer: %v", maxMetricsConns+1, err)
-	}
-	resp.Body.Close()
-	if resp.StatusCode != http.StatusServiceUnavailable {
-		t.Errorf("connection %d: %d, want 503", maxMetricsConns+1, resp.StatusCode)
-	}
+	code, body := refusedAnswer(t, "tcp", ln.Addr().String())
+	wantJSONError(t, "one connection too many", code, http.StatusServiceUnavailable, body, "too many connections")
 }
 
 // TestMetricsLabelsHideUsers: the metrics port, which may be public, labels machines by host

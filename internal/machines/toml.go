@@ -506,25 +506,18 @@ func (p *tomlParser) str(l loc, v any) (string, bool) {
 }
 
 // user decodes a user value (see [checkUser]).
-func (p *tomlParser) user(l loc, v any) (string, bool) {
-	s, ok := p.str(l, v)
-	if !ok {
-		return "", false
-	}
-	if msg := checkUser(s); msg != "" {
-		p.errorf(l, "%s", msg)
-		return "", false
-	}
-	return s, true
-}
+func (p *tomlParser) user(l loc, v any) (string, bool) { return p.checkedStr(l, v, checkUser) }
 
 // keyPath decodes an ssh-key value: a string that names a file (see [checkKeyPath]).
-func (p *tomlParser) keyPath(l loc, v any) (string, bool) {
+func (p *tomlParser) keyPath(l loc, v any) (string, bool) { return p.checkedStr(l, v, checkKeyPath) }
+
+// checkedStr decodes a string that check (a message, or "" for good) must accept.
+func (p *tomlParser) checkedStr(l loc, v any, check func(string) string) (string, bool) {
 	s, ok := p.str(l, v)
 	if !ok {
 		return "", false
 	}
-	if msg := checkKeyPath(s); msg != "" {
+	if msg := check(s); msg != "" {
 		p.errorf(l, "%s", msg)
 		return "", false
 	}
