@@ -277,3 +277,25 @@ func TestStatusRefusesForeignBroker(t *testing.T) {
 		t.Errorf("control, the same fake run by root: exit %d, stdout %q, stderr %q; want it shown", code, out, errOut)
 	}
 }
+
+// TestHookEmptyBuildersEndToEnd: real nix-build with offload.toml naming a working builder:
+// with `--builders ""` nothing goes to the builder (with max-jobs 0 the build fails, saying
+// why); without it the same build is offloaded.
+func TestHookEmptyBuildersEndToEnd(t *testing.T) {
+	nix := testbed.Lookup(t, "2.34")
+	b := testbed.StartBuilder(t, nix)
+	env := newOffloadEnv(t, "", b)
+	store := testbed.NewStore(t)
+	expr := env.writeExpr(t, graphExpr(randomHex(8)))
+	if _, errOut, err := nixBuild(t, nix, store, env, "--builders", "", expr); err == nil || !strings.Contains(errOut, "builders setting is empty") ||
+		strings.Contains(errOut, "building '/nix/store/") {
+		t.Errorf("--builders '': err %v; want a local-only attempt that says builders is empty:\n%s", err, errOut)
+	}
+	out, errOut, err := nixBuild(t, nix, store, env, expr)
+	if err != nil {
+		t.Fatalf("control, default builders: %v\n%s", err, errOut)
+	}
+	if got := storeFile(t, store, out); got != graphRoot {
+		t.Errorf("root output %q", got)
+	}
+}
