@@ -227,3 +227,24 @@ func TestMetricsLabelsHideUsers(t *testing.T) {
 		}
 	}
 }
+
+// TestRequestBodyIsOneValue: a body is exactly one JSON value of the call's type: a second
+// value, a stray brace, an unknown field or a wrong type is 400, naming the problem.
+func TestRequestBodyIsOneValue(t *testing.T) {
+	b := newTestBroker(t, testMachine("b1", 1, "x86_64-linux"))
+	socket := serveOn(t, b, t.TempDir(), asRoot)
+	good := `{"drvPath":"/nix/store/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-x.drv","system":"aarch64-linux"}`
+	for body, want := range map[string]string{
+		good + `{}`: "more after the JSON value",
+		good + `}`:  "more after the JSON value",
+		`{"drvPath":"/nix/store/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-x.drv","sytem":"x"}`: `unknown field "sytem"`,
+		`{"drvPath":1}`: "cannot unmarshal number",
+		``:              "EOF",
+	} {
+		code, got := request(t, socket, "POST", brokerapi.Prefix+"/try", body)
+		wantJSONError(t, "body "+body, code, http.StatusBadRequest, got, want)
+	}
+	if code, got := request(t, socket, "POST", brokerapi.Prefix+"/try", good+"\n"); code != http.StatusOK {
+		t.Errorf("one value and a newline: %d %q, want 200", code, got)
+	}
+}

@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net/http"
 	"strings"
 
@@ -30,12 +31,14 @@ func readRequest[T any](w http.ResponseWriter, r *http.Request, v *T, check func
 
 // decodeRequest is readRequest's decoding and checking, apart from HTTP: the code is the
 // status to answer an error with. One JSON value, no unknown fields, nothing after it.
-func decodeRequest[T any](body interface{ Read([]byte) (int, error) }, v *T, check func(*T) error) (int, error) {
+func decodeRequest[T any](body io.Reader, v *T, check func(*T) error) (int, error) {
 	dec := json.NewDecoder(body)
 	dec.DisallowUnknownFields()
 	err := dec.Decode(v)
-	if err == nil && dec.More() {
-		err = errors.New("more than one JSON value")
+	if err == nil {
+		if _, after := dec.Token(); !errors.Is(after, io.EOF) {
+			err = errors.New("more after the JSON value")
+		}
 	}
 	var tooBig *http.MaxBytesError
 	switch {
