@@ -411,7 +411,15 @@ in
         }
       ];
 
-    warnings = optional (allMachines == [ ]) "services.nix-offload is enabled without machines (none in services.nix-offload.machines${lib.optionalString cfg.useNixBuildMachines " or nix.buildMachines"}): the hook declines every build, and Nix builds locally.";
+    warnings =
+      optional (allMachines == [ ]) "services.nix-offload is enabled without machines (none in services.nix-offload.machines${lib.optionalString cfg.useNixBuildMachines " or nix.buildMachines"}): the hook declines every build, and Nix builds locally."
+      ++ optional (!config.nix.distributedBuilds) "services.nix-offload: nix.distributedBuilds is false, so NixOS writes `builders =` to nix.conf, and the hook takes an empty `builders` as \"build locally\" (as `--builders ''` asks): nothing is offloaded. Leave nix.distributedBuilds at the true this module sets.";
+
+    # An empty `builders` is Nix's way to ask for a local build, and the hook honours it even
+    # with offload.toml. NixOS writes `builders =` whenever distributed builds are off, so the
+    # module turns them on; with build-hook pointing at us, Nix's own hook is not used, and
+    # `builders` (Nix's default @/etc/nix/machines) only has to be non-empty.
+    nix.distributedBuilds = lib.mkDefault true;
 
     environment.etc."nix/offload.toml".source = configFile;
     environment.systemPackages = [ cfg.package ];

@@ -59,16 +59,15 @@ type checkOptions struct {
 	names      []string
 }
 
-func runCheck(ctx context.Context, args []string, stdout io.Writer) error {
+func runCheck(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs := flag.NewFlagSet("check", flag.ContinueOnError)
-	fs.SetOutput(io.Discard)
 	var opt checkOptions
 	fs.StringVar(&opt.config, "config", "", "configuration file (TOML)")
 	fs.StringVar(&opt.builders, "builders", "", "Nix machines specification, used when there is no TOML configuration")
 	fs.BoolVar(&opt.json, "json", false, "print one JSON object per machine")
 	fs.BoolVar(&opt.configOnly, "config-only", false, "only read and check the configuration and list its machines; connect to nothing")
-	if err := fs.Parse(args); err != nil {
-		return usageError{fmt.Sprintf("check: %v\n\n%s", err, usage)}
+	if err := parseFlags(fs, args, stdout, "check [flags] [MACHINE...]"); err != nil {
+		return err
 	}
 	opt.names = fs.Args()
 
@@ -82,6 +81,9 @@ func runCheck(ctx context.Context, args []string, stdout io.Writer) error {
 	ms, err := selectMachines(cfg.Machines, opt.names)
 	if err != nil {
 		return err
+	}
+	for _, w := range keyWarnings(ms) {
+		fmt.Fprintf(stderr, "nix-offload-hook: warning: %s\n", w)
 	}
 	if opt.configOnly {
 		return printConfigSummary(stdout, cfg, ms, opt.json)

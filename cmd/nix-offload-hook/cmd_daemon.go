@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"net/http"
 	"path/filepath"
 	"time"
 
@@ -24,19 +23,18 @@ import (
 )
 
 // runDaemon runs the broker until SIGTERM or SIGINT (ctx ends).
-func runDaemon(ctx context.Context, args []string, stderr io.Writer) error {
+func runDaemon(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs := flag.NewFlagSet("daemon", flag.ContinueOnError)
-	fs.SetOutput(io.Discard)
 	config := fs.String("config", "", "configuration file (TOML)")
 	builders := fs.String("builders", defaultBuilders, "Nix machines specification, used when there is no TOML configuration")
 	socket := fs.String("socket", "", "unix socket to listen on (default: [daemon] socket, else "+brokerapi.DefaultSocket+")")
 	drain := fs.Duration("drain", 4*time.Minute, "on SIGTERM, how long running builds may go on before they are cancelled")
 	debug := fs.Bool("debug", false, "log debug messages")
-	if err := fs.Parse(args); err != nil || fs.NArg() > 0 {
-		if err == nil {
-			err = fmt.Errorf("unexpected arguments %q", fs.Args())
-		}
-		return usageError{fmt.Sprintf("daemon: %v\n\n%s", err, usage)}
+	if err := parseFlags(fs, args, stdout, "daemon [flags]"); err != nil {
+		return err
+	}
+	if fs.NArg() > 0 {
+		return usageError{fmt.Sprintf("daemon: unexpected arguments %q\n\n%s", fs.Args(), usage)}
 	}
 
 	level := zapcore.InfoLevel
@@ -49,6 +47,9 @@ func runDaemon(ctx context.Context, args []string, stderr io.Writer) error {
 	cfg, err := loadConfig(*config, *builders, nixSystem())
 	if err != nil {
 		return err
+	}
+	for _, w := range keyWarnings(cfg.Machines) {
+		log.Warn(w)
 	}
 	*socket = brokerSocket(*socket, cfg)
 	stateDir := cfg.Daemon.StateDir
@@ -90,7 +91,7 @@ func runDaemon(ctx context.Context, args []string, stderr io.Writer) error {
 		if err != nil {
 			return fmt.Errorf("metrics: %w", err)
 		}
-		ms := &http.Server{Handler: reg.Handler(), ReadHeaderTimeout: 10 * time.Second}
+		ms := broker.NewMetricsServer(reg.Handler())
 		go ms.Serve(mln)
 		defer ms.Close()
 		log.Info("metrics", zap.String("address", mln.Addr().String()))

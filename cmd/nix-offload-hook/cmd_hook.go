@@ -89,9 +89,12 @@ func runHook(ctx context.Context, args []string) error {
 	}
 	err := h.serve(ctx)
 	if err != nil {
+		// Said once, as @nix JSON, which Nix shows at any point of the
+		// conversation; main must not print it again.
 		h.log.Msg(hookproto.LvlError, "error: "+err.Error())
+		return &saidError{err}
 	}
-	return err
+	return nil
 }
 
 type hook struct {
@@ -117,6 +120,10 @@ func (h *hook) serve(ctx context.Context) error {
 		return fmt.Errorf("reading settings from nix: %w", err)
 	}
 	h.settings = settings
+	if buildersEmpty(settings) {
+		h.log.Msg(hookproto.LvlInfo, "nix-offload: Nix's builders setting is empty (--builders '' or `builders =` in nix.conf); building locally")
+		return hookproto.DeclinePermanently(h.out)
+	}
 	cfg, err := loadConfig("", settings.String("builders", ""), settings.String("system", nixSystem()))
 	if err != nil {
 		// A broken configuration must not abort every build: say why and let

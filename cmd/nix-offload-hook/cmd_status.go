@@ -3,9 +3,11 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
+	"path/filepath"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -16,15 +18,14 @@ import (
 // runStatus prints the broker's state.
 func runStatus(ctx context.Context, args []string, stdout io.Writer) error {
 	fs := flag.NewFlagSet("status", flag.ContinueOnError)
-	fs.SetOutput(io.Discard)
 	config := fs.String("config", "", "configuration file (TOML)")
 	socket := fs.String("socket", "", "the broker's socket (default: [daemon] socket, else "+brokerapi.DefaultSocket+")")
 	asJSON := fs.Bool("json", false, "print the status as JSON")
-	if err := fs.Parse(args); err != nil || fs.NArg() > 0 {
-		if err == nil {
-			err = fmt.Errorf("unexpected arguments %q", fs.Args())
-		}
-		return usageError{fmt.Sprintf("status: %v\n\n%s", err, usage)}
+	if err := parseFlags(fs, args, stdout, "status [flags]"); err != nil {
+		return err
+	}
+	if fs.NArg() > 0 {
+		return usageError{fmt.Sprintf("status: unexpected arguments %q\n\n%s", fs.Args(), usage)}
 	}
 	if *socket == "" {
 		cfg, err := loadConfig(*config, "", nixSystem())
@@ -35,7 +36,13 @@ func runStatus(ctx context.Context, args []string, stdout io.Writer) error {
 	}
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
-	c, err := brokerapi.Dial(ctx, *socket)
+	// As the hook does: a socket that neither root nor this user serves may be anyone's
+	// broker, and what it would show is not ours.
+	c, err := brokerapi.DialChecked(ctx, *socket, brokerPeer)
+	var untrusted *untrustedBrokerError
+	if errors.As(err, &untrusted) {
+		return fmt.Errorf("%s: %w; hooks refuse it too (whoever can create files in %s can put a socket there)", *socket, err, filepath.Dir(*socket))
+	}
 	if err != nil {
 		return fmt.Errorf("no broker on %s: %w (start one with `nix-offload-hook daemon`; hooks build without it meanwhile)", *socket, err)
 	}

@@ -406,8 +406,8 @@ func TestHookUsesNixBuilders(t *testing.T) {
 		return runCmd(cmd)
 	}
 
-	if _, errOut, err := run(""); err == nil || !strings.Contains(errOut, "no remote machines configured") {
-		t.Errorf("--builders '' with max-jobs 0: err %v, want a failure that says no machines are configured:\n%s", err, errOut)
+	if _, errOut, err := run(""); err == nil || !strings.Contains(errOut, "builders setting is empty") {
+		t.Errorf("--builders '' with max-jobs 0: err %v, want a failure that says builders is empty:\n%s", err, errOut)
 	}
 	out, errOut, err := run(spec)
 	if err != nil {

@@ -15,6 +15,7 @@ package main
 import (
 	"context"
 	"errors"
+	"flag"
 	"fmt"
 	"io"
 	"os"
@@ -45,28 +46,33 @@ func main() {
 func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	var err error
 	switch {
-	case len(args) > 0 && args[0] == "check":
-		err = runCheck(ctx, args[1:], stdout)
-	case len(args) > 0 && args[0] == "daemon":
-		err = runDaemon(ctx, args[1:], stderr)
-	case len(args) > 0 && args[0] == "status":
+	case len(args) == 0:
+		err = usageError{"no command given\n\n" + usage}
+	case args[0] == "check":
+		err = runCheck(ctx, args[1:], stdout, stderr)
+	case args[0] == "daemon":
+		err = runDaemon(ctx, args[1:], stdout, stderr)
+	case args[0] == "status":
 		err = runStatus(ctx, args[1:], stdout)
-	case len(args) > 0 && args[0] == "version":
+	case args[0] == "version":
 		fmt.Fprintln(stdout, "nix-offload-hook", version())
-	case len(args) > 0 && (args[0] == "help" || args[0] == "-h" || args[0] == "--help"):
+	case args[0] == "help" || args[0] == "-h" || args[0] == "--help":
 		fmt.Fprint(stdout, usage)
 	case isHookInvocation(args):
 		err = runHook(ctx, args)
 	default:
 		err = usageError{fmt.Sprintf("unknown command %q\n\n%s", args[0], usage)}
 	}
-	if err == nil {
+	if err == nil || errors.Is(err, errHelpShown) {
 		return exitOK
 	}
 	if errors.Is(err, context.Canceled) {
 		return exitFailed
 	}
-	fmt.Fprintf(stderr, "nix-offload-hook: %v\n", err)
+	var said *saidError
+	if !errors.As(err, &said) {
+		fmt.Fprintf(stderr, "nix-offload-hook: %v\n", err)
+	}
 	var ue usageError
 	var ce *configError
 	if errors.As(err, &ue) || errors.As(err, &ce) {
@@ -88,6 +94,33 @@ func isHookInvocation(args []string) bool {
 	}
 	n, err := strconv.Atoi(args[len(args)-1])
 	return err == nil && n >= 0 && n <= 7
+}
+
+// saidError is an error that was already reported where its reader looks (the hook's
+// @nix log, which is stderr too): printing it again would show it twice.
+type saidError struct{ err error }
+
+func (e *saidError) Error() string { return e.err.Error() }
+func (e *saidError) Unwrap() error { return e.err }
+
+// errHelpShown ends a command whose -h or -help printed its flags: exit 0.
+var errHelpShown = errors.New("help shown")
+
+// parseFlags parses a subcommand's flags. -h and -help print synopsis and the flags to stdout
+// (errHelpShown); any other mistake is a usage error that names the subcommand.
+func parseFlags(fs *flag.FlagSet, args []string, stdout io.Writer, synopsis string) error {
+	fs.SetOutput(io.Discard)
+	err := fs.Parse(args)
+	if errors.Is(err, flag.ErrHelp) {
+		fmt.Fprintf(stdout, "usage: nix-offload-hook %s\n\nflags:\n", synopsis)
+		fs.SetOutput(stdout)
+		fs.PrintDefaults()
+		return errHelpShown
+	}
+	if err != nil {
+		return usageError{fmt.Sprintf("%s: %v\n\n%s", fs.Name(), err, usage)}
+	}
+	return nil
 }
 
 // failedError is a command that ran and reports failure (exit 1) after it

@@ -85,6 +85,7 @@ type moduleCase struct {
 	ConfigFile       *string         `json:"configFile"`
 	ConfigScript     *string         `json:"configScript"`
 	BuildHook        json.RawMessage `json:"buildHook"`
+	Builders         json.RawMessage `json:"builders"`
 	Service          *moduleUnit     `json:"service"`
 	Socket           *moduleUnit     `json:"socket"`
 	FirewallTCP      []int           `json:"firewallTCP"`
@@ -387,6 +388,25 @@ func TestNixOSModuleChecksConfig(t *testing.T) {
 	off := moduleCaseNamed(t, "checkOff")
 	if off.ConfigScript == nil || strings.Contains(*off.ConfigScript, "check") || !strings.Contains(*off.ConfigScript, `cp offload.toml "$out"`) {
 		t.Errorf("checkConfig = false: script %v", off.ConfigScript)
+	}
+}
+
+// TestNixOSModuleKeepsBuilders: an empty `builders` makes the hook build locally, and NixOS
+// writes `builders =` whenever nix.distributedBuilds is false, so the module turns
+// distributed builds on (Nix's default `builders` stays); a configuration that forces them
+// off is warned that nothing will be offloaded.
+func TestNixOSModuleKeepsBuilders(t *testing.T) {
+	for _, name := range []string{"buildMachines", "machines", "noMachines"} {
+		if c := moduleCaseNamed(t, name); string(c.Builders) != `"unset"` {
+			t.Errorf("case %s: nix.settings.builders = %s, want it unset (Nix's default)", name, c.Builders)
+		}
+	}
+	off := moduleCaseNamed(t, "distributedBuildsOff")
+	if string(off.Builders) != "null" {
+		t.Errorf("distributedBuilds = false: builders = %s, want null (as NixOS: `builders =`)", off.Builders)
+	}
+	if !slices.ContainsFunc(off.Warnings, func(w string) bool { return strings.Contains(w, "nothing is offloaded") }) {
+		t.Errorf("distributedBuilds = false gives no warning that nothing is offloaded: %q", off.Warnings)
 	}
 }
 

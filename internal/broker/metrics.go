@@ -3,12 +3,20 @@ package broker
 import (
 	"time"
 
+	"github.com/nix-offload/nix-offload/internal/machines"
 	"github.com/nix-offload/nix-offload/internal/metrics"
 )
 
 // brokerMetrics are the broker's Prometheus series; every method is a
 // no-op without a registry.
+//
+// The metrics port may be public (the NixOS module's openFirewall), so its
+// series say no more than a dashboard needs: a machine is labelled by its
+// host and port, without the SSH user, which would tell a stranger which
+// account on which host has root's key ([metricsLabels]); no error texts,
+// no store paths, no client counts.
 type brokerMetrics struct {
+	labels    map[string]string // machine name → label
 	builds    *metrics.CounterVec
 	buildTime *metrics.HistogramVec
 	waitTime  *metrics.HistogramVec
@@ -23,6 +31,7 @@ func newBrokerMetrics(b *Broker, r *metrics.Registry) *brokerMetrics {
 		return nil
 	}
 	m := &brokerMetrics{
+		labels:    metricsLabels(b.cfgMs),
 		builds:    r.Counter("nix_offload_builds_total", "Builds run on each machine, by result.", "machine", "result"),
 		buildTime: r.Histogram("nix_offload_build_seconds", "Time from the start of a build on a machine to its end, outputs included.", durationBuckets, "machine"),
 		waitTime:  r.Histogram("nix_offload_queue_wait_seconds", "Time builds waited in the queue for a slot.", durationBuckets),
@@ -33,26 +42,26 @@ func newBrokerMetrics(b *Broker, r *metrics.Registry) *brokerMetrics {
 		st := b.Status()
 		out := make([]metrics.Sample, len(st.Machines))
 		for i, ms := range st.Machines {
-			out[i] = metrics.Sample{Labels: []string{ms.Name}, Value: float64(ms.SlotsUsed)}
+			out[i] = metrics.Sample{Labels: []string{m.label(ms.Name)}, Value: float64(ms.SlotsUsed)}
 		}
 		return out
 	}, "machine")
 	r.GaugeFunc("nix_offload_slots", "Build slots configured on each machine.", func() []metrics.Sample {
 		out := make([]metrics.Sample, len(b.machines))
-		for i, m := range b.machines {
-			out[i] = metrics.Sample{Labels: []string{m.name}, Value: float64(m.cfg.ParallelBuilds)}
+		for i, bm := range b.machines {
+			out[i] = metrics.Sample{Labels: []string{m.label(bm.name)}, Value: float64(bm.cfg.ParallelBuilds)}
 		}
 		return out
 	}, "machine")
 	r.GaugeFunc("nix_offload_machine_up", "1 if the machine is not on backoff.", func() []metrics.Sample {
 		down := b.health.Down()
 		out := make([]metrics.Sample, len(b.machines))
-		for i, m := range b.machines {
+		for i, bm := range b.machines {
 			v := 1.0
-			if _, d := down[m.name]; d {
+			if _, d := down[bm.name]; d {
 				v = 0
 			}
-			out[i] = metrics.Sample{Labels: []string{m.name}, Value: v}
+			out[i] = metrics.Sample{Labels: []string{m.label(bm.name)}, Value: v}
 		}
 		return out
 	}, "machine")
@@ -69,8 +78,8 @@ func (m *brokerMetrics) built(machine, result string, d time.Duration) {
 	if m == nil {
 		return
 	}
-	m.builds.With(machine, result).Inc()
-	m.buildTime.With(machine).Observe(d.Seconds())
+	m.builds.With(m.label(machine), result).Inc()
+	m.buildTime.With(m.label(machine)).Observe(d.Seconds())
 }
 
 func (m *brokerMetrics) queueWait(d time.Duration) {
@@ -84,12 +93,42 @@ func (m *brokerMetrics) sent(machine string, n int64) {
 	if m == nil || n <= 0 {
 		return
 	}
-	m.sentB.With(machine).Add(float64(n))
+	m.sentB.With(m.label(machine)).Add(float64(n))
 }
 
 func (m *brokerMetrics) received(machine string, n int64) {
 	if m == nil || n <= 0 {
 		return
 	}
-	m.rcvdB.With(machine).Add(float64(n))
+	m.rcvdB.With(m.label(machine)).Add(float64(n))
+}
+
+// metricsLabels gives each machine its label on the metrics port: its host, with ":port"
+// when one is set, and without the user. Two machines that differ only in their user keep
+// their full names, so that no two share a label.
+func metricsLabels(ms []machines.Machine) map[string]string {
+	labels := make(map[string]string, len(ms))
+	count := map[string]int{}
+	for _, m := range ms {
+		m.User = ""
+		count[m.Name()]++
+	}
+	for _, m := range ms {
+		bare := m
+		bare.User = ""
+		if count[bare.Name()] == 1 {
+			labels[m.Name()] = bare.Name()
+		} else {
+			labels[m.Name()] = m.Name()
+		}
+	}
+	return labels
+}
+
+// label is machine's label on the metrics port.
+func (m *brokerMetrics) label(machine string) string {
+	if l, ok := m.labels[machine]; ok {
+		return l
+	}
+	return machine
 }

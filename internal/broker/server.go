@@ -21,11 +21,8 @@ import (
 	"github.com/nix-offload/nix-offload/internal/brokerapi"
 	"github.com/nix-offload/nix-offload/internal/offload"
 	"github.com/nix-offload/nix-offload/internal/scheduler"
+	"github.com/nix-offload/nix-offload/internal/serveproto"
 )
-
-// maxRequestBody bounds a request body: a build's input list is the
-// largest, tens of thousands of store paths at most.
-const maxRequestBody = 64 << 20
 
 // maxDrvSize bounds how much of a .drv file the broker reads.
 const maxDrvSize = 64 << 20
@@ -97,13 +94,14 @@ type Server struct {
 	b       *Broker
 	srv     *http.Server
 	conns   sync.Map // net.Conn → *client
+	limit   *connLimit
 	peerUID func(net.Conn) (uint32, error)
 }
 
 // NewServer returns the API server of b. peerUID, if not nil, names the
 // user at the other end of a connection; only root is served.
 func NewServer(b *Broker, peerUID func(net.Conn) (uint32, error)) *Server {
-	s := &Server{b: b, peerUID: peerUID}
+	s := &Server{b: b, peerUID: peerUID, limit: newConnLimit(maxSocketConns)}
 	mux := http.NewServeMux()
 	mux.HandleFunc("POST "+brokerapi.Prefix+"/try", s.try)
 	mux.HandleFunc("POST "+brokerapi.Prefix+"/builds", s.build)
@@ -111,9 +109,12 @@ func NewServer(b *Broker, peerUID func(net.Conn) (uint32, error)) *Server {
 	mux.HandleFunc("POST "+brokerapi.Prefix+"/builds/{id}/imported", s.imported)
 	mux.HandleFunc("DELETE "+brokerapi.Prefix+"/builds/{id}", s.cancel)
 	mux.HandleFunc("GET "+brokerapi.Prefix+"/status", s.status)
+	mux.HandleFunc("/", noEndpoint)
 	s.srv = &http.Server{
 		Handler:           s.authorize(mux),
-		ReadHeaderTimeout: 10 * time.Second,
+		ReadHeaderTimeout: headerTimeout,
+		IdleTimeout:       socketIdleTimeout,
+		MaxHeaderBytes:    64 << 10,
 		ErrorLog:          zap.NewStdLog(b.log.Named("http")),
 		ConnContext: func(ctx context.Context, conn net.Conn) context.Context {
 			c := &client{b: b, tickets: map[string]bool{}, uid: ^uint32(0)}
@@ -126,6 +127,7 @@ func NewServer(b *Broker, peerUID func(net.Conn) (uint32, error)) *Server {
 			return context.WithValue(ctx, ctxKey{}, c)
 		},
 		ConnState: func(conn net.Conn, st http.ConnState) {
+			s.limit.track(conn, st)
 			if st == http.StateClosed || st == http.StateHijacked {
 				if c, ok := s.conns.LoadAndDelete(conn); ok {
 					c.(*client).close()
@@ -181,19 +183,16 @@ func writeError(w http.ResponseWriter, code int, err error) {
 	json.NewEncoder(w).Encode(brokerapi.ErrorResponse{Error: err.Error()})
 }
 
-func readJSON(r *http.Request, v any) error {
-	dec := json.NewDecoder(io.LimitReader(r.Body, maxRequestBody))
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(v); err != nil {
-		return fmt.Errorf("bad request body: %w", err)
-	}
-	return nil
+// noEndpoint answers a path or method the API does not have, in the API's JSON like every
+// other error; a client of another protocol version learns which one this broker speaks.
+func noEndpoint(w http.ResponseWriter, r *http.Request) {
+	writeError(w, http.StatusNotFound, fmt.Errorf("no endpoint %s %s: this broker speaks protocol v%d (docs/broker-api.md)",
+		r.Method, r.URL.Path, brokerapi.Version))
 }
 
 func (s *Server) try(w http.ResponseWriter, r *http.Request) {
 	var req brokerapi.TryRequest
-	if err := readJSON(r, &req); err != nil {
-		writeError(w, http.StatusBadRequest, err)
+	if !readRequest(w, r, &req, checkTry) {
 		return
 	}
 	resp, err := s.b.Try(req, clientOf(r))
@@ -213,8 +212,7 @@ func (s *Server) status(w http.ResponseWriter, r *http.Request) {
 
 func (s *Server) build(w http.ResponseWriter, r *http.Request) {
 	var req brokerapi.BuildRequest
-	if err := readJSON(r, &req); err != nil {
-		writeError(w, http.StatusBadRequest, err)
+	if !readRequest(w, r, &req, checkBuild) {
 		return
 	}
 	c := clientOf(r)
@@ -247,6 +245,10 @@ func (s *Server) owned(w http.ResponseWriter, r *http.Request) *build {
 }
 
 func (s *Server) nar(w http.ResponseWriter, r *http.Request) {
+	if err := serveproto.CheckStorePathBase(r.PathValue("base")); err != nil {
+		writeError(w, http.StatusBadRequest, fmt.Errorf("nar: %w", err))
+		return
+	}
 	bd := s.owned(w, r)
 	if bd == nil {
 		return
@@ -266,8 +268,7 @@ func (s *Server) imported(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	var req brokerapi.ImportedRequest
-	if err := readJSON(r, &req); err != nil {
-		writeError(w, http.StatusBadRequest, err)
+	if !readRequest(w, r, &req, nil) {
 		return
 	}
 	bd.mu.Lock()
@@ -367,8 +368,8 @@ func (b *Broker) startBuild(req brokerapi.BuildRequest, c *client) (*build, int,
 
 // readDerivation parses a .drv from the local store.
 func readDerivation(p string) (*derivationT, error) {
-	if !strings.HasPrefix(p, "/nix/store/") || !strings.HasSuffix(p, ".drv") {
-		return nil, fmt.Errorf("%q: not a derivation in /nix/store", p)
+	if err := checkDrvPath(p); err != nil {
+		return nil, err
 	}
 	f, err := os.Open(p)
 	if err != nil {

@@ -26,8 +26,8 @@ import (
 // another SocketMode, a path in a shared directory).
 
 // serveOn serves b's API on a fresh unix socket in dir with the given peerUID and returns
-// the socket's path.
-func serveOn(t *testing.T, b *Broker, dir string, peerUID func(net.Conn) (uint32, error)) string {
+// the socket's path; each tune changes the server before it serves.
+func serveOn(t *testing.T, b *Broker, dir string, peerUID func(net.Conn) (uint32, error), tune ...func(*Server)) string {
 	t.Helper()
 	path := filepath.Join(dir, "hook.sock")
 	ln, _, err := service.Listen(path)
@@ -35,6 +35,9 @@ func serveOn(t *testing.T, b *Broker, dir string, peerUID func(net.Conn) (uint32
 		t.Fatal(err)
 	}
 	srv := NewServer(b, peerUID)
+	for _, f := range tune {
+		f(srv)
+	}
 	done := make(chan error, 1)
 	go func() { done <- srv.Serve(ln) }()
 	t.Cleanup(func() {

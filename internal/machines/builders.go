@@ -8,7 +8,6 @@ import (
 	"maps"
 	"math"
 	"net/url"
-	"os"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -56,7 +55,7 @@ var ignoredStoreSettings = map[string]bool{
 // "# a; b" as a comment and an entry "b"). An entry "@path" includes the file at path: files
 // nest, a missing file is ignored as Nix ignores it, any other read error is reported, and a
 // cycle or nesting deeper than [MaxIncludeDepth] is an error. readFile reads includes
-// ([os.ReadFile] if nil).
+// ([ReadFile], bounded and for regular files only, if nil).
 //
 // An entry is up to eight whitespace-separated fields; "-" or a missing field means its
 // default:
@@ -80,7 +79,7 @@ var ignoredStoreSettings = map[string]bool{
 // order met, and each names the entry.
 func ParseBuilders(spec, system string, readFile func(string) ([]byte, error)) ([]Machine, error) {
 	if readFile == nil {
-		readFile = os.ReadFile
+		readFile = ReadFile
 	}
 	p := &buildersParser{system: system, readFile: readFile}
 	p.text(BuildersName, spec)
@@ -204,6 +203,8 @@ func (p *buildersParser) entry(file string, line int, entry string) {
 		case name == "ssh-key":
 			if msg := checkKeyPath(v); msg != "" {
 				bad(0, "setting ssh-key: %s", msg)
+			} else if msg := checkAbsKeyPath(v); msg != "" {
+				bad(0, "setting ssh-key: %s", msg)
 			} else {
 				m.SSHKey = v // field 3, if set, wins below
 			}
@@ -237,6 +238,8 @@ func (p *buildersParser) entry(file string, line int, entry string) {
 
 	if s, ok := get(2); ok {
 		if msg := checkKeyPath(s); msg != "" {
+			bad(2, "%s", msg)
+		} else if msg := checkAbsKeyPath(s); msg != "" {
 			bad(2, "%s", msg)
 		} else {
 			m.SSHKey = s
@@ -301,6 +304,17 @@ func (p *buildersParser) entry(file string, line int, entry string) {
 	}
 }
 
+// checkAbsKeyPath refuses a relative key path in the machines format. Nix's own hook hands
+// it to ssh, which looks it up from nix-daemon's working directory (/); no one means that,
+// and the file holds no directory to resolve it against. (offload.toml's relative paths are
+// taken against its directory: see [Load].) "~/…" is ssh's own expansion and stays.
+func checkAbsKeyPath(s string) string {
+	if filepath.IsAbs(s) || strings.HasPrefix(s, "~") {
+		return ""
+	}
+	return fmt.Sprintf("%q is a relative path, which would be looked up from nix-daemon's working directory; give the absolute path", s)
+}
+
 // splitList splits a comma list, dropping empty items as Nix does ("a,,b" is a and b).
 func splitList(s string) []string {
 	var out []string
@@ -344,6 +358,9 @@ func parseStoreURI(uri string, m *Machine) (url.Values, string) {
 		user, err := url.PathUnescape(authority[:i])
 		if err != nil || user == "" || strings.Contains(user, ":") {
 			return nil, fmt.Sprintf("%q has a bad user %q", uri, authority[:i])
+		}
+		if msg := checkUser(user); msg != "" {
+			return nil, fmt.Sprintf("%q: user %s", uri, msg)
 		}
 		m.User = user
 		hostport = authority[i+1:]

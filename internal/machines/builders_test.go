@@ -5,7 +5,9 @@ import (
 	"fmt"
 	"io/fs"
 	"os"
+	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -236,5 +238,79 @@ func TestParseBuildersRealMissingFile(t *testing.T) {
 	ms, err := ParseBuilders("@"+t.TempDir()+"/machines", "x86_64-linux", os.ReadFile)
 	if err != nil || ms != nil {
 		t.Errorf("ParseBuilders of a missing file = %v, %v; want nothing", ms, err)
+	}
+}
+
+// TestIncludeNotARegularFile: "@path" naming a FIFO, a device or a directory is an error at
+// the include, given at once; a plain read of a FIFO would block the hook forever and one of
+// /dev/zero would grow it until it is killed. A missing file still lists no machines.
+func TestIncludeNotARegularFile(t *testing.T) {
+	dir := t.TempDir()
+	fifo := dir + "/machines"
+	if err := syscall.Mkfifo(fifo, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct{ path, kind string }{
+		{fifo, "a named pipe (FIFO)"},
+		{"/dev/zero", "a character device"},
+		{dir, "a directory"},
+	} {
+		done := make(chan error, 1)
+		go func() { _, err := ParseBuilders("@"+tc.path, "x86_64-linux", nil); done <- err }()
+		select {
+		case err := <-done:
+			want := "builders:1: @" + tc.path + ": " + tc.path + " is " + tc.kind + ", not a regular file"
+			if err == nil || err.Error() != want {
+				t.Errorf("@%s: %v, want %q", tc.path, err, want)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatalf("@%s: ParseBuilders blocks", tc.path)
+		}
+	}
+	if ms, err := ParseBuilders("@"+dir+"/missing", "x86_64-linux", nil); err != nil || len(ms) != 0 {
+		t.Errorf("missing include: %v, %v; want no machines and no error, as Nix", ms, err)
+	}
+}
+
+// TestLoadNotARegularFile: Load refuses a configuration that is not a regular file, or is
+// larger than MaxFileSize, before reading it.
+func TestLoadNotARegularFile(t *testing.T) {
+	big := t.TempDir() + "/offload.toml"
+	if err := os.WriteFile(big, make([]byte, MaxFileSize+1), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	for path, want := range map[string]string{
+		"/dev/zero": "/dev/zero is a character device, not a regular file",
+		big:         big + " is larger than 4 MiB",
+	} {
+		if _, err := Load(path); err == nil || err.Error() != want {
+			t.Errorf("Load(%s) = %v, want %q", path, err, want)
+		}
+	}
+}
+
+// TestLoadResolvesRelativePaths: relative ssh-key and known-hosts paths in offload.toml name
+// files beside it, whatever the working directory of the process that reads it; absolute
+// and "~/" paths stay as written.
+func TestLoadResolvesRelativePaths(t *testing.T) {
+	dir := t.TempDir()
+	path := dir + "/offload.toml"
+	text := "[ssh]\nssh-key = \"keys/default\"\nknown-hosts = [\"known_hosts\", \"/etc/ssh/ssh_known_hosts\"]\n" +
+		"[[machine]]\nhost = \"b1\"\nsystems = [\"x\"]\n" +
+		"[[machine]]\nhost = \"b2\"\nsystems = [\"x\"]\nssh-key = \"~/.ssh/b2\"\nknown-hosts = [\"../kh\"]\n"
+	if err := os.WriteFile(path, []byte(text), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	t.Chdir("/")
+	cfg, err := Load(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b1, b2 := cfg.Machines[0], cfg.Machines[1]
+	if b1.SSHKey != dir+"/keys/default" || strings.Join(b1.KnownHosts, " ") != dir+"/known_hosts /etc/ssh/ssh_known_hosts" {
+		t.Errorf("b1: ssh-key %q, known-hosts %q; want them under %s", b1.SSHKey, b1.KnownHosts, dir)
+	}
+	if b2.SSHKey != "~/.ssh/b2" || strings.Join(b2.KnownHosts, " ") != filepath.Dir(dir)+"/kh" {
+		t.Errorf("b2: ssh-key %q, known-hosts %q", b2.SSHKey, b2.KnownHosts)
 	}
 }

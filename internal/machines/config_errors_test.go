@@ -119,6 +119,22 @@ func TestConfigMistakesTOML(t *testing.T) {
 			`offload.toml:4: machine[1].connect-timeout: must be a duration string such as "10s" or "1m30s", got float 1.5`},
 		{"negative duration", "[ssh]\nconnect-timeout = \"-5s\"\n", "connect-timeout",
 			`offload.toml:2: ssh.connect-timeout: must not be negative, got "-5s"`},
+		{"duration below the floor", machine + "connect-timeout = \"1ns\"\n", "connect-timeout",
+			`offload.toml:4: machine[1].connect-timeout: must be at least 1s, got "1ns"`},
+		{"keepalive below the floor", "[ssh]\nserver-alive-interval = \"100ms\"\n", "server-alive-interval",
+			`offload.toml:2: ssh.server-alive-interval: must be at least 1s, got "100ms"`},
+
+		// Users that would be read as a second host or as an ssh option.
+		{"user with a host", machine + "user = \"root@evil\"\n", "user",
+			`offload.toml:4: machine[1].user: "root@evil" contains '@'; give the user alone, and the host in host`},
+		{"user as an option", "[ssh]\nuser = \"-oProxyCommand=x\"\n", "ssh.user",
+			`offload.toml:2: ssh.user: "-oProxyCommand=x" must not start with '-'`},
+		{"user with a space", machine + "user = \"nix build\"\n", "user",
+			`offload.toml:4: machine[1].user: "nix build" may only hold letters, digits, '.', '_' and '-'`},
+
+		// The same machine with its port left unset and given as 22.
+		{"duplicate with the default port", two("host = \"b1\"\nport = 22\nsystems = [\"x\"]\n"), "host",
+			`offload.toml:6: machine[2].host: duplicate machine "b1:22"; machine[1] at line 2 has the same user, host and port`},
 
 		// Host keys that are not one valid public key.
 		{"empty host-key", machine + "host-key = \"\"\n", "host-key",
@@ -217,6 +233,12 @@ func TestConfigMistakesMachinesFormat(t *testing.T) {
 			`builders:1: field 1 (store URI): store setting "StrictHostKeyChecking" is not supported by nix-offload (in entry "ssh://b1?StrictHostKeyChecking=no")`},
 		{"private key as ssh-key setting", "ssh://b1?ssh-key=" + url.QueryEscape(pastedKey) + " x86_64-linux", "field 3",
 			`builders:1: field 3 (SSH key): the entry holds a private key (not shown); field 3 and ?ssh-key= take the path of a key file`},
+		{"user that is an option", "ssh://-oProxyCommand=x@b1 x86_64-linux", "field 1",
+			`builders:1: field 1 (store URI): "ssh://-oProxyCommand=x@b1": user "-oProxyCommand=x" must not start with '-' (in entry "ssh://-oProxyCommand=x@b1 x86_64-linux")`},
+		{"relative key path", "b1 x86_64-linux keys/b1", "field 3",
+			`builders:1: field 3 (SSH key): "keys/b1" is a relative path, which would be looked up from nix-daemon's working directory; give the absolute path (in entry "b1 x86_64-linux keys/b1")`},
+		{"duplicate with the default port", "b1\nssh://b1:22", "field 1",
+			`builders:2: field 1 (store URI): duplicate machine "b1:22", also at builders:1; merge the two entries (one entry per machine, all its systems in field 2)`},
 		{"ssh-key setting with a newline", "ssh://b1?ssh-key=%2Fk%0A x86_64-linux", "field 1",
 			`builders:1: field 1 (store URI): setting ssh-key: must be the path of a private key file, not the key itself (the value is not shown) (in entry "ssh://b1?ssh-key=%2Fk%0A x86_64-linux")`},
 	} {

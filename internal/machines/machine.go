@@ -21,6 +21,13 @@ const (
 	DefaultSpeed          = 1.0
 )
 
+// MinTimeout is the shortest connect-timeout and server-alive-interval accepted. The connect
+// timeout bounds the TCP connect, the SSH handshake and the start of nix-store on the machine,
+// which take hundreds of milliseconds on a busy machine; shorter values fail every connection
+// with messages that do not say why (1ns gave "unexpected packet in response to channel open").
+// Keepalives more often than once a second only load the link.
+const MinTimeout = time.Second
+
 // MaxParallelBuilds bounds parallel-builds (max jobs in a machines file). Every slot is a file and a
 // scheduler entry; no real builder runs more builds at once than this.
 const MaxParallelBuilds = 1024
@@ -158,11 +165,18 @@ func Validate(ms []Machine) error {
 		if msg := checkKeyPath(m.SSHKey); msg != "" {
 			bad("ssh-key", msg)
 		}
-		if m.ConnectTimeout < 0 {
-			bad("connect-timeout", fmt.Sprintf("must not be negative, got %s", m.ConnectTimeout))
+		if msg := checkUser(m.User); msg != "" {
+			bad("user", msg)
 		}
-		if m.ServerAliveInterval < 0 {
-			bad("server-alive-interval", fmt.Sprintf("must not be negative, got %s", m.ServerAliveInterval))
+		if m.ConnectTimeout != 0 {
+			if msg := checkTimeout(m.ConnectTimeout); msg != "" {
+				bad("connect-timeout", msg)
+			}
+		}
+		if m.ServerAliveInterval != 0 {
+			if msg := checkTimeout(m.ServerAliveInterval); msg != "" {
+				bad("server-alive-interval", msg)
+			}
 		}
 		if m.HostKey != "" {
 			if _, msg := parseHostKey(m.HostKey); msg != "" {
@@ -184,7 +198,8 @@ type dup struct{ first, second int }
 
 // duplicates finds every machine whose Name an earlier one already has, comparing host names
 // without regard to case as DNS and OpenSSH do ("B1" and "b1" are one machine, whose slots
-// would otherwise be counted twice). Machines with an empty host are left to the host check.
+// would otherwise be counted twice), and an unset port as 22 ("h" and "h:22" are one machine
+// too). Machines with an empty host are left to the host check.
 func duplicates(ms []Machine) []dup {
 	var out []dup
 	seen := make(map[string]int, len(ms))
@@ -193,6 +208,9 @@ func duplicates(ms []Machine) []dup {
 			continue
 		}
 		m.Host = strings.ToLower(m.Host)
+		if m.Port == 0 {
+			m.Port = 22
+		}
 		name := m.Name()
 		if j, ok := seen[name]; ok {
 			out = append(out, dup{j, i})
@@ -245,6 +263,39 @@ func checkHost(h string) string {
 		return fmt.Sprintf("%q is not a host name or address (IPv6 addresses go without brackets)", h)
 	case strings.Contains(h, ":") && net.ParseIP(h) == nil:
 		return fmt.Sprintf("%q contains ':'; give the port separately", h)
+	}
+	return ""
+}
+
+// checkUser checks an SSH user name ("" means unset). It becomes part of the machine's
+// name and reaches ssh_config and the remote's login: a name that starts with '-' reads as an
+// option, one with '@' as a second host, and anything outside the portable user-name
+// characters is a mistake or an attack.
+func checkUser(u string) string {
+	switch {
+	case u == "":
+		return ""
+	case strings.HasPrefix(u, "-"):
+		return fmt.Sprintf("%q must not start with '-'", u)
+	case strings.Contains(u, "@"):
+		return fmt.Sprintf("%q contains '@'; give the user alone, and the host in host", u)
+	case len(u) > 64:
+		return fmt.Sprintf("is %d bytes long; a user name has at most 64", len(u))
+	case strings.ContainsFunc(u, func(r rune) bool {
+		return !('a' <= r && r <= 'z' || 'A' <= r && r <= 'Z' || '0' <= r && r <= '9' || r == '.' || r == '_' || r == '-')
+	}):
+		return fmt.Sprintf("%q may only hold letters, digits, '.', '_' and '-'", u)
+	}
+	return ""
+}
+
+// checkTimeout checks a connect-timeout or server-alive-interval that is set.
+func checkTimeout(d time.Duration) string {
+	switch {
+	case d < 0:
+		return fmt.Sprintf("must not be negative, got %s", d)
+	case d < MinTimeout:
+		return fmt.Sprintf("must be at least %s, got %s", MinTimeout, d)
 	}
 	return ""
 }

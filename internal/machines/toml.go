@@ -7,7 +7,6 @@ import (
 	"maps"
 	"math"
 	"net"
-	"os"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -17,6 +16,8 @@ import (
 	"unicode/utf8"
 
 	"github.com/BurntSushi/toml"
+
+	"github.com/nix-offload/nix-offload/internal/smallfile"
 )
 
 // Defaults for the [daemon] table.
@@ -54,15 +55,63 @@ type Config struct {
 	Machines []Machine
 }
 
-// Load reads and parses a TOML file. A file that cannot be read gives the error from
-// [os.ReadFile] (test it with [errors.Is] and [io/fs.ErrNotExist]); anything wrong inside the
-// file gives [Error]s naming path, line and key.
+// MaxFileSize bounds a configuration file: offload.toml, or a machines file that `builders`
+// includes. The largest real one, [MaxParallelBuilds]-scale fleets of a few hundred machines
+// with pinned host keys, is well under 1 MiB; a bound makes /dev/zero or a runaway file an
+// error instead of a process that grows until it is killed.
+const MaxFileSize = 4 << 20
+
+// ReadFile reads a configuration file: it must be a regular file of at most [MaxFileSize]
+// bytes, checked before reading, so a directory, a FIFO or a device is refused at once, with
+// its path (see package smallfile). A missing file gives an error for which
+// errors.Is(err, fs.ErrNotExist) holds.
+func ReadFile(path string) ([]byte, error) { return smallfile.Read(path, MaxFileSize) }
+
+// Load reads (with [ReadFile]) and parses a TOML file. A file that cannot be read gives that
+// error (test it with [errors.Is] and [io/fs.ErrNotExist]); anything wrong inside the file
+// gives [Error]s naming path, line and key.
+//
+// Relative ssh-key and known-hosts paths are made absolute against the file's directory, as
+// the user who wrote `ssh-key = "keys/b1"` beside offload.toml means: taken as they are, they
+// would be looked up from the working directory of whatever runs (nix-daemon's for the hook,
+// the shell's for `check`) and name a different file in each. Paths starting with "~" are left
+// to ssh_config's expansion.
 func Load(path string) (*Config, error) {
-	data, err := os.ReadFile(path)
+	data, err := ReadFile(path)
 	if err != nil {
 		return nil, err
 	}
-	return Parse(path, data)
+	cfg, err := Parse(path, data)
+	if err != nil {
+		return nil, err
+	}
+	dir, err := filepath.Abs(filepath.Dir(path))
+	if err != nil {
+		return nil, err
+	}
+	cfg.SSH.SSHKey = underDir(dir, cfg.SSH.SSHKey)
+	cfg.SSH.KnownHosts = underDirs(dir, cfg.SSH.KnownHosts)
+	for i := range cfg.Machines {
+		m := &cfg.Machines[i]
+		m.SSHKey = underDir(dir, m.SSHKey)
+		m.KnownHosts = underDirs(dir, m.KnownHosts)
+	}
+	return cfg, nil
+}
+
+// underDir makes a relative file path absolute against dir; "" and "~…" stay as they are.
+func underDir(dir, p string) string {
+	if p == "" || filepath.IsAbs(p) || strings.HasPrefix(p, "~") {
+		return p
+	}
+	return filepath.Join(dir, p)
+}
+
+func underDirs(dir string, ps []string) []string {
+	for i, p := range ps {
+		ps[i] = underDir(dir, p)
+	}
+	return ps
 }
 
 // The TOML schema, key by key, in the order the documentation lists them.
@@ -243,7 +292,7 @@ func validPort(s string) bool {
 func (p *tomlParser) ssh(l loc, t map[string]any, s *SSH) {
 	p.unknownKeys(l, l.name, t, sshKeys)
 	if v, ok := t["user"]; ok {
-		s.User, _ = p.str(l.child("user"), v)
+		s.User, _ = p.user(l.child("user"), v)
 	}
 	if v, ok := t["ssh-key"]; ok {
 		s.SSHKey, _ = p.keyPath(l.child("ssh-key"), v)
@@ -335,7 +384,7 @@ func (p *tomlParser) machine(l loc, t map[string]any, def SSH) (m Machine, ok bo
 		}
 	}
 	if kl, v, set := field("user"); set {
-		m.User, _ = p.str(kl, v)
+		m.User, _ = p.user(kl, v)
 	}
 	if kl, v, set := field("ssh-key"); set {
 		m.SSHKey, _ = p.keyPath(kl, v)
@@ -456,13 +505,19 @@ func (p *tomlParser) str(l loc, v any) (string, bool) {
 	return s, ok
 }
 
+// user decodes a user value (see [checkUser]).
+func (p *tomlParser) user(l loc, v any) (string, bool) { return p.checkedStr(l, v, checkUser) }
+
 // keyPath decodes an ssh-key value: a string that names a file (see [checkKeyPath]).
-func (p *tomlParser) keyPath(l loc, v any) (string, bool) {
+func (p *tomlParser) keyPath(l loc, v any) (string, bool) { return p.checkedStr(l, v, checkKeyPath) }
+
+// checkedStr decodes a string that check (a message, or "" for good) must accept.
+func (p *tomlParser) checkedStr(l loc, v any, check func(string) string) (string, bool) {
 	s, ok := p.str(l, v)
 	if !ok {
 		return "", false
 	}
-	if msg := checkKeyPath(s); msg != "" {
+	if msg := check(s); msg != "" {
 		p.errorf(l, "%s", msg)
 		return "", false
 	}
@@ -529,7 +584,8 @@ func (p *tomlParser) strList(l loc, v any, check func(string) string) (_ []strin
 }
 
 // duration decodes a Go duration string such as "10s"; it must be positive, because a
-// connection attempt without a deadline is the hang this project exists to avoid.
+// connection attempt without a deadline is the hang this project exists to avoid, and at
+// least [MinTimeout].
 func (p *tomlParser) duration(l loc, v any) (time.Duration, bool) {
 	s, ok := v.(string)
 	if !ok {
@@ -550,6 +606,9 @@ func (p *tomlParser) duration(l loc, v any) (time.Duration, bool) {
 		return 0, false
 	case d == 0:
 		p.errorf(l, "must be greater than 0, got %q", s)
+		return 0, false
+	case d < MinTimeout:
+		p.errorf(l, "must be at least %s, got %q", MinTimeout, s)
 		return 0, false
 	}
 	return d, true

@@ -477,6 +477,7 @@ t:7: machine[1].port: must be between 1 and 65535, got 16777215
 t:8: machine[1].features[1]: must be a string, got an array
 t:8: machine[1].features[2]: must be a string, got an array
 t:9: machine[1].speed: must be a finite number, got -Inf
+t:12: machine[1].user: "\"\"" may only hold letters, digits, '.', '_' and '-'
 t:13: machine[1].enabled: must be true or false, got integer 1`
 	_, err := Parse("t", []byte(in))
 	if err == nil || err.Error() != want {

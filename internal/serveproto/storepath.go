@@ -32,6 +32,16 @@ func MakeSourcePath(name string, narSHA256 [32]byte) string {
 	return StoreDir + "/" + nixbase32.EncodeToString(nixhash.CompressHash(h[:], 20)) + "-" + name
 }
 
+// CheckStorePath reports whether p is a store path as Nix's StorePath
+// constructor accepts it: /nix/store/<32-character hash>-<name>, one
+// component, nothing to clean ("/nix/store/../../etc/passwd" is not one).
+// Callers that take paths from a client (the broker's API) use it, so a
+// path that passes can be opened or joined without escaping the store.
+func CheckStorePath(p string) error { return checkStorePath(p) }
+
+// CheckStorePathBase is [CheckStorePath] for a base name "<hash>-<name>".
+func CheckStorePathBase(base string) error { return checkStorePathBase(base) }
+
 // checkStorePath checks the syntax of a full store path as Nix's
 // StorePath constructor does (nix 2.8.0 src/libstore/path.cc).
 func checkStorePath(p string) error {

@@ -162,8 +162,8 @@ func listenPath(path string) (net.Listener, error) {
 	if path == "" {
 		return nil, errors.New("no socket path")
 	}
-	if len(path) > maxSocketPath {
-		return nil, fmt.Errorf("socket path %s is too long: %d bytes, a unix socket allows %d", path, len(path), maxSocketPath)
+	if err := CheckSocketPath(path); err != nil {
+		return nil, err
 	}
 	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
 		return nil, fmt.Errorf("creating the socket's directory: %w", err)
@@ -228,6 +228,25 @@ func fileKind(m fs.FileMode) string {
 		return "a symbolic link"
 	}
 	return "mode " + m.String()
+}
+
+// privateSuffixLen is the most bindPrivate adds to the socket's directory: "/.sock", the up
+// to ten digits os.MkdirTemp appends, and "/s".
+const privateSuffixLen = len("/.sock") + 10 + len("/s")
+
+// CheckSocketPath reports whether [Listen] can create a socket at path: unix socket paths are
+// short (107 bytes on Linux), and Listen binds in a private directory beside path first,
+// which takes a few bytes more. `check` and every command that reads the configuration call
+// it, so a path that is too long is found before the broker is started.
+func CheckSocketPath(path string) error {
+	switch {
+	case len(path) > maxSocketPath:
+		return fmt.Errorf("socket path %s is too long: %d bytes, a unix socket allows %d", path, len(path), maxSocketPath)
+	case len(filepath.Dir(path))+privateSuffixLen > maxSocketPath:
+		return fmt.Errorf("socket path %s is too long: it is bound in a directory beside it first, which takes %d bytes, and a unix socket allows %d; use a shorter directory",
+			path, len(filepath.Dir(path))+privateSuffixLen, maxSocketPath)
+	}
+	return nil
 }
 
 // bindPrivate binds a socket in a new 0700 directory beside path, makes it 0600 and links it to

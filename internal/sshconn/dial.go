@@ -5,7 +5,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"io/fs"
 	"net"
 	"os"
@@ -16,6 +15,8 @@ import (
 
 	"golang.org/x/crypto/ssh"
 	"golang.org/x/crypto/ssh/agent"
+
+	"github.com/nix-offload/nix-offload/internal/smallfile"
 )
 
 // DefaultKeepAlive is the interval between keepalive requests. A connection
@@ -291,30 +292,9 @@ func authMethods(t Target) ([]ssh.AuthMethod, func(), error) {
 const maxKeyFileSize = 1 << 20
 
 // readKeyFile reads a private key file. It must be a regular file of at most maxKeyFileSize
-// bytes, so that a path such as /dev/stdin (in hook mode, Nix's protocol stream) or /dev/zero
-// is an error rather than a hang or a read of someone else's data.
-func readKeyFile(name string) ([]byte, error) {
-	fi, err := os.Stat(name)
-	if err != nil {
-		return nil, err
-	}
-	switch {
-	case !fi.Mode().IsRegular():
-		return nil, fmt.Errorf("%s is not a regular file", name)
-	case fi.Size() > maxKeyFileSize:
-		return nil, fmt.Errorf("%s has %d bytes, more than a private key file", name, fi.Size())
-	}
-	f, err := os.Open(name)
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
-	data, err := io.ReadAll(io.LimitReader(f, maxKeyFileSize+1))
-	if err == nil && len(data) > maxKeyFileSize {
-		err = fmt.Errorf("%s has more than %d bytes, more than a private key file", name, maxKeyFileSize)
-	}
-	return data, err
-}
+// bytes, so that a path such as /dev/stdin (in hook mode, Nix's protocol stream), a FIFO or
+// /dev/zero is an error rather than a hang or a read of someone else's data.
+func readKeyFile(name string) ([]byte, error) { return smallfile.Read(name, maxKeyFileSize) }
 
 // plausibleKeyPath reports whether a key file setting can be shown in messages: a private key
 // pasted in its place (which package machines refuses in configurations) cannot.

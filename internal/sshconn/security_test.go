@@ -334,7 +334,7 @@ func TestKeyMaterialNeverInErrors(t *testing.T) {
 		tg.HostKey = authorized(s.ed25519)
 		tg.KeyFiles, tg.KeyFilesStrict = []string{"/dev/zero"}, true // a plain read would never end
 		_, err := Dial(context.Background(), tg)
-		if err == nil || !strings.Contains(err.Error(), "/dev/zero is not a regular file") {
+		if err == nil || !strings.Contains(err.Error(), "/dev/zero is a character device, not a regular file") {
 			t.Fatalf("err = %v, want it to refuse /dev/zero", err)
 		}
 	})

@@ -54,6 +54,8 @@ let
       configFile = if etc == null then null else toString etc.source;
       configScript = if etc == null then null else etc.source.buildCommand;
       buildHook = config.nix.settings.build-hook or null;
+      # nix.conf's `builders`: "unset" (Nix's default, @/etc/nix/machines), else its value.
+      builders = if config.nix.settings ? builders then config.nix.settings.builders else "unset";
       service = unit (config.systemd.services.nix-offload or null);
       socket = unit (config.systemd.sockets.nix-offload or null);
       firewallTCP = config.networking.firewall.allowedTCPPorts;
@@ -188,6 +190,18 @@ in
     ];
 
     noMachines = enabled;
+
+    # nix.distributedBuilds forced off: NixOS writes `builders =`, which the hook obeys.
+    distributedBuildsOff = {
+      imports = [ enabled ];
+      nix.distributedBuilds = false;
+      services.nix-offload.machines = [
+        {
+          host = "b6.example.org";
+          systems = [ "x86_64-linux" ];
+        }
+      ];
+    };
 
     noSystems = {
       imports = [ enabled ];

@@ -100,8 +100,12 @@ in
   };
 
   module =
-    { ... }:
+    { config, ... }:
     {
+      # As config/nix-remote-build.nix: without distributed builds NixOS clears `builders`,
+      # which nix.conf then carries as `builders =` (config/nix.nix renders null as "").
+      config.nix.settings = lib.mkIf (!config.nix.distributedBuilds) { builders = null; };
+
       options = {
         assertions = mkOption {
           type = types.listOf types.unspecified;
