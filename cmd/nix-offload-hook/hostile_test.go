@@ -77,11 +77,11 @@ func TestHookEmptyBuildersBuildsLocally(t *testing.T) {
 			t.Errorf("Nix %s, --builders '': reply %q, log %q; want # decline-permanently and why", series, reply, log)
 		}
 	}
-	if n := lc.connections(); n != 0 {
+	if n := lc.connections(t); n != 0 {
 		t.Errorf("the hook made %d connections although builders was empty", n)
 	}
 	reply, log := serve(t, "nix-2.34.bin")
-	if reply == "# decline-permanently\n" || lc.connections() == 0 {
+	if reply == "# decline-permanently\n" || lc.connections(t) == 0 {
 		t.Errorf("control, default builders: reply %q, no connection; the hook should have tried the machine\n%s", reply, log)
 	}
 }
