@@ -455,3 +455,19 @@ func (op *buildPathsOp) readReply(d *decoder) (err error) {
 	op.Msg = StripANSI(msg)
 	return err
 }
+
+// ParseBuiltOutput reads one builtOutputs entry as both the serve and the
+// daemon protocol send it: a DrvOutput id "<hash>!<output name>" and a
+// realisation in JSON. It returns the output name and the full store path
+// of outPath; the id's hash is the server's own and is not checked.
+func ParseBuiltOutput(id, realisation string) (name, path string, err error) {
+	bang := strings.LastIndexByte(id, '!')
+	if bang < 0 || bang == len(id)-1 {
+		return "", "", fmt.Errorf("id %q is not <hash>!<output name>", id)
+	}
+	path, err = realisationPath(realisation)
+	if err != nil {
+		return "", "", fmt.Errorf("realisation: %w", err)
+	}
+	return id[bang+1:], path, nil
+}
