@@ -188,7 +188,7 @@ func checkMachine(ctx context.Context, m machines.Machine, sshCfg sshconn.SSHCon
 	}
 	r.NixVersion, r.ClockSkew = parseVersionAndClock(string(out), t0, t1)
 
-	sess, conn, err := engine.OpenServe(ctx, client, transport.ServeCommand(m.RemoteStore), t.ConnectTimeout, transport.Options{Name: m.Name()})
+	sess, conn, err := engine.OpenServe(ctx, client, transport.ServeCommand(m.RemoteProgram, m.RemoteStore), t.ConnectTimeout, transport.Options{Name: m.Name()})
 	if err != nil {
 		return fail("serve handshake", err)
 	}

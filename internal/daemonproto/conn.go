@@ -179,7 +179,7 @@ func (e *NoGreetingError) Unwrap() error { return e.Err }
 // handshakeOp is the greeting (no opcode precedes the magic).
 type handshakeOp struct{}
 
-func (*handshakeOp) name() string  { return "Handshake" }
+func (*handshakeOp) name() string   { return "Handshake" }
 func (*handshakeOp) opcode() uint64 { return 0 }
 
 // The handshake is written in steps by readReply: what the client sends
@@ -224,7 +224,7 @@ func (*handshakeOp) readReply(c *Conn, d *decoder) error {
 			return err
 		}
 	}
-	e.Uint64(0) // cpu affinity: none (1.14+)
+	e.Uint64(0)   // cpu affinity: none (1.14+)
 	e.Bool(false) // reserveSpace (1.11+)
 	if err := e.Flush(); err != nil {
 		return &StreamError{Op: d.op, Writing: true, Field: "cpu affinity", Err: err}

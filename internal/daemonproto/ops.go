@@ -98,11 +98,11 @@ func (op *setOptionsOp) writeRequest(c *Conn, e *wire.Writer) error {
 	e.Uint64(op.Verbosity)
 	e.Uint64(1) // maxBuildJobs: this connection builds one derivation at a time
 	e.Uint64(op.maxSilent)
-	e.Bool(true)  // useBuildHook, obsolete
-	e.Uint64(0)   // buildVerbosity lvlError: verboseBuild, the build log is sent
-	e.Uint64(0)   // logType, obsolete
-	e.Uint64(0)   // printBuildTrace, obsolete
-	e.Uint64(0)   // buildCores: the machine's own setting
+	e.Bool(true) // useBuildHook, obsolete
+	e.Uint64(0)  // buildVerbosity lvlError: verboseBuild, the build log is sent
+	e.Uint64(0)  // logType, obsolete
+	e.Uint64(0)  // printBuildTrace, obsolete
+	e.Uint64(0)  // buildCores: the machine's own setting
 	e.Bool(op.UseSubstitutes)
 	keys := make([]string, 0, len(op.overrides))
 	for k := range op.overrides {

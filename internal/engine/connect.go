@@ -54,7 +54,7 @@ func Connect(ctx context.Context, m machines.Machine, stderr io.Writer) (s Sessi
 	}
 	ls := &LogSwitch{}
 	ls.Set(stderr)
-	sess, conn, err := OpenServe(ctx, client, transport.ServeCommand(m.RemoteStore), target.ConnectTimeout,
+	sess, conn, err := OpenServe(ctx, client, transport.ServeCommand(m.RemoteProgram, m.RemoteStore), target.ConnectTimeout,
 		transport.Options{Name: m.Name(), Stderr: ls})
 	if err != nil {
 		client.Close()

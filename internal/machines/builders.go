@@ -60,8 +60,8 @@ var ignoredStoreSettings = map[string]bool{
 // An entry is up to eight whitespace-separated fields; "-" or a missing field means its
 // default:
 //
-//  1. store URI: "host", "user@host", "ssh://[user@]host[:port]" or "ssh-ng://…" (both reach the
-//     machine's nix-store over SSH here); "?remote-store=", "?ssh-key=" and
+//  1. store URI: "host", "user@host", "ssh://[user@]host[:port]" (Protocol ssh) or
+//     "ssh-ng://…" (Protocol ssh-ng); "?remote-store=", "?remote-program=", "?ssh-key=" and
 //     "?base64-ssh-public-host-key=" are honoured and harmless settings such as "?compress="
 //     ignored. Other schemes, local stores ("local", "auto", "daemon", paths) and other settings
 //     are errors.
@@ -200,6 +200,12 @@ func (p *buildersParser) entry(file string, line int, entry string) {
 		switch {
 		case name == "remote-store":
 			m.RemoteStore = v
+		case name == "remote-program":
+			if strings.TrimSpace(v) == "" {
+				bad(0, "setting remote-program is empty; give the path of nix-store (ssh://) or nix-daemon (ssh-ng://)")
+			} else {
+				m.RemoteProgram = v
+			}
 		case name == "ssh-key":
 			if msg := checkKeyPath(v); msg != "" {
 				bad(0, "setting ssh-key: %s", msg)
@@ -331,7 +337,9 @@ func splitList(s string) []string {
 func parseStoreURI(uri string, m *Machine) (url.Values, string) {
 	rest, ok := strings.CutPrefix(uri, "ssh://")
 	if !ok {
-		rest, ok = strings.CutPrefix(uri, "ssh-ng://")
+		if rest, ok = strings.CutPrefix(uri, "ssh-ng://"); ok {
+			m.Protocol = ProtocolSSHNG
+		}
 	}
 	if !ok {
 		if scheme, _, found := strings.Cut(uri, "://"); found {

@@ -58,7 +58,7 @@ func TestParseBuilders(t *testing.T) {
 			bm("b1", "builders:1", nil),
 			bm("b2", "builders:1", func(m *Machine) { m.User = "root" }),
 			bm("b3", "builders:1", func(m *Machine) { m.Port = 2222 }),
-			bm("b4", "builders:1", func(m *Machine) { m.User, m.Port = "nix", 22 }),
+			bm("b4", "builders:1", func(m *Machine) { m.User, m.Port, m.Protocol = "nix", 22, ProtocolSSHNG }),
 			bm("fd00::5", "builders:1", func(m *Machine) { m.Port = 2222 }),
 			bm("fd00::6", "builders:1", nil),
 			bm("fd00::7", "builders:1", func(m *Machine) { m.User = "u" }),
@@ -67,7 +67,17 @@ func TestParseBuilders(t *testing.T) {
 			bm("b1", "builders:1", func(m *Machine) { m.RemoteStore, m.SSHKey, m.HostKey = "/mnt/nix", "/k", testKey }),
 		}},
 		{"ssh-key setting without field 3", "ssh-ng://b1?ssh-key=/q", nil, []Machine{
-			bm("b1", "builders:1", func(m *Machine) { m.SSHKey = "/q" }),
+			bm("b1", "builders:1", func(m *Machine) { m.SSHKey, m.Protocol = "/q", ProtocolSSHNG }),
+		}},
+		// The usual line for a nix-darwin builder, and its ssh-ng twin.
+		{"remote-program", "ssh://mac?remote-program=/nix/var/nix/profiles/default/bin/nix-store aarch64-darwin - 4\n" +
+			"ssh-ng://mac2?remote-program=/nix/var/nix/profiles/default/bin/nix-daemon aarch64-darwin", nil, []Machine{
+			bm("mac", "builders:1", func(m *Machine) {
+				m.Systems, m.ParallelBuilds, m.RemoteProgram = []string{"aarch64-darwin"}, 4, "/nix/var/nix/profiles/default/bin/nix-store"
+			}),
+			bm("mac2", "builders:2", func(m *Machine) {
+				m.Systems, m.Protocol, m.RemoteProgram = []string{"aarch64-darwin"}, ProtocolSSHNG, "/nix/var/nix/profiles/default/bin/nix-daemon"
+			}),
 		}},
 		{"speed: float, 0 means 1", "b1 - - - 0.5\nb2 - - - 0\nb3 - - - 1e1", nil, []Machine{
 			bm("b1", "builders:1", func(m *Machine) { m.Speed = 0.5 }),
@@ -181,8 +191,10 @@ func TestParseBuildersErrors(t *testing.T) {
 			`builders:1: field 1 (store URI): host must not be empty (in entry "ssh://root@")`},
 		{"path in URI", "ssh://b1/nix", "x", nil,
 			`builders:1: field 1 (store URI): "ssh://b1/nix" has a path "/nix"; a remote store is set with ?remote-store=… (in entry "ssh://b1/nix")`},
-		{"unsupported setting", "ssh://b1?remote-program=/opt/nix-store", "x", nil,
-			`builders:1: field 1 (store URI): store setting "remote-program" is not supported by nix-offload (in entry "ssh://b1?remote-program=/opt/nix-store")`},
+		{"unsupported setting", "ssh://b1?ssh-args=-v", "x", nil,
+			`builders:1: field 1 (store URI): store setting "ssh-args" is not supported by nix-offload (in entry "ssh://b1?ssh-args=-v")`},
+		{"empty remote-program", "ssh-ng://b1?remote-program=", "x", nil,
+			`builders:1: field 1 (store URI): setting remote-program is empty; give the path of nix-store (ssh://) or nix-daemon (ssh-ng://) (in entry "ssh-ng://b1?remote-program=")`},
 		{"URI only a dash", "- x86_64-linux", "x", nil,
 			`builders:1: field 1 (store URI): missing; every entry starts with the machine's address (in entry "- x86_64-linux")`},
 		{"no system at all", "b1", "", nil,

@@ -32,6 +32,8 @@
 //	features = ["kvm", "big-parallel"]
 //	mandatory-features = []
 //	remote-store = ""                       # `--store` for the remote nix-store
+//	protocol = "ssh"                        # "ssh": nix-store --serve; "ssh-ng": nix-daemon --stdio
+//	remote-program = ""                     # the remote nix-store / nix-daemon, if not on PATH
 //	enabled = true
 //	# user, ssh-key, known-hosts, connect-timeout and server-alive-interval may be set here
 //	# too, overriding [ssh]
@@ -70,8 +72,11 @@
 //	b3                 -                        -                    0    # max jobs 0: listed, never used
 //
 // Only machines reached over SSH can be offloaded to: "ssh://" and "ssh-ng://" URIs and bare
-// "[user@]host[:port]" are accepted; local stores and other schemes are errors. See
-// [ParseBuilders] for every field.
+// "[user@]host[:port]" are accepted; local stores and other schemes are errors. "ssh-ng://"
+// gives a machine [ProtocolSSHNG] (the daemon protocol, `nix-daemon --stdio`), the others
+// [ProtocolSSH] (`nix-store --serve --write`); "?remote-program=/path/to/nix-store" (or
+// nix-daemon) names the remote program where it is not on the remote user's non-login PATH,
+// as on nix-darwin. See [ParseBuilders] for every field.
 //
 // # Checking machines from elsewhere
 //

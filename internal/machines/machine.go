@@ -32,6 +32,37 @@ const MinTimeout = time.Second
 // scheduler entry; no real builder runs more builds at once than this.
 const MaxParallelBuilds = 1024
 
+// Protocol is the protocol a machine speaks.
+type Protocol string
+
+const (
+	// ProtocolSSH is Nix's legacy serve protocol, `ssh://` machines: `nix-store --serve --write`.
+	ProtocolSSH Protocol = "ssh"
+	// ProtocolSSHNG is Nix's daemon protocol, `ssh-ng://` machines: `nix-daemon --stdio`.
+	ProtocolSSHNG Protocol = "ssh-ng"
+)
+
+// ProtocolOrDefault returns m.Protocol, [ProtocolSSH] when it is unset.
+func (m Machine) ProtocolOrDefault() Protocol {
+	if m.Protocol == "" {
+		return ProtocolSSH
+	}
+	return m.Protocol
+}
+
+// checkProtocol returns what is wrong with a protocol name, or "".
+func checkProtocol(p Protocol) string {
+	switch p {
+	case "", ProtocolSSH, ProtocolSSHNG:
+		return ""
+	}
+	return badProtocol(string(p))
+}
+
+func badProtocol(s string) string {
+	return fmt.Sprintf("%q is not a protocol; use \"ssh\" (nix-store --serve) or \"ssh-ng\" (nix-daemon --stdio)", s)
+}
+
 // Machine is one remote builder, from the TOML file or from Nix's `builders` setting.
 type Machine struct {
 	Host           string        // hostname, address, or ~/.ssh/config alias (required)
@@ -49,9 +80,15 @@ type Machine struct {
 	Speed               float64  // default 1.0, > 0
 	Features            []string // supported system features
 	MandatoryFeatures   []string // only builds that require all of these go here
-	RemoteStore         string   // optional `--store` for the remote nix-store
-	Enabled             bool     // default true
-	Source              string   // where it was defined, e.g. "/etc/nix/offload.toml:14" or "builders:2"
+	RemoteStore         string   // optional `--store` for the remote nix-store or nix-daemon
+	// Protocol is how the machine is spoken to: [ProtocolSSH] (`nix-store --serve --write`,
+	// the default) or [ProtocolSSHNG] (`nix-daemon --stdio`, the daemon protocol).
+	Protocol Protocol
+	// RemoteProgram replaces `nix-store` (ssh) or `nix-daemon` (ssh-ng) on the machine, for one
+	// that is not on the remote user's non-login PATH; "" = the default.
+	RemoteProgram string
+	Enabled       bool   // default true
+	Source        string // where it was defined, e.g. "/etc/nix/offload.toml:14" or "builders:2"
 }
 
 // Name is the machine's identity in logs, status and slot files: "user@host:port" with the parts
@@ -161,6 +198,9 @@ func Validate(ms []Machine) error {
 		}
 		if msg := checkSpeed(m.Speed); msg != "" {
 			bad("speed", msg)
+		}
+		if msg := checkProtocol(m.Protocol); msg != "" {
+			bad("protocol", msg)
 		}
 		if msg := checkKeyPath(m.SSHKey); msg != "" {
 			bad("ssh-key", msg)

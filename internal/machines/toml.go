@@ -120,7 +120,7 @@ var (
 	daemonKeys  = []string{"socket", "state-dir", "metrics", "machine-wait"}
 	sshKeys     = []string{"user", "ssh-key", "known-hosts", "connect-timeout", "server-alive-interval"}
 	machineKeys = []string{"host", "port", "user", "ssh-key", "host-key", "known-hosts", "connect-timeout", "server-alive-interval",
-		"systems", "parallel-builds", "speed", "features", "mandatory-features", "remote-store", "enabled"}
+		"systems", "parallel-builds", "speed", "features", "mandatory-features", "remote-store", "protocol", "remote-program", "enabled"}
 )
 
 // Parse parses and checks offload.toml text; name stands for the file in error messages and
@@ -445,6 +445,24 @@ func (p *tomlParser) machine(l loc, t map[string]any, def SSH) (m Machine, ok bo
 	}
 	if kl, v, set := field("remote-store"); set {
 		m.RemoteStore, _ = p.str(kl, v)
+	}
+	if kl, v, set := field("protocol"); set {
+		if s, good := p.str(kl, v); good {
+			if Protocol(s) != ProtocolSSH && Protocol(s) != ProtocolSSHNG {
+				p.errorf(kl, "%s", badProtocol(s))
+			} else {
+				m.Protocol = Protocol(s)
+			}
+		}
+	}
+	if kl, v, set := field("remote-program"); set {
+		if s, good := p.str(kl, v); good {
+			if strings.TrimSpace(s) == "" {
+				p.errorf(kl, "is empty; leave it out for the default, or give the path of nix-store (ssh) or nix-daemon (ssh-ng)")
+			} else {
+				m.RemoteProgram = s
+			}
+		}
 	}
 	if kl, v, set := field("enabled"); set {
 		if b, good := v.(bool); good {

@@ -40,6 +40,8 @@ func TestLoadFull(t *testing.T) {
 			Features:          []string{"kvm", "big-parallel"},
 			MandatoryFeatures: []string{"benchmark"},
 			RemoteStore:       "/mnt/nix",
+			Protocol:          ProtocolSSHNG,
+			RemoteProgram:     "/nix/var/nix/profiles/default/bin/nix-daemon",
 			Enabled:           false,
 			Source:            "testdata/full.toml:15",
 		}, {
@@ -52,7 +54,7 @@ func TestLoadFull(t *testing.T) {
 			ParallelBuilds: 1,
 			Speed:          3,
 			Enabled:        true,
-			Source:         "testdata/full.toml:32",
+			Source:         "testdata/full.toml:34",
 		}},
 	}
 	if d := cmp.Diff(want, cfg); d != "" {

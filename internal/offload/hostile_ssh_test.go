@@ -28,7 +28,7 @@ func (e *env) runSSH(t *testing.T, ctx context.Context, s *servetest.SSHServer) 
 		return err
 	}
 	defer client.Close()
-	sess, err := transport.SSH(client.Client, transport.ServeCommand(""), transport.Options{Name: machine})
+	sess, err := transport.SSH(client.Client, transport.ServeCommand("", ""), transport.Options{Name: machine})
 	if err != nil {
 		return err
 	}

@@ -208,7 +208,7 @@ func New(opt Options) *Pool {
 		opt:    opt,
 		target: sshconn.Resolve(opt.Machine, opt.SSHConfig),
 		name:   opt.Machine.Name(),
-		cmd:    transport.ServeCommand(opt.Machine.RemoteStore),
+		cmd:    transport.ServeCommand(opt.Machine.RemoteProgram, opt.Machine.RemoteStore),
 		ctx:    ctx,
 		cancel: cancel,
 		tick:   tidyEvery,

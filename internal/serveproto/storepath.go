@@ -76,9 +76,3 @@ func checkStorePathBase(base string) error {
 }
 
 var errNotDrv = errors.New("derivation path does not end in .drv")
-
-// CheckStorePath checks the syntax of a full store path in [StoreDir] as
-// Nix's StorePath constructor does: a 32-character hash in Nix's base-32,
-// "-" and a name of at most 211 allowed characters. The daemon protocol
-// client (internal/daemonproto) checks paths with it too.
-func CheckStorePath(p string) error { return checkStorePath(p) }

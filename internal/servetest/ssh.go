@@ -46,8 +46,8 @@ type SSHServer struct {
 }
 
 // ServeCommand is the command the client runs on a machine without a
-// remote store: transport.ServeCommand("").
-var ServeCommand = transport.ServeCommand("")
+// remote store: transport.ServeCommand("", "").
+var ServeCommand = transport.ServeCommand("", "")
 
 // StartSSH starts an SSH server for srv on 127.0.0.1 on a free port. It is
 // closed when the test ends.

@@ -65,7 +65,7 @@ func TestConformance(t *testing.T) {
 			t.Cleanup(func() { client.Close() })
 			suite(t, opener{
 				open: func(t *testing.T, sink io.Writer) (*transport.Session, func() []string) {
-					s, err := transport.SSH(client.Client, transport.ServeCommand(""), transport.Options{Name: b.Name, Stderr: sink})
+					s, err := transport.SSH(client.Client, transport.ServeCommand("", ""), transport.Options{Name: b.Name, Stderr: sink})
 					if err != nil {
 						t.Fatal(err)
 					}

@@ -43,9 +43,33 @@ func SSH(client *ssh.Client, command string, opt Options) (*Session, error) {
 	return newSession(name, stdin, stdout, stderr, sshProc{s}, opt), nil
 }
 
-// ServeCommand is ServeArgv quoted for the remote shell.
-func ServeCommand(remoteStore string) string {
-	argv := ServeArgv(remoteStore)
+// ServeCommand is the remote shell command of a serve session on a
+// machine: ServeArgv quoted, with remoteProgram, when set, in place of
+// `nix-store` (a machine's remote-program: a path such as
+// /nix/var/nix/profiles/default/bin/nix-store, or a program and its own
+// arguments separated by spaces, as Nix splits it).
+func ServeCommand(remoteProgram, remoteStore string) string {
+	return remoteCommand(remoteProgram, ServeArgv(remoteStore))
+}
+
+// DaemonCommand is the remote shell command of an ssh-ng session:
+// `nix-daemon --stdio`, with `--store` when remoteStore is set and
+// remoteProgram, when set, in place of `nix-daemon`, as Nix's SSHStore
+// runs it (nix 2.34.8 src/libstore/ssh-store.cc openConnection).
+func DaemonCommand(remoteProgram, remoteStore string) string {
+	argv := []string{"nix-daemon", "--stdio"}
+	if remoteStore != "" {
+		argv = append(argv, "--store", remoteStore)
+	}
+	return remoteCommand(remoteProgram, argv)
+}
+
+// remoteCommand quotes argv for the remote shell, replacing argv[0] with
+// the words of program when it is set.
+func remoteCommand(program string, argv []string) string {
+	if words := strings.Fields(program); len(words) > 0 {
+		argv = append(words, argv[1:]...)
+	}
 	for i, a := range argv {
 		argv[i] = shellQuote(a)
 	}

@@ -53,19 +53,27 @@ type Options struct {
 	// StderrTail is the number of trailing stderr bytes kept for errors
 	// (DefaultStderrTail if 0).
 	StderrTail int
+	// Program names the remote command in errors: "nix-store --serve" if
+	// empty, "nix-daemon --stdio" for ssh-ng sessions.
+	Program string
 }
 
 // RemoteError is a protocol stream failure explained by the process behind it.
 type RemoteError struct {
-	Name   string
-	Err    error  // what the protocol client saw (EOF, broken pipe, …)
-	Stderr string // the process's error lines, if any
-	Exit   string // "exit status 1", "signal KILL", "" if still running or unknown
+	Name    string
+	Program string // the remote command: "nix-store --serve" if empty
+	Err     error  // what the protocol client saw (EOF, broken pipe, …)
+	Stderr  string // the process's error lines, if any
+	Exit    string // "exit status 1", "signal KILL", "" if still running or unknown
 }
 
 func (e *RemoteError) Error() string {
 	var b strings.Builder
-	fmt.Fprintf(&b, "%s: nix-store --serve", e.Name)
+	prog := e.Program
+	if prog == "" {
+		prog = "nix-store --serve"
+	}
+	fmt.Fprintf(&b, "%s: %s", e.Name, prog)
 	switch {
 	case e.Stderr != "":
 		fmt.Fprintf(&b, ": %s", e.Stderr)
@@ -88,11 +96,12 @@ type process interface {
 // Session is one running `nix-store --serve`. Its methods are safe for
 // concurrent use; Stdin and Stdout each belong to one protocol client.
 type Session struct {
-	name   string
-	stdin  io.WriteCloser
-	stdout io.Reader
-	proc   process
-	tail   *tailBuffer
+	name    string
+	program string // Options.Program
+	stdin   io.WriteCloser
+	stdout  io.Reader
+	proc    process
+	tail    *tailBuffer
 
 	logOnly atomic.Bool // stderr is now a build log: only error: lines explain failures
 
@@ -110,6 +119,7 @@ func newSession(name string, stdin io.WriteCloser, stdout, stderr io.Reader, pro
 	}
 	s := &Session{
 		name:       name,
+		program:    opt.Program,
 		stdin:      stdin,
 		stdout:     stdout,
 		proc:       proc,
@@ -195,7 +205,7 @@ func (s *Session) Explain(err error) error {
 		}
 	case <-t.C:
 	}
-	re := &RemoteError{Name: s.name, Err: err, Stderr: errorText(s.tail.String(), s.logOnly.Load())}
+	re := &RemoteError{Name: s.name, Program: s.program, Err: err, Stderr: errorText(s.tail.String(), s.logOnly.Load())}
 	select {
 	case <-s.exited:
 		re.Exit = exitText(s.exitErr)

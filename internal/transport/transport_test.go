@@ -10,13 +10,30 @@ import (
 )
 
 func TestServeCommandQuotesForTheRemoteShell(t *testing.T) {
-	if got := ServeCommand(""); got != "nix-store --serve --write" {
+	if got := ServeCommand("", ""); got != "nix-store --serve --write" {
 		t.Errorf("ServeCommand(\"\") = %q", got)
 	}
-	got := ServeCommand("local?root=/tmp/my store&x='1'")
+	got := ServeCommand("", "local?root=/tmp/my store&x='1'")
 	want := `nix-store --serve --write --store 'local?root=/tmp/my store&x='\''1'\'''`
 	if got != want {
 		t.Errorf("got  %s\nwant %s", got, want)
+	}
+}
+
+// remote-program replaces the program, word by word as Nix splits it, for
+// both protocols.
+func TestRemoteProgram(t *testing.T) {
+	for _, tc := range []struct{ got, want string }{
+		{ServeCommand("/nix/var/nix/profiles/default/bin/nix-store", ""), "/nix/var/nix/profiles/default/bin/nix-store --serve --write"},
+		{ServeCommand("sudo -n nix-store", "daemon"), "sudo -n nix-store --serve --write --store daemon"},
+		{DaemonCommand("", ""), "nix-daemon --stdio"},
+		{DaemonCommand("", "local?root=/x"), "nix-daemon --stdio --store 'local?root=/x'"},
+		{DaemonCommand("/nix/var/nix/profiles/default/bin/nix-daemon", ""), "/nix/var/nix/profiles/default/bin/nix-daemon --stdio"},
+		{DaemonCommand("it's", ""), `'it'\''s' --stdio`},
+	} {
+		if tc.got != tc.want {
+			t.Errorf("got  %s\nwant %s", tc.got, tc.want)
+		}
 	}
 }
 

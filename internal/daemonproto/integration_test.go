@@ -1,0 +1,315 @@
+package daemonproto
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"io"
+	"runtime"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/nix-offload/nix-offload/internal/serveproto"
+	"github.com/nix-offload/nix-offload/internal/testbed"
+	"github.com/nix-offload/nix-offload/internal/transport"
+)
+
+// The integration tests drive the real `nix-daemon --stdio` of every Nix
+// on the test bed (2.8, 2.26, 2.34), each on a private empty store, over
+// the same transport sessions the hook uses.
+
+func nixSystem(t *testing.T) string {
+	switch runtime.GOARCH {
+	case "amd64":
+		return "x86_64-linux"
+	case "arm64":
+		return "aarch64-linux"
+	}
+	t.Skipf("skipping: no Nix system type known for GOARCH %s", runtime.GOARCH)
+	return ""
+}
+
+// wantVersion is the protocol each Nix of the bed speaks with us.
+var wantVersion = map[string]Version{"2.8": 1<<8 | 34, "2.26": 1<<8 | 38, "2.34": 1<<8 | 38}
+
+// daemon is one `nix-daemon --stdio` and the Conn on it.
+type daemon struct {
+	sess *transport.Session
+	conn *Conn
+	log  *logRecorder
+}
+
+// startDaemon runs `nix-daemon --stdio args…` of nix on store and shakes
+// hands.
+func startDaemon(t *testing.T, nix testbed.Nix, store string, args ...string) *daemon {
+	t.Helper()
+	cmd := nix.Command(store, nil, append([]string{"nix-daemon", "--stdio"}, args...)...)
+	sess, err := transport.LocalCmd(cmd, transport.Options{Name: "daemon " + nix.Version})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		sess.Close()
+		testbed.KillCommand(cmd)
+		if t.Failed() {
+			t.Logf("nix-daemon stderr:\n%s", sess.Stderr())
+		}
+	})
+	d := &daemon{sess: sess, log: &logRecorder{}}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	d.conn, err = Handshake(ctx, sess.Stdout(), sess.Stdin(), Options{
+		Log:     d.log.log,
+		Abort:   func() { sess.Close() },
+		Explain: sess.Explain,
+	})
+	if err != nil {
+		t.Fatalf("Handshake: %v", err)
+	}
+	return d
+}
+
+func opCtx(t *testing.T) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+func TestIntegration(t *testing.T) {
+	system := nixSystem(t)
+	for _, nix := range testbed.All(t) {
+		t.Run(nix.Version, func(t *testing.T) {
+			t.Parallel()
+			integration(t, nix, system)
+		})
+	}
+}
+
+func integration(t *testing.T, nix testbed.Nix, system string) {
+	d := startDaemon(t, nix, testbed.NewStore(t))
+	c := d.conn
+	ctx := opCtx(t)
+
+	if want := wantVersion[nix.Series()]; c.Version() != want {
+		t.Errorf("protocol %s, want %s", c.Version(), want)
+	}
+	if !strings.Contains(c.NixVersion(), nix.Version) {
+		t.Errorf("Nix version %q, want it to contain %q", c.NixVersion(), nix.Version)
+	}
+	wantTrust := Trusted
+	if c.Version().Minor() < 35 {
+		wantTrust = TrustUnknown
+	}
+	if c.Trust() != wantTrust {
+		t.Errorf("trust %v, want %v", c.Trust(), wantTrust)
+	}
+
+	if err := c.SetOptions(ctx, Settings{MaxSilentTime: time.Minute, BuildTimeout: 2 * time.Minute, MaxLogSize: 1 << 20}); err != nil {
+		t.Fatalf("SetOptions: %v", err)
+	}
+
+	infoA, narA := sourcePath(t, "daemonproto-a", "hello from a\n")
+	infoB, narB := sourcePath(t, "daemonproto-b", "b refers to "+infoA.Path+"\n")
+	infoB.References = []string{infoA.Path}
+	infoB.CA = ""
+	t.Run("AddMultipleToStore", func(t *testing.T) {
+		items := []Item{{Info: infoA, NAR: bytes.NewReader(narA)}, {Info: infoB, NAR: bytes.NewReader(narB)}}
+		if err := c.AddMultipleToStore(ctx, items, true); err != nil {
+			t.Fatal(err)
+		}
+	})
+
+	missing := fakePath("daemonproto-missing")
+	t.Run("QueryValidPaths", func(t *testing.T) {
+		got, err := c.QueryValidPaths(ctx, []string{missing, infoA.Path, infoB.Path}, false)
+		if err != nil {
+			t.Fatal(err)
+		}
+		want := []string{infoA.Path, infoB.Path}
+		slices.Sort(want)
+		if !slices.Equal(got, want) {
+			t.Errorf("got %q, want %q", got, want)
+		}
+		// With the substitute flag: nothing to substitute from here.
+		got, err = c.QueryValidPaths(ctx, []string{missing}, true)
+		if err != nil || len(got) != 0 {
+			t.Errorf("with substitute: %q, %v", got, err)
+		}
+	})
+
+	t.Run("QueryPathInfo", func(t *testing.T) {
+		got, ok, err := c.QueryPathInfo(ctx, infoB.Path)
+		if err != nil || !ok {
+			t.Fatalf("%+v, %v, %v", got, ok, err)
+		}
+		if got.NarHash != infoB.NarHash || got.NarSize != infoB.NarSize || !slices.Equal(got.References, infoB.References) || got.RegistrationTime == 0 {
+			t.Errorf("got %+v\nwant %+v", got, infoB)
+		}
+		if _, ok, err := c.QueryPathInfo(ctx, missing); ok || err != nil {
+			t.Errorf("missing path: ok %v, %v", ok, err)
+		}
+	})
+
+	t.Run("NarFromPath", func(t *testing.T) {
+		var buf bytes.Buffer
+		st, err := c.NarFromPath(ctx, infoB, &buf)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(buf.Bytes(), narB) || st.NixHash() != infoB.NarHash {
+			t.Errorf("NAR differs: %d bytes, %s", st.Size, st.NixHash())
+		}
+	})
+
+	t.Run("BuildDerivation", func(t *testing.T) {
+		d.log.reset()
+		drvPath, drv := shDerivation(system, "daemonproto-hi-"+nix.Series(), "echo a log line; echo second line; echo hi > $out", infoA.Path)
+		res, err := c.BuildDerivation(ctx, drvPath, drv, BuildNormal)
+		if err != nil {
+			t.Fatal(err)
+		}
+		out := drv.Outputs["out"].Path
+		if res.Status != serveproto.Built || res.BuiltOutputs["out"] != out {
+			t.Fatalf("got %+v", res)
+		}
+		t.Logf("result: %+v", res)
+		if lines := d.log.lines(); !slices.Contains(lines, "a log line") || !slices.Contains(lines, "second line") {
+			t.Errorf("build log lines %q, want \"a log line\" and \"second line\"", lines)
+		}
+		info, ok, err := c.QueryPathInfo(ctx, out)
+		if err != nil || !ok || info.Deriver != drvPath {
+			t.Fatalf("output info: %+v, %v, %v", info, ok, err)
+		}
+		var buf bytes.Buffer
+		if _, err := c.NarFromPath(ctx, info, &buf); err != nil {
+			t.Fatal(err)
+		}
+		if want := fileNAR(t, "hi\n"); !bytes.Equal(buf.Bytes(), want) {
+			t.Errorf("output NAR differs")
+		}
+		// A lie about the size or the hash is caught while the NAR
+		// streams, and breaks nothing but this Conn's stream.
+		res, err = c.BuildDerivation(ctx, drvPath, drv, BuildNormal)
+		if err != nil || res.Status != serveproto.AlreadyValid {
+			t.Errorf("rebuild: %+v, %v", res, err)
+		}
+	})
+
+	t.Run("BuildDerivation failure", func(t *testing.T) {
+		drvPath, drv := shDerivation(system, "daemonproto-fail", "echo about to fail; exit 3")
+		res, err := c.BuildDerivation(ctx, drvPath, drv, BuildNormal)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if res.Status != serveproto.PermanentFailure || len(res.BuiltOutputs) != 0 {
+			t.Errorf("got %+v", res)
+		}
+		if want := "failed with exit code 3"; !strings.Contains(res.ErrorMsg, want) || strings.Contains(res.ErrorMsg, "\x1b") {
+			t.Errorf("ErrorMsg %q, want it to contain %q and no escapes", res.ErrorMsg, want)
+		}
+	})
+
+	t.Run("BuildDerivation timeout", func(t *testing.T) {
+		if err := c.SetOptions(ctx, Settings{MaxSilentTime: time.Second}); err != nil {
+			t.Fatal(err)
+		}
+		drvPath, drv := shDerivation(system, "daemonproto-silent", "exec /bin/sleep 30")
+		start := time.Now()
+		res, err := c.BuildDerivation(ctx, drvPath, drv, BuildNormal)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if res.Status != serveproto.TimedOut {
+			t.Errorf("got %+v, want TimedOut", res)
+		}
+		if d := time.Since(start); d > 20*time.Second {
+			t.Errorf("the silent build took %v to time out", d)
+		}
+		t.Logf("timed out after %v: %q", time.Since(start), res.ErrorMsg)
+	})
+
+	t.Run("BuildPathsWithResults missing", func(t *testing.T) {
+		p := fakePath("daemonproto-nothere.drv") + "!out"
+		res, err := c.BuildPathsWithResults(ctx, []string{p}, BuildNormal)
+		if err != nil {
+			t.Fatal(err)
+		}
+		// 2.8: MiscFailure "cannot build missing derivation"; 2.26:
+		// DependencyFailed "failed to obtain derivation".
+		if r, ok := res[p]; !ok || len(res) != 1 || r.Status.Success() || !strings.Contains(r.ErrorMsg, "derivation") {
+			t.Errorf("got %+v", res)
+		}
+	})
+
+	t.Run("RemoteError", func(t *testing.T) {
+		// A path whose reference the daemon does not have: it says so
+		// in band.
+		info, narBytes := sourcePath(t, "daemonproto-dangling", "z\n")
+		info.CA = ""
+		info.References = []string{missing}
+		err := c.AddMultipleToStore(ctx, []Item{{Info: info, NAR: bytes.NewReader(narBytes)}}, true)
+		var re *RemoteError
+		if !errors.As(err, &re) {
+			t.Fatalf("got %v (%T), want a RemoteError", err, err)
+		}
+		t.Logf("RemoteError: %v", err)
+		if _, err := c.QueryValidPaths(ctx, []string{infoA.Path}, false); err != nil {
+			t.Errorf("after a RemoteError the Conn is broken: %v", err)
+		}
+	})
+
+	// Last: a NAR of another hash leaves the stream out of step.
+	t.Run("NarFromPath narHash lie", func(t *testing.T) {
+		lie := infoA
+		lie.NarHash = infoB.NarHash
+		_, err := c.NarFromPath(ctx, lie, io.Discard)
+		var pe *ProtocolError
+		if !errors.As(err, &pe) || !strings.Contains(err.Error(), "hash mismatch") {
+			t.Fatalf("got %v, want a ProtocolError for the hash mismatch", err)
+		}
+	})
+}
+
+// A daemon that does not trust the user (--force-untrusted, Nix 2.15+)
+// says so in the handshake, and BuildDerivation of an input-addressed
+// derivation is declined before anything is sent.
+func TestIntegrationUntrusted(t *testing.T) {
+	system := nixSystem(t)
+	for _, nix := range testbed.All(t) {
+		if nix.Series() == "2.8" {
+			continue // no trust flag before protocol 1.35
+		}
+		t.Run(nix.Version, func(t *testing.T) {
+			t.Parallel()
+			d := startDaemon(t, nix, testbed.NewStore(t), "--extra-experimental-features", "daemon-trust-override", "--force-untrusted")
+			c := d.conn
+			ctx := opCtx(t)
+			if c.Trust() != NotTrusted {
+				t.Fatalf("trust %v, want not trusted", c.Trust())
+			}
+			drvPath, drv := shDerivation(system, "daemonproto-untrusted", "echo hi > $out")
+			_, err := c.BuildDerivation(ctx, drvPath, drv, BuildNormal)
+			var ue *UntrustedError
+			if !errors.As(err, &ue) || !errors.Is(err, ErrNotTrusted) || !strings.Contains(err.Error(), "trusted-users") {
+				t.Fatalf("got %v, want an UntrustedError naming trusted-users", err)
+			}
+			// Unsigned input-addressed paths are refused by the daemon
+			// itself, in band.
+			info, narBytes := sourcePath(t, "daemonproto-unsigned", "x\n")
+			info.CA = ""
+			err = c.AddMultipleToStore(ctx, []Item{{Info: info, NAR: bytes.NewReader(narBytes)}}, true)
+			var re *RemoteError
+			if !errors.As(err, &re) || !strings.Contains(re.Msg, "signature") {
+				t.Fatalf("unsigned upload: got %v, want the daemon's signature error", err)
+			}
+			t.Logf("unsigned upload: %v", err)
+			// A content-addressed path needs no signature.
+			ca, caNAR := sourcePath(t, "daemonproto-ca", "y\n")
+			if err := c.AddMultipleToStore(ctx, []Item{{Info: ca, NAR: bytes.NewReader(caNAR)}}, true); err != nil {
+				t.Fatalf("content-addressed upload: %v", err)
+			}
+		})
+	}
+}
