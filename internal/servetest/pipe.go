@@ -22,9 +22,10 @@ type PipeSession struct {
 	// serveproto.Handshake.
 	R, W *os.File
 
-	stderr syncBuffer
-	done   chan struct{} // closed when Serve has returned
-	status int           // valid after done
+	program string // names the command in Explain's errors; "" for nix-store --serve
+	stderr  syncBuffer
+	done    chan struct{} // closed when Serve has returned
+	status  int           // valid after done
 
 	closeOnce sync.Once
 }
@@ -33,6 +34,21 @@ type PipeSession struct {
 // goroutine until the client closes W (or R, once the server writes), or
 // the server hangs up. The session is closed when the test ends.
 func (s *Server) Pipe(t testing.TB, name string) *PipeSession {
+	t.Helper()
+	return s.pipe(t, name, s.Serve)
+}
+
+// PipeDaemon is [Server.Pipe] for a worker protocol session
+// ([Server.ServeDaemon]), as a local `nix-daemon --stdio` child would
+// have.
+func (s *Server) PipeDaemon(t testing.TB, name string) *PipeSession {
+	t.Helper()
+	p := s.pipe(t, name, s.ServeDaemon)
+	p.program = "nix-daemon --stdio"
+	return p
+}
+
+func (s *Server) pipe(t testing.TB, name string, serve func(io.Reader, io.Writer, io.Writer) int) *PipeSession {
 	t.Helper()
 	cr, sw, err := os.Pipe() // server → client
 	if err != nil {
@@ -45,7 +61,7 @@ func (s *Server) Pipe(t testing.TB, name string) *PipeSession {
 	p := &PipeSession{Name: name, R: cr, W: cw, done: make(chan struct{})}
 	go func() {
 		defer close(p.done)
-		p.status = s.Serve(sr, sw, &p.stderr)
+		p.status = serve(sr, sw, &p.stderr)
 		// As when nix-store exits: the client sees its stdout end, and
 		// its writes fail.
 		sw.Close()
@@ -87,9 +103,9 @@ func (p *PipeSession) Explain(err error) error {
 	select {
 	case <-p.done:
 	case <-time.After(3 * time.Second):
-		return &transport.RemoteError{Name: p.Name, Err: err}
+		return &transport.RemoteError{Name: p.Name, Program: p.program, Err: err}
 	}
-	return &transport.RemoteError{Name: p.Name, Err: err, Stderr: errorText(p.stderr.String()),
+	return &transport.RemoteError{Name: p.Name, Program: p.program, Err: err, Stderr: errorText(p.stderr.String()),
 		Exit: fmt.Sprintf("exit status %d", p.status)}
 }
 

@@ -55,6 +55,9 @@ func (op Op) String() string {
 	case AddToStoreNar:
 		return "AddToStoreNar"
 	}
+	if name, ok := workerOpNames[op]; ok {
+		return name
+	}
 	return fmt.Sprintf("command %d", uint64(op))
 }
 
@@ -156,10 +159,24 @@ type Server struct {
 	// does not block: give the channel room.
 	Stalled chan<- Op
 
-	mu       sync.Mutex
-	paths    map[string]*Path
-	requests []Request
-	reload   func(s *Server) // before each command; see LocalStore
+	// DaemonVersion is the worker protocol version a daemon session
+	// ([Server.ServeDaemon]) announces; DefaultDaemonVersion if 0.
+	DaemonVersion uint64
+	// DaemonFeatures are the features a 1.38 daemon session offers.
+	DaemonFeatures []string
+	// NixVersion is the Nix version a daemon session reports; "2.34.8"
+	// if empty.
+	NixVersion string
+	// Trust is the trust flag a daemon session of 1.35+ sends: 0 unknown,
+	// 1 trusted, 2 not trusted (then BuildDerivation refuses
+	// input-addressed derivations, as Nix does).
+	Trust uint64
+
+	mu             sync.Mutex
+	daemonSettings []DaemonSettings
+	paths          map[string]*Path
+	requests       []Request
+	reload         func(s *Server) // before each command; see LocalStore
 }
 
 // Add makes a path valid in the server's store. A NarHash or NarSize left

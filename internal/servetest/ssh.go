@@ -49,6 +49,11 @@ type SSHServer struct {
 // remote store: transport.ServeCommand("", "").
 var ServeCommand = transport.ServeCommand("", "")
 
+// DaemonCommand is the command the client runs on an ssh-ng machine
+// without a remote store or program: transport.DaemonCommand("", "").
+// The SSH server answers it with [Server.ServeDaemon].
+var DaemonCommand = transport.DaemonCommand("", "")
+
 // StartSSH starts an SSH server for srv on 127.0.0.1 on a free port. It is
 // closed when the test ends.
 func StartSSH(t testing.TB, srv *Server) *SSHServer {
@@ -213,9 +218,12 @@ func (s *SSHServer) serveChannel(ch ssh.Channel, reqs <-chan *ssh.Request) {
 		go ssh.DiscardRequests(reqs)
 
 		status := 127
-		if cmd.Command == ServeCommand {
+		switch cmd.Command {
+		case ServeCommand:
 			status = s.srv.Serve(ch, ch, ch.Stderr())
-		} else {
+		case DaemonCommand:
+			status = s.srv.ServeDaemon(ch, ch, ch.Stderr())
+		default:
 			fmt.Fprintf(ch.Stderr(), "sh: 1: %s: not found\n", cmd.Command)
 		}
 		ch.CloseWrite()
