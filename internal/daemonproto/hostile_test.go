@@ -236,7 +236,7 @@ func TestHostileReplies(t *testing.T) {
 		want   string
 		remote bool // a RemoteError; the Conn stays usable
 	}{
-		{name: "absurd path count", op: servetest.WorkerQueryValidPaths, bytes: afterLog(enc().U64(1<<62).Bytes()),
+		{name: "absurd path count", op: servetest.WorkerQueryValidPaths, bytes: afterLog(enc().U64(1 << 62).Bytes()),
 			proto: true, want: "QueryValidPaths reply: count: 4611686018427387904 exceeds 1048576"},
 		{name: "path not asked about", op: servetest.WorkerQueryValidPaths, bytes: afterLog(enc().Strs([]string{fakePath("other")}).Bytes()),
 			proto: true, want: "was not asked about"},
@@ -269,7 +269,7 @@ func TestHostileReplies(t *testing.T) {
 		{name: "valid not a bool", op: servetest.WorkerQueryPathInfo, bytes: afterLog(enc().U64(2).Bytes()),
 			proto: true, want: "valid: bool value 2 is neither 0 nor 1"},
 		{name: "absurd references", op: servetest.WorkerQueryPathInfo,
-			bytes: afterLog(enc().U64(1).Str("", strings.Repeat("0", 64)).U64(1<<62).Bytes()),
+			bytes: afterLog(enc().U64(1).Str("", strings.Repeat("0", 64)).U64(1 << 62).Bytes()),
 			proto: true, want: "references: count: 4611686018427387904 exceeds 1048576"},
 		{name: "status 300", op: servetest.WorkerBuildDerivation, bytes: afterLog(enc().U64(300).Bytes()),
 			proto: true, want: "status: value 300 exceeds 255"},

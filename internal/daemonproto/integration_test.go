@@ -39,6 +39,7 @@ type daemon struct {
 	sess *transport.Session
 	conn *Conn
 	log  *logRecorder
+	rec  *recorder // with -update
 }
 
 // startDaemon runs `nix-daemon --stdio args…` of nix on store and shakes
@@ -46,7 +47,7 @@ type daemon struct {
 func startDaemon(t *testing.T, nix testbed.Nix, store string, args ...string) *daemon {
 	t.Helper()
 	cmd := nix.Command(store, nil, append([]string{"nix-daemon", "--stdio"}, args...)...)
-	sess, err := transport.LocalCmd(cmd, transport.Options{Name: "daemon " + nix.Version})
+	sess, err := transport.LocalCmd(cmd, transport.Options{Name: "daemon " + nix.Version, Program: "nix-daemon --stdio"})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -60,7 +61,13 @@ func startDaemon(t *testing.T, nix testbed.Nix, store string, args ...string) *d
 	d := &daemon{sess: sess, log: &logRecorder{}}
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	d.conn, err = Handshake(ctx, sess.Stdout(), sess.Stdin(), Options{
+	var r io.Reader = sess.Stdout()
+	var w io.Writer = sess.Stdin()
+	if *update {
+		d.rec = &recorder{r: r, w: w}
+		r, w = d.rec, d.rec
+	}
+	d.conn, err = Handshake(ctx, r, w, Options{
 		Log:     d.log.log,
 		Abort:   func() { sess.Close() },
 		Explain: sess.Explain,
@@ -82,21 +89,27 @@ func TestIntegration(t *testing.T) {
 	for _, nix := range testbed.All(t) {
 		t.Run(nix.Version, func(t *testing.T) {
 			t.Parallel()
-			integration(t, nix, system)
+			d := startDaemon(t, nix, testbed.NewStore(t))
+			integration(t, d, nix.Version, system)
+			if d.rec != nil && !t.Failed() {
+				d.rec.save(t, "testdata/session-"+nix.Version+".bin")
+			}
 		})
 	}
 }
 
-func integration(t *testing.T, nix testbed.Nix, system string) {
-	d := startDaemon(t, nix, testbed.NewStore(t))
+// integration is the script run against a real daemon and replayed
+// against its recording.
+func integration(t *testing.T, d *daemon, nixVersion, system string) {
 	c := d.conn
 	ctx := opCtx(t)
+	series := testbed.Nix{Version: nixVersion}.Series()
 
-	if want := wantVersion[nix.Series()]; c.Version() != want {
+	if want := wantVersion[series]; c.Version() != want {
 		t.Errorf("protocol %s, want %s", c.Version(), want)
 	}
-	if !strings.Contains(c.NixVersion(), nix.Version) {
-		t.Errorf("Nix version %q, want it to contain %q", c.NixVersion(), nix.Version)
+	if !strings.Contains(c.NixVersion(), nixVersion) {
+		t.Errorf("Nix version %q, want it to contain %q", c.NixVersion(), nixVersion)
 	}
 	wantTrust := Trusted
 	if c.Version().Minor() < 35 {
@@ -165,7 +178,7 @@ func integration(t *testing.T, nix testbed.Nix, system string) {
 
 	t.Run("BuildDerivation", func(t *testing.T) {
 		d.log.reset()
-		drvPath, drv := shDerivation(system, "daemonproto-hi-"+nix.Series(), "echo a log line; echo second line; echo hi > $out", infoA.Path)
+		drvPath, drv := shDerivation(system, "daemonproto-hi-"+series, "echo a log line; echo second line; echo hi > $out", infoA.Path)
 		res, err := c.BuildDerivation(ctx, drvPath, drv, BuildNormal)
 		if err != nil {
 			t.Fatal(err)
