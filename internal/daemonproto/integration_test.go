@@ -11,7 +11,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nix-offload/nix-offload/internal/machines"
 	"github.com/nix-offload/nix-offload/internal/serveproto"
+	"github.com/nix-offload/nix-offload/internal/sshconn"
 	"github.com/nix-offload/nix-offload/internal/testbed"
 	"github.com/nix-offload/nix-offload/internal/transport"
 )
@@ -323,6 +325,59 @@ func TestIntegrationUntrusted(t *testing.T) {
 			if err := c.AddMultipleToStore(ctx, []Item{{Info: ca, NAR: bytes.NewReader(caNAR)}}, true); err != nil {
 				t.Fatalf("content-addressed upload: %v", err)
 			}
+		})
+	}
+}
+
+// The same script over SSH, against builders whose key is restricted to
+// `nix-daemon --stdio` (authorized_keys command=…), as hardened ssh-ng
+// builders are.
+func TestIntegrationSSH(t *testing.T) {
+	system := nixSystem(t)
+	for _, nix := range testbed.All(t) {
+		t.Run(nix.Version, func(t *testing.T) {
+			t.Parallel()
+			b := testbed.StartBuilder(t, nix, testbed.WithDaemonOnly())
+			m := machines.Machine{Host: b.Addr, Port: b.Port, User: b.User, SSHKey: b.ClientKey, HostKey: b.HostKey, Protocol: machines.ProtocolSSHNG}
+			client, err := sshconn.Dial(context.Background(), sshconn.Resolve(m, nil))
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { client.Close() })
+			open := func(command string) *transport.Session {
+				s, err := transport.SSH(client.Client, command, transport.Options{Name: b.Name, Program: "nix-daemon --stdio"})
+				if err != nil {
+					t.Fatal(err)
+				}
+				t.Cleanup(func() { s.Close() })
+				return s
+			}
+
+			sess := open(transport.DaemonCommand("", ""))
+			d := &daemon{sess: sess, log: &logRecorder{}}
+			d.conn, err = HandshakeWithin(context.Background(), 30*time.Second, sess.Stdout(), sess.Stdin(), Options{
+				Log: d.log.log, Abort: func() { sess.Close() }, Explain: sess.Explain})
+			if err != nil {
+				t.Fatalf("Handshake: %v", err)
+			}
+			integration(t, d, nix.Version, system)
+
+			// The serve protocol on such a builder fails at once, and says
+			// why, instead of hanging.
+			t.Run("serve protocol refused", func(t *testing.T) {
+				s := open(transport.ServeCommand("", ""))
+				start := time.Now()
+				_, err := serveproto.HandshakeWithin(context.Background(), 20*time.Second, s.Stdout(), s.Stdin(),
+					serveproto.Options{Explain: s.Explain}, func() { s.Close() })
+				if err == nil {
+					t.Fatal("the serve handshake succeeded on a daemon-only builder")
+				}
+				var ng *serveproto.NoGreetingError
+				if errors.As(err, &ng) {
+					t.Fatalf("the serve handshake waited for its timeout: %v", err)
+				}
+				t.Logf("after %v: %v", time.Since(start).Round(time.Millisecond), err)
+			})
 		})
 	}
 }

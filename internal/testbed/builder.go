@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/ed25519"
 	"crypto/rand"
+	"encoding/binary"
 	"encoding/pem"
 	"errors"
 	"fmt"
@@ -39,6 +40,7 @@ type Builder struct {
 	Dir        string // the host's directory: Dir/nix is its store, sshd.log its sshd's log
 
 	nixConf  string   // the host's /etc/nix/nix.conf
+	forced   string   // WithForcedCommand: the command the client key is restricted to
 	wantNet  bool     // WithNetNS
 	net      *netLink // the host's network namespace and link; nil without WithNetNS
 	nixTmpfs int64    // WithNixTmpfs: size of the tmpfs that is the host's /nix; 0: Dir/nix
@@ -73,6 +75,20 @@ func WithNixConf(lines string) BuilderOption {
 func WithNetNS() BuilderOption {
 	return func(b *Builder) { b.wantNet = true }
 }
+
+// WithForcedCommand restricts the client key to command, as a hardened builder's
+// authorized_keys does (`command="nix-daemon --stdio",restrict ssh-ed25519 …`): whatever
+// the client asks to run, sshd runs command, with SSH_ORIGINAL_COMMAND set to the request.
+// Readiness is then checked by command's answer to the daemon protocol's greeting, so
+// command must be a `nix-daemon --stdio` (by name or path, with or without arguments).
+// [Builder.Run] and [Builder.SSH] run command too.
+func WithForcedCommand(command string) BuilderOption {
+	return func(b *Builder) { b.forced = command }
+}
+
+// WithDaemonOnly is WithForcedCommand("nix-daemon --stdio"): a builder that offers only
+// the daemon protocol, the usual hardening of an ssh-ng builder.
+func WithDaemonOnly() BuilderOption { return WithForcedCommand("nix-daemon --stdio") }
 
 // WithNixTmpfs makes the host's /nix a tmpfs of size bytes instead of Dir/nix, for a
 // builder whose disk fills up. The store then lives only in the host's mount namespace:
@@ -181,7 +197,7 @@ func (b *Builder) setUp() error {
 	files := []struct {
 		name, text string
 	}{
-		{"authorized_keys", clientKey + "\n"},
+		{"authorized_keys", b.authorizedKey(clientKey) + "\n"},
 		{"known_hosts", fmt.Sprintf("[%s]:%d %s\n", b.Addr, b.Port, b.HostKey)},
 		{"ssh_config", b.sshConfigBlock()},
 		{"sshd_config", b.sshdConfig()},
@@ -192,6 +208,15 @@ func (b *Builder) setUp() error {
 		}
 	}
 	return nil
+}
+
+// authorizedKey is the authorized_keys line of the client key: the key, restricted to the
+// forced command if there is one.
+func (b *Builder) authorizedKey(key string) string {
+	if b.forced == "" {
+		return key
+	}
+	return fmt.Sprintf("command=%q,restrict %s", b.forced, key)
 }
 
 // sshConfigBlock returns the "Host Name" block of an ssh_config that reaches b.
@@ -374,6 +399,9 @@ func (b *Builder) waitReady(done <-chan struct{}) error {
 		case <-time.After(10 * time.Millisecond):
 		}
 	}
+	if b.forced != "" {
+		return b.waitDaemonReady(ctx)
+	}
 	cmd := b.sshCommand(ctx, "nix-store", "--version")
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
@@ -382,6 +410,24 @@ func (b *Builder) waitReady(done <-chan struct{}) error {
 	}
 	if !strings.Contains(stdout.String(), b.Nix.Version) {
 		return fmt.Errorf("ssh %s nix-store --version printed %q, want Nix %s", b.Name, stdout.String(), b.Nix.Version)
+	}
+	return nil
+}
+
+// waitDaemonReady checks a forced `nix-daemon --stdio` by its greeting: the client's magic
+// and protocol 1.34 go in, the daemon's magic must come out; stdin then ends, and so does
+// the daemon.
+func (b *Builder) waitDaemonReady(ctx context.Context) error {
+	cmd := b.sshCommand(ctx)
+	var in [16]byte
+	binary.LittleEndian.PutUint64(in[:8], 0x6e697863)
+	binary.LittleEndian.PutUint64(in[8:], 1<<8|34)
+	var stdout, stderr bytes.Buffer
+	cmd.Stdin, cmd.Stdout, cmd.Stderr = bytes.NewReader(in[:]), &stdout, &stderr
+	_ = cmd.Run() // the daemon exits non-zero when its stdin ends mid-handshake
+	if out := stdout.Bytes(); len(out) < 8 || binary.LittleEndian.Uint64(out[:8]) != 0x6478696f {
+		return fmt.Errorf("ssh -F %s %s (forced command %q) did not answer the daemon protocol's greeting: stdout %q\n%s",
+			b.SSHConfig, b.Name, b.forced, stdout.Bytes(), stderr.Bytes())
 	}
 	return nil
 }
