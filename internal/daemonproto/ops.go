@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"maps"
 	"math"
 	"slices"
 	"strconv"
@@ -104,11 +105,7 @@ func (op *setOptionsOp) writeRequest(c *Conn, e *wire.Writer) error {
 	e.Uint64(0)  // printBuildTrace, obsolete
 	e.Uint64(0)  // buildCores: the machine's own setting
 	e.Bool(op.UseSubstitutes)
-	keys := make([]string, 0, len(op.overrides))
-	for k := range op.overrides {
-		keys = append(keys, k)
-	}
-	slices.Sort(keys)
+	keys := slices.Sorted(maps.Keys(op.overrides))
 	e.Uint64(uint64(len(keys)))
 	for _, k := range keys {
 		e.String(k)
@@ -522,7 +519,7 @@ func (*buildDerivationOp) opcode() uint64 { return opBuildDerivation }
 
 func (op *buildDerivationOp) writeRequest(c *Conn, e *wire.Writer) error {
 	e.String(op.DrvPath)
-	writeBasicDerivation(e, op.Drv)
+	serveproto.WriteBasicDerivation(e, op.Drv)
 	e.Uint64(uint64(op.Mode))
 	return nil
 }
@@ -533,41 +530,6 @@ func (op *buildDerivationOp) readReply(c *Conn, d *decoder) (err error) {
 	}
 	op.Result, err = readBuildResult(d, "", c.version)
 	return err
-}
-
-// writeBasicDerivation writes a derivation as nix 2.8.0
-// src/libstore/derivations.cc writeDerivation(Sink&, …) does, the same
-// layout as the serve protocol's: outputs by name (name, path, hashAlgo,
-// hash), inputSrcs as a set, platform, builder, args, env by key.
-func writeBasicDerivation(e *wire.Writer, drv serveproto.BasicDerivation) {
-	names := sortedKeys(drv.Outputs)
-	e.Uint64(uint64(len(names)))
-	for _, n := range names {
-		o := drv.Outputs[n]
-		e.String(n)
-		e.String(o.Path)
-		e.String(o.HashAlgo)
-		e.String(o.Hash)
-	}
-	e.Set(drv.InputSrcs)
-	e.String(drv.Platform)
-	e.String(drv.Builder)
-	e.Strings(drv.Args)
-	keys := sortedKeys(drv.Env)
-	e.Uint64(uint64(len(keys)))
-	for _, k := range keys {
-		e.String(k)
-		e.String(drv.Env[k])
-	}
-}
-
-func sortedKeys[V any](m map[string]V) []string {
-	keys := make([]string, 0, len(m))
-	for k := range m {
-		keys = append(keys, k)
-	}
-	slices.Sort(keys)
-	return keys
 }
 
 // readBuildResult reads a BuildResult (nix 2.34.8

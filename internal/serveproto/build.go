@@ -6,6 +6,8 @@ import (
 	"slices"
 	"strings"
 	"time"
+
+	"github.com/nix-offload/nix-offload/internal/wire"
 )
 
 // BasicDerivation is a derivation as the serve protocol sends it: without
@@ -74,17 +76,17 @@ func (o BuildOptions) wire(op string) (buildOptions, error) {
 // version (2.8 client: legacy-ssh-store.cc putBuildSettings; also nix
 // 2.28.0 src/libstore/serve-protocol.cc BuildOptions).
 func (o buildOptions) write(e *encoder, minor int) {
-	e.u64(o.maxSilentTime)
-	e.u64(o.buildTimeout)
+	e.Uint64(o.maxSilentTime)
+	e.Uint64(o.buildTimeout)
 	if minor >= 2 {
-		e.u64(o.MaxLogSize)
+		e.Uint64(o.MaxLogSize)
 	}
 	if minor >= 3 {
-		e.u64(0) // nrRepeats
-		e.u64(0) // enforceDeterminism
+		e.Uint64(0) // nrRepeats
+		e.Uint64(0) // enforceDeterminism
 	}
 	if minor >= 7 {
-		e.bool(o.KeepFailed)
+		e.Bool(o.KeepFailed)
 	}
 }
 
@@ -218,8 +220,8 @@ func (*buildDerivationOp) name() string     { return "BuildDerivation" }
 func (*buildDerivationOp) command() command { return cmdBuildDerivation }
 
 func (op *buildDerivationOp) writeRequest(e *encoder) error {
-	e.str(op.DrvPath)
-	writeBasicDerivation(e, op.Drv)
+	e.String(op.DrvPath)
+	WriteBasicDerivation(e, op.Drv)
 	op.Opts.write(e, op.minor)
 	return nil
 }
@@ -229,29 +231,30 @@ func (op *buildDerivationOp) readReply(d *decoder) (err error) {
 	return err
 }
 
-// writeBasicDerivation writes a derivation as nix 2.8.0
+// WriteBasicDerivation writes a derivation as nix 2.8.0
 // src/libstore/derivations.cc writeDerivation(Sink&, …) does: outputs by
 // name (name, path, hashAlgo, hash), inputSrcs as a set, platform,
-// builder, args, env by key.
-func writeBasicDerivation(e *encoder, drv BasicDerivation) {
+// builder, args, env by key. The serve and the daemon protocol
+// (internal/daemonproto) send it alike.
+func WriteBasicDerivation(e *wire.Writer, drv BasicDerivation) {
 	names := sortedKeys(drv.Outputs)
-	e.u64(uint64(len(names)))
+	e.Uint64(uint64(len(names)))
 	for _, n := range names {
 		o := drv.Outputs[n]
-		e.str(n)
-		e.str(o.Path)
-		e.str(o.HashAlgo)
-		e.str(o.Hash)
+		e.String(n)
+		e.String(o.Path)
+		e.String(o.HashAlgo)
+		e.String(o.Hash)
 	}
-	e.set(drv.InputSrcs)
-	e.str(drv.Platform)
-	e.str(drv.Builder)
-	e.strs(drv.Args)
+	e.Set(drv.InputSrcs)
+	e.String(drv.Platform)
+	e.String(drv.Builder)
+	e.Strings(drv.Args)
 	keys := sortedKeys(drv.Env)
-	e.u64(uint64(len(keys)))
+	e.Uint64(uint64(len(keys)))
 	for _, k := range keys {
-		e.str(k)
-		e.str(drv.Env[k])
+		e.String(k)
+		e.String(drv.Env[k])
 	}
 }
 
@@ -442,7 +445,7 @@ func (*buildPathsOp) name() string     { return "BuildPaths" }
 func (*buildPathsOp) command() command { return cmdBuildPaths }
 
 func (op *buildPathsOp) writeRequest(e *encoder) error {
-	e.strs(op.Paths)
+	e.Strings(op.Paths)
 	op.Opts.write(e, op.minor)
 	return nil
 }

@@ -11,6 +11,8 @@ import (
 	"math"
 	"sync/atomic"
 	"time"
+
+	"github.com/nix-offload/nix-offload/internal/wire"
 )
 
 // Handshake constants (nix 2.8.0 src/libstore/serve-protocol.hh).
@@ -140,8 +142,8 @@ func (*handshakeOp) name() string     { return "Handshake" }
 func (*handshakeOp) command() command { return 0 }
 
 func (*handshakeOp) writeRequest(e *encoder) error {
-	e.u64(serveMagic1)
-	e.u64(ClientVersion)
+	e.Uint64(serveMagic1)
+	e.Uint64(ClientVersion)
 	return nil
 }
 
@@ -254,19 +256,19 @@ func (c *Conn) do(op operation) error {
 	if err := c.Err(); err != nil {
 		return err
 	}
-	e := &encoder{w: c.w}
+	e := wire.NewWriter(c.w)
 	if cmd := op.command(); cmd != 0 {
-		e.u64(uint64(cmd))
+		e.Uint64(uint64(cmd))
 	}
 	err := op.writeRequest(e)
 	if err == nil {
-		err = e.flush()
+		err = e.Flush()
 	}
 	if err != nil {
-		if e.err != nil {
+		if e.Err() != nil {
 			// The transport writer failed, whatever the NAR copy
 			// reported on top of it.
-			err = &StreamError{Op: op.name(), Writing: true, Err: e.err}
+			err = &StreamError{Op: op.name(), Writing: true, Err: e.Err()}
 		}
 		return c.fail(err)
 	}

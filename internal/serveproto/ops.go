@@ -72,9 +72,9 @@ func (*queryValidPathsOp) name() string     { return "QueryValidPaths" }
 func (*queryValidPathsOp) command() command { return cmdQueryValidPaths }
 
 func (op *queryValidPathsOp) writeRequest(e *encoder) error {
-	e.bool(op.Lock)
-	e.bool(op.Substitute)
-	e.set(op.Paths)
+	e.Bool(op.Lock)
+	e.Bool(op.Substitute)
+	e.Set(op.Paths)
 	return nil
 }
 
@@ -115,7 +115,7 @@ func (*queryPathInfosOp) name() string     { return "QueryPathInfos" }
 func (*queryPathInfosOp) command() command { return cmdQueryPathInfos }
 
 func (op *queryPathInfosOp) writeRequest(e *encoder) error {
-	e.set(op.Paths)
+	e.Set(op.Paths)
 	return nil
 }
 
@@ -218,8 +218,8 @@ func (*queryClosureOp) name() string     { return "QueryClosure" }
 func (*queryClosureOp) command() command { return cmdQueryClosure }
 
 func (op *queryClosureOp) writeRequest(e *encoder) error {
-	e.bool(op.IncludeOutputs)
-	e.set(op.Paths)
+	e.Bool(op.IncludeOutputs)
+	e.Set(op.Paths)
 	return nil
 }
 
@@ -264,7 +264,7 @@ func (*dumpStorePathOp) name() string     { return "DumpStorePath" }
 func (*dumpStorePathOp) command() command { return cmdDumpStorePath }
 
 func (op *dumpStorePathOp) writeRequest(e *encoder) error {
-	e.str(op.Path)
+	e.String(op.Path)
 	return nil
 }
 
@@ -340,14 +340,14 @@ func (*importPathsOp) command() command { return cmdImportPaths }
 func (op *importPathsOp) writeRequest(e *encoder) error {
 	for i, it := range op.Items {
 		what := fmt.Sprintf("item %d (%s)", i, it.Info.Path)
-		e.u64(1)
-		if e.err != nil {
+		e.Uint64(1)
+		if e.Err() != nil {
 			return nil
 		}
 		r := &recordingReader{r: it.NAR}
 		st, err := nar.Copy(e, r, nar.DefaultLimits)
 		if err != nil {
-			if e.err != nil {
+			if e.Err() != nil {
 				return err // do reports the transport's error
 			}
 			return fmt.Errorf("serveproto: ImportPaths: %s: NAR: %w", what, err)
@@ -355,13 +355,13 @@ func (op *importPathsOp) writeRequest(e *encoder) error {
 		if err := checkStats(it.Info, st, false); err != nil {
 			return fmt.Errorf("serveproto: ImportPaths: %s: %w", what, err)
 		}
-		e.u64(exportMagic)
-		e.str(it.Info.Path)
-		e.set(it.Info.References)
-		e.str(it.Info.Deriver)
-		e.u64(0)
+		e.Uint64(exportMagic)
+		e.String(it.Info.Path)
+		e.Set(it.Info.References)
+		e.String(it.Info.Deriver)
+		e.Uint64(0)
 	}
-	e.u64(0)
+	e.Uint64(0)
 	return nil
 }
 
@@ -434,16 +434,16 @@ func (*addToStoreNarOp) command() command { return cmdAddToStoreNar }
 
 func (op *addToStoreNarOp) writeRequest(e *encoder) error {
 	info := op.Info
-	e.str(info.Path)
-	e.str(info.Deriver)
-	e.str(op.hexHash)
-	e.set(info.References)
-	e.u64(uint64(info.RegistrationTime))
-	e.u64(info.NarSize)
-	e.bool(info.Ultimate)
-	e.set(info.Sigs)
-	e.str(info.CA)
-	if e.err != nil {
+	e.String(info.Path)
+	e.String(info.Deriver)
+	e.String(op.hexHash)
+	e.Set(info.References)
+	e.Uint64(uint64(info.RegistrationTime))
+	e.Uint64(info.NarSize)
+	e.Bool(info.Ultimate)
+	e.Set(info.Sigs)
+	e.String(info.CA)
+	if e.Err() != nil {
 		return nil
 	}
 	rr := &recordingReader{r: op.r}
@@ -451,7 +451,7 @@ func (op *addToStoreNarOp) writeRequest(e *encoder) error {
 	st, err := nar.Copy(e, lr, nar.DefaultLimits)
 	if err != nil {
 		switch {
-		case e.err != nil:
+		case e.Err() != nil:
 			return err // do reports the transport's error
 		case lr.N == 0 && rr.err == nil:
 			return fmt.Errorf("serveproto: AddToStoreNar: %s: NAR is longer than NarSize %d: %w", info.Path, info.NarSize, err)

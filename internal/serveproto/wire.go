@@ -2,12 +2,10 @@ package serveproto
 
 import (
 	"bufio"
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
 	"math"
-	"slices"
 
 	"github.com/nix-offload/nix-offload/internal/wire"
 )
@@ -70,79 +68,9 @@ const (
 // serve protocol sends full paths, so both sides must use the same one.
 const StoreDir = "/nix/store"
 
-// encoder writes one request to the buffered transport writer. The first
-// error is kept and later writes are skipped; flush reports it.
-type encoder struct {
-	w   *bufio.Writer
-	err error
-	buf [8]byte
-}
-
-func (e *encoder) Write(p []byte) (int, error) {
-	if e.err != nil {
-		return 0, e.err
-	}
-	n, err := e.w.Write(p)
-	if err != nil {
-		e.err = err
-	}
-	return n, err
-}
-
-func (e *encoder) u64(v uint64) {
-	binary.LittleEndian.PutUint64(e.buf[:], v)
-	e.Write(e.buf[:])
-}
-
-func (e *encoder) bool(b bool) {
-	if b {
-		e.u64(1)
-	} else {
-		e.u64(0)
-	}
-}
-
-var zeroPad [8]byte
-
-func (e *encoder) str(s string) {
-	e.u64(uint64(len(s)))
-	if e.err != nil {
-		return
-	}
-	if _, err := e.w.WriteString(s); err != nil {
-		e.err = err
-		return
-	}
-	if p := wire.PadLen(uint64(len(s))); p > 0 {
-		e.Write(zeroPad[:p])
-	}
-}
-
-// strs writes a list in the given order.
-func (e *encoder) strs(ss []string) {
-	e.u64(uint64(len(ss)))
-	for _, s := range ss {
-		e.str(s)
-	}
-}
-
-// set writes a set as Nix does: sorted byte-wise, without duplicates.
-func (e *encoder) set(ss []string) {
-	e.strs(sortedSet(ss))
-}
-
-func (e *encoder) flush() error {
-	if e.err == nil {
-		e.err = e.w.Flush()
-	}
-	return e.err
-}
-
-func sortedSet(ss []string) []string {
-	s := slices.Clone(ss)
-	slices.Sort(s)
-	return slices.Compact(s)
-}
+// encoder writes one request to the buffered transport writer: a
+// [wire.Writer], which keeps the first error and skips later writes.
+type encoder = wire.Writer
 
 // decoder reads one reply from the buffered transport reader. Its errors
 // name the operation and the field: a read that fails is a *StreamError

@@ -12,6 +12,8 @@ import (
 	"time"
 
 	"github.com/google/go-cmp/cmp"
+
+	"github.com/nix-offload/nix-offload/internal/wire"
 )
 
 // The golden files are Nix's own (testdata/README.md): reading them must
@@ -21,9 +23,9 @@ import (
 func encode(f func(e *encoder)) []byte {
 	var buf bytes.Buffer
 	w := bufio.NewWriter(&buf)
-	e := &encoder{w: w}
+	e := wire.NewWriter(w)
 	f(e)
-	if err := e.flush(); err != nil {
+	if err := e.Flush(); err != nil {
 		panic(err)
 	}
 	return buf.Bytes()
@@ -50,7 +52,7 @@ func TestGoldenString(t *testing.T) {
 	}
 	if enc := encode(func(e *encoder) {
 		for _, s := range want {
-			e.str(s)
+			e.String(s)
 		}
 	}); !bytes.Equal(enc, b) {
 		t.Errorf("encoding differs from golden file")
@@ -69,7 +71,7 @@ func TestGoldenStorePath(t *testing.T) {
 	if !atEOF(d) {
 		t.Error("bytes left over")
 	}
-	if enc := encode(func(e *encoder) { e.str(pathFoo); e.str(pathFooBar) }); !bytes.Equal(enc, b) {
+	if enc := encode(func(e *encoder) { e.String(pathFoo); e.String(pathFooBar) }); !bytes.Equal(enc, b) {
 		t.Errorf("encoding differs from golden file")
 	}
 }
@@ -82,8 +84,8 @@ func TestGoldenSetAndVector(t *testing.T) {
 		third []string
 		write func(e *encoder, ss []string)
 	}{
-		{"set.bin", []string{"", "bar", "foo"}, (*encoder).set},
-		{"vector.bin", []string{"", "foo", "bar"}, (*encoder).strs},
+		{"set.bin", []string{"", "bar", "foo"}, (*encoder).Set},
+		{"vector.bin", []string{"", "foo", "bar"}, (*encoder).Strings},
 	} {
 		t.Run(tc.file, func(t *testing.T) {
 			b := golden(t, tc.file)
@@ -118,7 +120,7 @@ func TestGoldenSetAndVector(t *testing.T) {
 				tc.write(e, nil)
 				tc.write(e, []string{""})
 				tc.write(e, []string{"", "foo", "bar"})
-				e.u64(3)
+				e.Uint64(3)
 				tc.write(e, nil)
 				tc.write(e, []string{""})
 				tc.write(e, []string{"", "1", "2"})
