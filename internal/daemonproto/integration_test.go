@@ -381,3 +381,66 @@ func TestIntegrationSSH(t *testing.T) {
 		})
 	}
 }
+
+// What Nix's build-remote does for an untrusted user and an
+// input-addressed derivation: copy the .drv (content-addressed, so it
+// needs no signature) and build it with BuildPathsWithResults. The .drv
+// comes from a local store of the same Nix, read with this client too.
+func TestIntegrationUntrustedBuildPaths(t *testing.T) {
+	system := nixSystem(t)
+	for _, nix := range testbed.All(t) {
+		if nix.Series() == "2.8" {
+			continue // no --force-untrusted
+		}
+		t.Run(nix.Version, func(t *testing.T) {
+			t.Parallel()
+			ctx := opCtx(t)
+			local := testbed.NewStore(t)
+			expr := `derivation { name = "daemonproto-untrusted-ia"; system = "` + system + `"; builder = "/bin/sh"; ` +
+				`args = [ "-c" "echo building as an untrusted user; echo ok > $out" ]; }`
+			out, err := nix.Command(local, nil, "nix-instantiate", "-E", expr).Output()
+			if err != nil {
+				t.Fatalf("nix-instantiate: %v", err)
+			}
+			drvPath := strings.TrimSpace(string(out))
+			ld := startDaemon(t, nix, local)
+			info, ok, err := ld.conn.QueryPathInfo(ctx, drvPath)
+			if err != nil || !ok || !strings.HasPrefix(info.CA, "text:") {
+				t.Fatalf("local %s: %+v, %v, %v", drvPath, info, ok, err)
+			}
+			var narBuf bytes.Buffer
+			if _, err := ld.conn.NarFromPath(ctx, info, &narBuf); err != nil {
+				t.Fatal(err)
+			}
+
+			rd := startDaemon(t, nix, testbed.NewStore(t), "--extra-experimental-features", "daemon-trust-override", "--force-untrusted")
+			if err := rd.conn.AddMultipleToStore(ctx, []Item{{Info: info, NAR: &narBuf}}, true); err != nil {
+				t.Fatalf("uploading the .drv: %v", err)
+			}
+			p := drvPath + "!out"
+			res, err := rd.conn.BuildPathsWithResults(ctx, []string{p}, BuildNormal)
+			if err != nil {
+				t.Fatal(err)
+			}
+			r, ok := res[p]
+			if !ok || r.Status != serveproto.Built {
+				t.Fatalf("results %+v", res)
+			}
+			if lines := rd.log.lines(); !slices.Contains(lines, "building as an untrusted user") {
+				t.Errorf("build log lines %q", lines)
+			}
+			outPath := r.BuiltOutputs["out"]
+			oi, ok, err := rd.conn.QueryPathInfo(ctx, outPath)
+			if err != nil || !ok {
+				t.Fatalf("output %q: %v, %v (results %+v)", outPath, ok, err, r)
+			}
+			var got bytes.Buffer
+			if _, err := rd.conn.NarFromPath(ctx, oi, &got); err != nil {
+				t.Fatal(err)
+			}
+			if want := fileNAR(t, "ok\n"); !bytes.Equal(got.Bytes(), want) {
+				t.Errorf("output NAR differs")
+			}
+		})
+	}
+}
