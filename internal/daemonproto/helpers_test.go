@@ -3,7 +3,6 @@ package daemonproto
 import (
 	"bytes"
 	"crypto/sha256"
-	"encoding/binary"
 	"sync"
 	"testing"
 
@@ -19,37 +18,6 @@ import (
 func TestMain(m *testing.M) {
 	goleak.VerifyTestMain(m)
 }
-
-// wb builds wire bytes for tests: the encoding is written out here by
-// hand, independently of wire.Writer.
-type wb struct{ bytes.Buffer }
-
-func (b *wb) u(vs ...uint64) *wb {
-	for _, v := range vs {
-		b.Write(binary.LittleEndian.AppendUint64(nil, v))
-	}
-	return b
-}
-
-// s writes each string with its length and padding.
-func (b *wb) s(ss ...string) *wb {
-	for _, s := range ss {
-		b.u(uint64(len(s)))
-		b.WriteString(s)
-		b.Write(make([]byte, (8-len(s)%8)%8))
-	}
-	return b
-}
-
-// list writes a count and the strings.
-func (b *wb) list(ss ...string) *wb {
-	b.u(uint64(len(ss)))
-	return b.s(ss...)
-}
-
-func (b *wb) raw(p []byte) *wb { b.Write(p); return b }
-
-func (b *wb) b() []byte { return bytes.Clone(b.Bytes()) }
 
 // fakePath returns a well-formed store path whose hash part is derived
 // from name.

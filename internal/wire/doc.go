@@ -1,9 +1,10 @@
-// Package wire reads the primitives of Nix's wire format, the serialisation
+// Package wire reads and writes the primitives of Nix's wire format, the serialisation
 // that nix-daemon, `nix-store --serve` and the build hook all speak, as in
 // NixOS/nix 2.8.0 src/libutil/serialise.cc (writeString, readString,
 // readPadding, readStrings) and src/libutil/serialise.hh (readNum). It knows
 // no protocol: packages serveproto and hookproto read their messages with
-// it, name the fields and choose the limits.
+// it, name the fields and choose the limits; [Writer] writes their
+// requests (serveproto and daemonproto).
 //
 // # The format
 //
