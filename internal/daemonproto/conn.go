@@ -115,7 +115,7 @@ type Conn struct {
 	daemonVersion Version // as the daemon announced it
 	nixVersion    string
 	trust         Trust
-	features      []string
+	features      []string // offered by the daemon
 
 	err    error // sticky: the error that broke the Conn
 	closed atomic.Bool
@@ -275,6 +275,10 @@ func (c *Conn) Trust() Trust { return c.trust }
 // this client offers none.
 func (c *Conn) Features() []string { return nil }
 
+// DaemonFeatures returns the features the daemon offered (protocol 1.38),
+// for reports such as `check`.
+func (c *Conn) DaemonFeatures() []string { return c.features }
+
 // Err returns the error that broke the Conn, [ErrClosed] after Close, or
 // nil while the Conn is usable.
 func (c *Conn) Err() error {
@@ -360,6 +364,11 @@ func (c *Conn) do(ctx context.Context, op operation) error {
 		return c.fail(err)
 	}
 	err = op.readReply(c, newDecoder(c.r, op.name(), abortErr))
+	if cause := abortErr(); err == nil && cause != nil {
+		// The reply arrived as the context ended: the transport is
+		// closed under the Conn all the same.
+		err = &StreamError{Op: op.name(), Err: fmt.Errorf("%w (the transport was closed)", cause)}
+	}
 	var re *RemoteError
 	if errors.As(err, &re) && op.opcode() != 0 {
 		return err // in band: the daemon serves the next request

@@ -56,6 +56,11 @@
 //   - AddMultipleToStore's stream is framed: u64 length and bytes with no
 //     padding, ended by an empty frame. The path records inside use the
 //     protocol 1.16 layout whatever the connection's version.
+//   - Nix's client reads the log on a second thread while it sends
+//     frames; this client sends all frames first and then reads. The
+//     daemon logs only a few messages while it adds paths, far less than
+//     a pipe holds, and drains the frames after a failure before it sends
+//     STDERR_ERROR (FramedSource), so neither side waits for the other.
 //   - narHash is sent and received as base 16 without a prefix; PathInfo
 //     carries "sha256:<nix32>" as serveproto's does.
 //   - STDERR_READ and STDERR_WRITE are refused ([Conn] never sends a

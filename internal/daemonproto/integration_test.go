@@ -245,6 +245,24 @@ func integration(t *testing.T, d *daemon, nixVersion, system string) {
 		t.Logf("timed out after %v: %q", time.Since(start), res.ErrorMsg)
 	})
 
+	t.Run("BuildDerivation log limit", func(t *testing.T) {
+		if err := c.SetOptions(ctx, Settings{MaxLogSize: 64}); err != nil {
+			t.Fatal(err)
+		}
+		drvPath, drv := shDerivation(system, "daemonproto-chatty", "i=0; while [ $i -lt 100 ]; do echo line $i; i=$((i+1)); done; echo x > $out")
+		res, err := c.BuildDerivation(ctx, drvPath, drv, BuildNormal)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if res.Status != serveproto.LogLimitExceeded {
+			t.Errorf("got %+v, want LogLimitExceeded", res)
+		}
+		t.Logf("log limit: %q", res.ErrorMsg)
+		if err := c.SetOptions(ctx, Settings{}); err != nil {
+			t.Fatal(err)
+		}
+	})
+
 	t.Run("BuildPathsWithResults missing", func(t *testing.T) {
 		p := fakePath("daemonproto-nothere.drv") + "!out"
 		res, err := c.BuildPathsWithResults(ctx, []string{p}, BuildNormal)

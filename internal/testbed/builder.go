@@ -9,6 +9,7 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"io"
 	mrand "math/rand/v2"
 	"net"
 	"os"
@@ -415,19 +416,34 @@ func (b *Builder) waitReady(done <-chan struct{}) error {
 }
 
 // waitDaemonReady checks a forced `nix-daemon --stdio` by its greeting: the client's magic
-// and protocol 1.34 go in, the daemon's magic must come out; stdin then ends, and so does
-// the daemon.
+// and protocol 1.34 go in, the daemon's magic must come out. Only then does stdin end (the
+// daemon stops at once when its stdin hangs up, even before it greets), and the daemon with it.
 func (b *Builder) waitDaemonReady(ctx context.Context) error {
 	cmd := b.sshCommand(ctx)
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		return err
+	}
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		return err
+	}
+	if err := cmd.Start(); err != nil {
+		return err
+	}
 	var in [16]byte
 	binary.LittleEndian.PutUint64(in[:8], 0x6e697863)
 	binary.LittleEndian.PutUint64(in[8:], 1<<8|34)
-	var stdout, stderr bytes.Buffer
-	cmd.Stdin, cmd.Stdout, cmd.Stderr = bytes.NewReader(in[:]), &stdout, &stderr
-	_ = cmd.Run() // the daemon exits non-zero when its stdin ends mid-handshake
-	if out := stdout.Bytes(); len(out) < 8 || binary.LittleEndian.Uint64(out[:8]) != 0x6478696f {
-		return fmt.Errorf("ssh -F %s %s (forced command %q) did not answer the daemon protocol's greeting: stdout %q\n%s",
-			b.SSHConfig, b.Name, b.forced, stdout.Bytes(), stderr.Bytes())
+	var out [8]byte
+	_, werr := stdin.Write(in[:])
+	n, rerr := io.ReadFull(stdout, out[:])
+	stdin.Close()
+	_ = cmd.Wait() // the daemon exits non-zero when its stdin ends mid-handshake
+	if werr != nil || rerr != nil || binary.LittleEndian.Uint64(out[:]) != 0x6478696f {
+		return fmt.Errorf("ssh -F %s %s (forced command %q) did not answer the daemon protocol's greeting: stdout %q (%v, %v)\n%s",
+			b.SSHConfig, b.Name, b.forced, out[:n], werr, rerr, stderr.Bytes())
 	}
 	return nil
 }
