@@ -54,6 +54,7 @@ func FuzzParse(f *testing.F) {
 		f.Add(b)
 	}
 	f.Add([]byte(machine + "paralel-builds = 0\nspeed = nan\n"))
+	f.Add([]byte(machine + "protocol = \"ssh-ng\"\nremote-program = \"/nix/var/nix/profiles/default/bin/nix-daemon\"\n"))
 	f.Add([]byte("a = \"\"\"\n[[machine]]\n\"\"\"\nmachine = [{host=\"b\",systems=[\"x\"]},{}]\n"))
 	f.Fuzz(func(t *testing.T, data []byte) {
 		indexKeys(string(data)) // also on text the decoder rejects
@@ -90,6 +91,7 @@ func FuzzParseBuilders(f *testing.F) {
 	f.Add("ssh://root@b1 x86_64-linux,i686-linux /k 8 2 kvm,big-parallel benchmark "+testKeyB64, "")
 	f.Add("@/inc # ; @/self\nb2 - - - 0", "@/inc\n@/self\nb3")
 	f.Add("ssh://[fd00::1]:22?remote-store=/x - - 0 -0", "@")
+	f.Add("ssh-ng://mac?remote-program=/nix/var/nix/profiles/default/bin/nix-daemon aarch64-darwin ; ssh://m?remote-program=", "")
 	f.Fuzz(func(t *testing.T, spec, inc string) {
 		read := func(name string) ([]byte, error) {
 			switch name {
