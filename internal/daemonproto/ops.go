@@ -477,7 +477,7 @@ func (c *Conn) BuildDerivation(ctx context.Context, drvPath string, drv servepro
 	if mode > BuildCheck {
 		return nil, fmt.Errorf("daemonproto: %s: build mode %d", opName, mode)
 	}
-	if c.Err() == nil && c.trust == NotTrusted && inputAddressed(drv) {
+	if c.Err() == nil && c.trust == NotTrusted && InputAddressed(drv) {
 		return nil, &UntrustedError{Op: opName, DrvPath: drvPath}
 	}
 	op := &buildDerivationOp{DrvPath: drvPath, Drv: drv, Mode: mode}
@@ -487,10 +487,11 @@ func (c *Conn) BuildDerivation(ctx context.Context, drvPath string, drv servepro
 	return &op.Result, nil
 }
 
-// inputAddressed reports whether the daemon would take drv for an
-// input-addressed derivation: one with an output whose path is set and
-// that has no hash algorithm (DerivationOutput's comment in serveproto).
-func inputAddressed(drv serveproto.BasicDerivation) bool {
+// InputAddressed reports whether the daemon takes drv for an
+// input-addressed derivation, which it builds with BuildDerivation only
+// for a trusted user: one with an output whose path is set and that has
+// no hash algorithm (DerivationOutput's comment in serveproto).
+func InputAddressed(drv serveproto.BasicDerivation) bool {
 	for _, o := range drv.Outputs {
 		if o.Path != "" && o.HashAlgo == "" {
 			return true

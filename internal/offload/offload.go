@@ -226,26 +226,9 @@ func sendOne(conn *serveproto.Conn, local Local, info serveproto.PathInfo) error
 // fetchOutputs asks the machine for the wanted outputs' metadata and has
 // the local store fetch and register them.
 func fetchOutputs(conn *serveproto.Conn, local Local, job Job, res *serveproto.BuildResult, ev Events) error {
-	names := job.WantedOutputs
-	if len(names) == 0 {
-		for n := range job.Drv.Outputs {
-			names = append(names, n)
-		}
-		sort.Strings(names)
-	}
-	var paths []string
-	for _, n := range names {
-		p := ""
-		if o, ok := job.Drv.Outputs[n]; ok {
-			p = o.Path
-		}
-		if p == "" {
-			p = res.BuiltOutputs[n]
-		}
-		if p == "" {
-			return fmt.Errorf("the machine did not say where output '%s' is", n)
-		}
-		paths = append(paths, p)
+	paths, err := outputPaths(job, res)
+	if err != nil {
+		return err
 	}
 	// Nix hands the hook only outputs that are not valid here, and
 	// AddOutputs skips any that are: no local query first.
@@ -277,6 +260,34 @@ func fetchOutputs(conn *serveproto.Conn, local Local, job Job, res *serveproto.B
 		return fmt.Errorf("outputs not valid after import: %s", strings.Join(lost, ", "))
 	}
 	return nil
+}
+
+// outputPaths returns the store paths of the wanted outputs (all if none
+// is named): from the derivation, or for floating content-addressed ones
+// from the build result.
+func outputPaths(job Job, res *serveproto.BuildResult) ([]string, error) {
+	names := job.WantedOutputs
+	if len(names) == 0 {
+		for n := range job.Drv.Outputs {
+			names = append(names, n)
+		}
+		sort.Strings(names)
+	}
+	var paths []string
+	for _, n := range names {
+		p := ""
+		if o, ok := job.Drv.Outputs[n]; ok {
+			p = o.Path
+		}
+		if p == "" {
+			p = res.BuiltOutputs[n]
+		}
+		if p == "" {
+			return nil, fmt.Errorf("the machine did not say where output '%s' is", n)
+		}
+		paths = append(paths, p)
+	}
+	return paths, nil
 }
 
 // inputSrcs is what the machine must have before building: as Nix's hook
