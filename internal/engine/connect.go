@@ -10,6 +10,7 @@ import (
 
 	sshconfig "github.com/kevinburke/ssh_config"
 
+	"github.com/nix-offload/nix-offload/internal/daemonproto"
 	"github.com/nix-offload/nix-offload/internal/machines"
 	"github.com/nix-offload/nix-offload/internal/serveproto"
 	"github.com/nix-offload/nix-offload/internal/sshconn"
@@ -43,7 +44,8 @@ func OpenServe(ctx context.Context, client *sshconn.Client, command string, time
 	return sess, conn, nil
 }
 
-// Connect dials m and opens a serve session on a connection of its own,
+// Connect dials m and opens a serve session on a connection of its own
+// (a daemon protocol session for an ssh-ng machine, a [DaemonSession]),
 // the hook alone's one-use session; closeConn ends the connection. stderr,
 // if not nil, receives the session's stderr before a Gate is set.
 func Connect(ctx context.Context, m machines.Machine, stderr io.Writer) (s Session, closeConn func(), err error) {
@@ -51,6 +53,15 @@ func Connect(ctx context.Context, m machines.Machine, stderr io.Writer) (s Sessi
 	client, err := sshconn.Dial(ctx, target)
 	if err != nil {
 		return nil, nil, err
+	}
+	if m.ProtocolOrDefault() == machines.ProtocolSSHNG {
+		ds, err := OpenDaemon(ctx, client, transport.DaemonCommand(m.RemoteProgram, m.RemoteStore), target.ConnectTimeout, m.Name())
+		if err != nil {
+			client.Close()
+			return nil, nil, err
+		}
+		ds.SetLog(stderr)
+		return ds, func() { client.Close() }, nil
 	}
 	ls := &LogSwitch{}
 	ls.Set(stderr)
@@ -102,3 +113,68 @@ func (l *LogSwitch) Set(w io.Writer) {
 	l.w = w
 	l.mu.Unlock()
 }
+
+// DaemonSession is a Session on an ssh-ng machine: the daemon protocol
+// client instead of a serve one (its Conn is nil). The engine builds on it
+// with offload.RunDaemon.
+type DaemonSession interface {
+	Session
+	DaemonConn() *daemonproto.Conn
+}
+
+// OpenDaemon starts `nix-daemon --stdio` (command) on client and shakes
+// hands with it within timeout, as [OpenServe] does for the serve
+// protocol: a machine that never greets gets its connection closed. The
+// daemon's log lines go to the returned session's log (SetLog).
+func OpenDaemon(ctx context.Context, client *sshconn.Client, command string, timeout time.Duration, name string) (DaemonSession, error) {
+	if timeout <= 0 {
+		timeout = sshconn.DefaultConnectTimeout
+	}
+	sess, err := transport.SSH(client.Client, command, transport.Options{Name: name, Program: "nix-daemon --stdio"})
+	if err != nil {
+		return nil, err
+	}
+	ds := &daemonSession{ts: sess, client: client, log: &LogSwitch{}}
+	conn, err := daemonproto.HandshakeWithin(ctx, timeout, sess.Stdout(), sess.Stdin(), daemonproto.Options{
+		Log: ds.message,
+		// A context that ends mid-operation closes the connection: the
+		// pipes have no deadlines, and sshd may not signal a forced
+		// command.
+		Abort:   func() { client.Close() },
+		Explain: sess.Explain,
+	})
+	if late := (*daemonproto.NoGreetingError)(nil); errors.As(err, &late) {
+		err = fmt.Errorf("%s: %w", name, err)
+	}
+	if err != nil {
+		sess.Close()
+		return nil, err
+	}
+	ds.conn = conn
+	return ds, nil
+}
+
+// daemonSession is a daemon protocol session on a connection of its own.
+type daemonSession struct {
+	ts     *transport.Session
+	conn   *daemonproto.Conn
+	client *sshconn.Client
+	log    *LogSwitch // the build log: the daemon's text and build log lines
+}
+
+// message writes what the daemon says to the log: its text as it is,
+// build output one line each.
+func (s *daemonSession) message(m daemonproto.Message) {
+	if line, ok := m.LogLine(); ok {
+		io.WriteString(s.log, line+"\n")
+	} else if m.Kind == daemonproto.Next {
+		io.WriteString(s.log, m.Text)
+	}
+}
+
+func (s *daemonSession) Conn() *serveproto.Conn        { return nil }
+func (s *daemonSession) DaemonConn() *daemonproto.Conn { return s.conn }
+func (s *daemonSession) SetLog(w io.Writer)            { s.log.Set(w) }
+func (s *daemonSession) StderrIsLog()                  { s.ts.StderrIsLog() }
+func (s *daemonSession) Lost() error                   { return s.client.Lost() }
+func (s *daemonSession) Close()                        { s.ts.Close() }

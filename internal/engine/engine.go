@@ -145,7 +145,15 @@ func attempt(ctx context.Context, l Lease, b *Build) error {
 	}
 	ev := b.Events
 	fetching := false
-	err := offload.Run(bctx, s.Conn(), markLocal{b.Local}, job, offload.Events{
+	run := func(ctx context.Context, local offload.Local, job offload.Job, ev offload.Events) error {
+		return offload.Run(ctx, s.Conn(), local, job, ev)
+	}
+	if ds, ok := s.(DaemonSession); ok {
+		run = func(ctx context.Context, local offload.Local, job offload.Job, ev offload.Events) error {
+			return offload.RunDaemon(ctx, ds.DaemonConn(), local, job, ev)
+		}
+	}
+	err := run(bctx, markLocal{b.Local}, job, offload.Events{
 		Copying: func(n int, bytes uint64) {
 			if ev.Copying != nil {
 				ev.Copying(m, n, bytes)

@@ -6,6 +6,7 @@ import (
 	"net"
 	"os/exec"
 
+	"github.com/nix-offload/nix-offload/internal/daemonproto"
 	"github.com/nix-offload/nix-offload/internal/offload"
 	"github.com/nix-offload/nix-offload/internal/serveproto"
 	"github.com/nix-offload/nix-offload/internal/sshconn"
@@ -46,7 +47,8 @@ func RetryElsewhere(err error) bool {
 func streamLost(err error) bool {
 	var re *transport.RemoteError
 	var se *serveproto.StreamError
-	return errors.As(err, &re) || errors.As(err, &se) || errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF)
+	var dse *daemonproto.StreamError
+	return errors.As(err, &re) || errors.As(err, &se) || errors.As(err, &dse) || errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF)
 }
 
 // exitCommandNotFound is the status a shell gives a command it cannot find.

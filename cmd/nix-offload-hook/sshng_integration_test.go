@@ -1,0 +1,104 @@
+package main
+
+import (
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/nix-offload/nix-offload/internal/testbed"
+)
+
+// ssh-ng machines, with the hook working alone, against builders whose
+// key is restricted to `nix-daemon --stdio`: every local Nix against
+// every builder Nix of the bed, a failing and a silent build.
+
+const sshNG = `protocol = "ssh-ng"`
+
+func TestHookSSHNGAllPairings(t *testing.T) {
+	nixes := testbed.All(t)
+	builders := map[string]*testbed.Builder{}
+	for _, n := range nixes {
+		builders[n.Version] = testbed.StartBuilder(t, n, testbed.WithDaemonOnly())
+	}
+	for _, local := range nixes {
+		for _, remote := range nixes {
+			t.Run(fmt.Sprintf("local %s to builder %s", local.Version, remote.Version), func(t *testing.T) {
+				b := builders[remote.Version]
+				env := newOffloadEnv(t, sshNG, b)
+				store := testbed.NewStore(t)
+				expr := env.writeExpr(t, graphExpr(randomHex(8)))
+				out, errOut, err := nixBuild(t, local, store, env, expr)
+				if err != nil {
+					t.Fatalf("nix-build: %v\n%s", err, errOut)
+				}
+				if got := storeFile(t, store, out); got != graphRoot {
+					t.Errorf("root output %q, want %q", got, graphRoot)
+				}
+				if !strings.Contains(errOut, "remote log line from c1") || !strings.Contains(errOut, "remote log line from root") {
+					t.Errorf("remote log lines not shown while building:\n%s", errOut)
+				}
+				if !strings.Contains(errOut, fmt.Sprintf("on '%s'", machineName(b))) {
+					t.Errorf("nix-build does not say the build ran on the builder:\n%s", errOut)
+				}
+				drv := strings.TrimSpace(runNix(t, local, store, env, "nix-store", "-q", "--deriver", out))
+				if logText := runNix(t, local, store, env, "nix-store", "-l", drv); !strings.Contains(logText, "remote log line from root") {
+					t.Errorf("nix-store -l %s: %q", drv, logText)
+				}
+				runNix(t, local, store, env, "nix-store", "--verify-path", out)
+				if _, err := os.Stat(filepath.Join(b.Dir, "nix", strings.TrimPrefix(out, "/nix/"))); err != nil {
+					t.Errorf("root output not on the builder: %v", err)
+				}
+			})
+		}
+	}
+}
+
+func TestHookSSHNGBuildFailure(t *testing.T) {
+	nix := testbed.Lookup(t, "2.34")
+	b := testbed.StartBuilder(t, nix, testbed.WithDaemonOnly())
+	env := newOffloadEnv(t, sshNG, b)
+	store := testbed.NewStore(t)
+	expr := env.writeExpr(t, fmt.Sprintf(`derivation { name = "doomed"; salt = %q; system = "x86_64-linux";
+		builder = "/bin/sh"; args = ["-c" "echo about to fail; exit 3"]; }`, randomHex(8)))
+	_, errOut, err := nixBuild(t, testbed.Lookup(t, "2.8"), store, env, expr)
+	if err == nil {
+		t.Fatal("nix-build of a failing derivation succeeded")
+	}
+	t.Logf("nix-build said:\n%s", errOut)
+	for _, want := range []string{"build of '", "on '" + machineName(b) + "' failed", "exit code 3", "about to fail"} {
+		if !strings.Contains(errOut, want) {
+			t.Errorf("nix-build output lacks %q:\n%s", want, errOut)
+		}
+	}
+	if ee, ok := err.(*exec.ExitError); !ok || ee.ExitCode() != 100 {
+		t.Errorf("nix-build exit %v, want 100 (build failure)", err)
+	}
+}
+
+// The machine enforces max-silent-time, which SetOptions carried.
+func TestHookSSHNGSilentBuildTimesOut(t *testing.T) {
+	nix := testbed.Lookup(t, "2.26")
+	b := testbed.StartBuilder(t, nix, testbed.WithDaemonOnly())
+	env := newOffloadEnv(t, sshNG, b)
+	store := testbed.NewStore(t)
+	expr := env.writeExpr(t, fmt.Sprintf(`derivation { name = "silent"; salt = %q; system = "x86_64-linux";
+		builder = "/bin/sh"; args = ["-c" "echo going quiet; /bin/sleep 60; echo > $out"]; }`, randomHex(8)))
+	start := time.Now()
+	_, errOut, err := nixBuild(t, testbed.Lookup(t, "2.8"), store, env, "--option", "max-silent-time", "2", expr)
+	if err == nil {
+		t.Fatal("a silent build succeeded despite max-silent-time")
+	}
+	took := time.Since(start)
+	t.Logf("failed after %v; nix-build said:\n%s", took.Round(time.Millisecond), errOut)
+	if !strings.Contains(errOut, "silence") && !strings.Contains(errOut, "timed out") {
+		t.Errorf("no timeout reason in:\n%s", errOut)
+	}
+	if ee, ok := err.(*exec.ExitError); !ok || ee.ExitCode() != 101 {
+		t.Errorf("nix-build exit %v, want 101 (timed out)", err)
+	}
+	testbed.WaitFor(t, time.Minute, "the remote build to stop", func() bool { return len(sleepers(b)) == 0 })
+}
