@@ -47,7 +47,14 @@ func (s *syncBuffer) String() string {
 // and starts the broker for store.
 func newBrokerEnv(t *testing.T, nix testbed.Nix, store string, slots int, builders ...*testbed.Builder) *brokerEnv {
 	t.Helper()
-	env := newOffloadEnv(t, "", builders...)
+	return newBrokerEnvWith(t, nix, store, slots, "", builders...)
+}
+
+// newBrokerEnvWith is newBrokerEnv with extra lines in every machine's
+// table (as newOffloadEnv's extra).
+func newBrokerEnvWith(t *testing.T, nix testbed.Nix, store string, slots int, extra string, builders ...*testbed.Builder) *brokerEnv {
+	t.Helper()
+	env := newOffloadEnv(t, extra, builders...)
 	cfg, err := os.ReadFile(env.config)
 	if err != nil {
 		t.Fatal(err)

@@ -102,3 +102,78 @@ func TestHookSSHNGSilentBuildTimesOut(t *testing.T) {
 	}
 	testbed.WaitFor(t, time.Minute, "the remote build to stop", func() bool { return len(sleepers(b)) == 0 })
 }
+
+// The same pairings through the broker, whose warm sessions on ssh-ng
+// machines are daemon protocol sessions.
+func TestBrokerSSHNGAllPairings(t *testing.T) {
+	nixes := testbed.All(t)
+	builders := map[string]*testbed.Builder{}
+	for _, n := range nixes {
+		builders[n.Version] = testbed.StartBuilder(t, n, testbed.WithDaemonOnly())
+	}
+	for _, local := range nixes {
+		for _, remote := range nixes {
+			t.Run(fmt.Sprintf("local %s to builder %s", local.Version, remote.Version), func(t *testing.T) {
+				b := builders[remote.Version]
+				store := testbed.NewStore(t)
+				env := newBrokerEnvWith(t, local, store, 4, sshNG, b)
+				expr := env.writeExpr(t, graphExpr(randomHex(8)))
+				out, errOut, err := nixBuild(t, local, store, env.offloadEnv, expr)
+				if err != nil {
+					t.Fatalf("nix-build: %v\n%s", err, errOut)
+				}
+				if got := storeFile(t, store, out); got != graphRoot {
+					t.Errorf("root output %q, want %q", got, graphRoot)
+				}
+				if !strings.Contains(errOut, "remote log line from c1") || !strings.Contains(errOut, "remote log line from root") {
+					t.Errorf("remote log lines not shown while building:\n%s", errOut)
+				}
+				if strings.Contains(errOut, "going on without it") || strings.Contains(errOut, "without the broker") {
+					t.Errorf("the hooks did not use the broker:\n%s", errOut)
+				}
+				drv := strings.TrimSpace(runNix(t, local, store, env.offloadEnv, "nix-store", "-q", "--deriver", out))
+				if logText := runNix(t, local, store, env.offloadEnv, "nix-store", "-l", drv); !strings.Contains(logText, "remote log line from root") {
+					t.Errorf("nix-store -l %s: %q", drv, logText)
+				}
+				runNix(t, local, store, env.offloadEnv, "nix-store", "--verify-path", out)
+				st := env.status(t)
+				if len(st.Machines) != 1 || st.Machines[0].Builds != 8 {
+					t.Errorf("status: %+v, want 8 builds on one machine", st.Machines)
+				}
+				env.stop(t)
+			})
+		}
+	}
+}
+
+// A failing and a silent build through the broker on an ssh-ng machine.
+func TestBrokerSSHNGFailures(t *testing.T) {
+	local, remote := testbed.Lookup(t, "2.8"), testbed.Lookup(t, "2.34")
+	b := testbed.StartBuilder(t, remote, testbed.WithDaemonOnly())
+	store := testbed.NewStore(t)
+	env := newBrokerEnvWith(t, local, store, 4, sshNG, b)
+	defer env.stop(t)
+
+	expr := env.writeExpr(t, fmt.Sprintf(`derivation { name = "doomed"; salt = %q; system = "x86_64-linux";
+		builder = "/bin/sh"; args = ["-c" "echo about to fail; exit 3"]; }`, randomHex(8)))
+	_, errOut, err := nixBuild(t, local, store, env.offloadEnv, expr)
+	if ee, ok := err.(*exec.ExitError); !ok || ee.ExitCode() != 100 {
+		t.Errorf("failing build: nix-build exit %v, want 100\n%s", err, errOut)
+	}
+	for _, want := range []string{"on '" + machineName(b) + "' failed", "exit code 3", "about to fail"} {
+		if !strings.Contains(errOut, want) {
+			t.Errorf("nix-build output lacks %q:\n%s", want, errOut)
+		}
+	}
+
+	expr = env.writeExpr(t, fmt.Sprintf(`derivation { name = "silent"; salt = %q; system = "x86_64-linux";
+		builder = "/bin/sh"; args = ["-c" "echo going quiet; /bin/sleep 60; echo > $out"]; }`, randomHex(8)))
+	_, errOut, err = nixBuild(t, local, store, env.offloadEnv, "--option", "max-silent-time", "2", expr)
+	if ee, ok := err.(*exec.ExitError); !ok || ee.ExitCode() != 101 {
+		t.Errorf("silent build: nix-build exit %v, want 101\n%s", err, errOut)
+	}
+	if !strings.Contains(errOut, "silence") && !strings.Contains(errOut, "timed out") {
+		t.Errorf("no timeout reason in:\n%s", errOut)
+	}
+	testbed.WaitFor(t, time.Minute, "the remote build to stop", func() bool { return len(sleepers(b)) == 0 })
+}

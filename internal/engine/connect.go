@@ -55,13 +55,14 @@ func Connect(ctx context.Context, m machines.Machine, stderr io.Writer) (s Sessi
 		return nil, nil, err
 	}
 	if m.ProtocolOrDefault() == machines.ProtocolSSHNG {
-		ds, err := OpenDaemon(ctx, client, transport.DaemonCommand(m.RemoteProgram, m.RemoteStore), target.ConnectTimeout, m.Name())
+		ls := &LogSwitch{}
+		ls.Set(stderr)
+		ts, conn, err := OpenDaemon(ctx, client, transport.DaemonCommand(m.RemoteProgram, m.RemoteStore), target.ConnectTimeout, m.Name(), LogMessages(ls))
 		if err != nil {
 			client.Close()
 			return nil, nil, err
 		}
-		ds.SetLog(stderr)
-		return ds, func() { client.Close() }, nil
+		return &daemonSession{ts: ts, conn: conn, client: client, log: ls}, func() { client.Close() }, nil
 	}
 	ls := &LogSwitch{}
 	ls.Set(stderr)
@@ -115,8 +116,8 @@ func (l *LogSwitch) Set(w io.Writer) {
 }
 
 // DaemonSession is a Session on an ssh-ng machine: the daemon protocol
-// client instead of a serve one (its Conn is nil). The engine builds on it
-// with offload.RunDaemon.
+// client instead of a serve one (its Conn is nil). The engine builds with
+// offload.RunDaemon on a session whose DaemonConn is not nil.
 type DaemonSession interface {
 	Session
 	DaemonConn() *daemonproto.Conn
@@ -124,34 +125,41 @@ type DaemonSession interface {
 
 // OpenDaemon starts `nix-daemon --stdio` (command) on client and shakes
 // hands with it within timeout, as [OpenServe] does for the serve
-// protocol: a machine that never greets gets its connection closed. The
-// daemon's log lines go to the returned session's log (SetLog).
-func OpenDaemon(ctx context.Context, client *sshconn.Client, command string, timeout time.Duration, name string) (DaemonSession, error) {
+// protocol: a machine that never greets, or an operation whose context
+// ends, gets its connection closed (pipes have no deadlines, and sshd may
+// not signal a forced command). log receives the daemon's log messages
+// ([LogMessages] writes them to a build log).
+func OpenDaemon(ctx context.Context, client *sshconn.Client, command string, timeout time.Duration, name string, log func(daemonproto.Message)) (*transport.Session, *daemonproto.Conn, error) {
 	if timeout <= 0 {
 		timeout = sshconn.DefaultConnectTimeout
 	}
 	sess, err := transport.SSH(client.Client, command, transport.Options{Name: name, Program: "nix-daemon --stdio"})
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
-	ds := &daemonSession{ts: sess, client: client, log: &LogSwitch{}}
 	conn, err := daemonproto.HandshakeWithin(ctx, timeout, sess.Stdout(), sess.Stdin(), daemonproto.Options{
-		Log: ds.message,
-		// A context that ends mid-operation closes the connection: the
-		// pipes have no deadlines, and sshd may not signal a forced
-		// command.
-		Abort:   func() { client.Close() },
-		Explain: sess.Explain,
+		Log: log, Abort: func() { client.Close() }, Explain: sess.Explain,
 	})
 	if late := (*daemonproto.NoGreetingError)(nil); errors.As(err, &late) {
 		err = fmt.Errorf("%s: %w", name, err)
 	}
 	if err != nil {
 		sess.Close()
-		return nil, err
+		return nil, nil, err
 	}
-	ds.conn = conn
-	return ds, nil
+	return sess, conn, nil
+}
+
+// LogMessages returns a daemon log sink that writes to w what the
+// daemon says: its text as it is, build output one line each.
+func LogMessages(w io.Writer) func(daemonproto.Message) {
+	return func(m daemonproto.Message) {
+		if line, ok := m.LogLine(); ok {
+			io.WriteString(w, line+"\n")
+		} else if m.Kind == daemonproto.Next {
+			io.WriteString(w, m.Text)
+		}
+	}
 }
 
 // daemonSession is a daemon protocol session on a connection of its own.
@@ -160,16 +168,6 @@ type daemonSession struct {
 	conn   *daemonproto.Conn
 	client *sshconn.Client
 	log    *LogSwitch // the build log: the daemon's text and build log lines
-}
-
-// message writes what the daemon says to the log: its text as it is,
-// build output one line each.
-func (s *daemonSession) message(m daemonproto.Message) {
-	if line, ok := m.LogLine(); ok {
-		io.WriteString(s.log, line+"\n")
-	} else if m.Kind == daemonproto.Next {
-		io.WriteString(s.log, m.Text)
-	}
 }
 
 func (s *daemonSession) Conn() *serveproto.Conn        { return nil }

@@ -148,7 +148,7 @@ func attempt(ctx context.Context, l Lease, b *Build) error {
 	run := func(ctx context.Context, local offload.Local, job offload.Job, ev offload.Events) error {
 		return offload.Run(ctx, s.Conn(), local, job, ev)
 	}
-	if ds, ok := s.(DaemonSession); ok {
+	if ds, ok := s.(DaemonSession); ok && ds.DaemonConn() != nil {
 		run = func(ctx context.Context, local offload.Local, job offload.Job, ev offload.Events) error {
 			return offload.RunDaemon(ctx, ds.DaemonConn(), local, job, ev)
 		}

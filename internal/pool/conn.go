@@ -8,6 +8,7 @@ import (
 
 	"golang.org/x/crypto/ssh"
 
+	"github.com/nix-offload/nix-offload/internal/daemonproto"
 	"github.com/nix-offload/nix-offload/internal/engine"
 	"github.com/nix-offload/nix-offload/internal/serveproto"
 	"github.com/nix-offload/nix-offload/internal/sshconn"
@@ -195,17 +196,22 @@ func (p *Pool) openOn(c *conn) (*Session, error) {
 	s := &Session{p: p, c: c, born: p.now()}
 	// A machine that never greets gets its connection closed: the pool's
 	// watcher then forgets it, and every session on it fails.
-	ts, sc, err := engine.OpenServe(p.ctx, c.client, p.cmd, p.target.ConnectTimeout, transport.Options{Name: p.name, Stderr: &s.log})
+	var err error
+	if p.ng {
+		s.ts, s.dconn, err = engine.OpenDaemon(p.ctx, c.client, p.cmd, p.target.ConnectTimeout, p.name, engine.LogMessages(&s.log))
+	} else {
+		s.ts, s.conn, err = engine.OpenServe(p.ctx, c.client, p.cmd, p.target.ConnectTimeout, transport.Options{Name: p.name, Stderr: &s.log})
+	}
 	var late *serveproto.NoGreetingError
+	var dlate *daemonproto.NoGreetingError
 	switch {
 	case err != nil && p.ctx.Err() != nil:
 		err = ErrClosed
-	case errors.As(err, &late):
+	case errors.As(err, &late), errors.As(err, &dlate):
 		err = fmt.Errorf("pool: %w", err)
 	}
 	if err != nil {
 		return nil, err
 	}
-	s.ts, s.conn = ts, sc
 	return s, nil
 }

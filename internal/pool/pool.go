@@ -55,6 +55,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/nix-offload/nix-offload/internal/daemonproto"
 	"github.com/nix-offload/nix-offload/internal/engine"
 	"github.com/nix-offload/nix-offload/internal/machines"
 	"github.com/nix-offload/nix-offload/internal/serveproto"
@@ -169,7 +170,8 @@ type Pool struct {
 	opt    Options
 	target sshconn.Target
 	name   string // machine name, for errors and sessions
-	cmd    string // the remote serve command
+	cmd    string // the remote serve command, or nix-daemon --stdio for ssh-ng
+	ng     bool   // the machine speaks the daemon protocol (ssh-ng)
 
 	ctx    context.Context // ends with Close: dials and handshakes stop
 	cancel context.CancelFunc
@@ -204,11 +206,18 @@ type Pool struct {
 func New(opt Options) *Pool {
 	opt = opt.withDefaults()
 	ctx, cancel := context.WithCancel(context.Background())
+	m := opt.Machine
+	ng := m.ProtocolOrDefault() == machines.ProtocolSSHNG
+	cmd := transport.ServeCommand(m.RemoteProgram, m.RemoteStore)
+	if ng {
+		cmd = transport.DaemonCommand(m.RemoteProgram, m.RemoteStore)
+	}
 	return &Pool{
 		opt:    opt,
 		target: sshconn.Resolve(opt.Machine, opt.SSHConfig),
 		name:   opt.Machine.Name(),
-		cmd:    transport.ServeCommand(opt.Machine.RemoteProgram, opt.Machine.RemoteStore),
+		cmd:    cmd,
+		ng:     ng,
 		ctx:    ctx,
 		cancel: cancel,
 		tick:   tidyEvery,
@@ -503,7 +512,7 @@ const (
 
 func (p *Pool) checkLocked(s *Session, now time.Time) verdict {
 	switch {
-	case s.ended || s.closing || closed(s.ts.Done()) || s.c.isDead() || s.conn.Err() != nil:
+	case s.ended || s.closing || closed(s.ts.Done()) || s.c.isDead() || s.protoErr() != nil:
 		return dead
 	case p.opt.MaxUses > 0 && s.uses >= p.opt.MaxUses:
 		return retire
@@ -676,12 +685,13 @@ func (p *Pool) tidy(now time.Time) {
 // Session is one warm serve session, handed out by [Pool.Get] for one build
 // at a time.
 type Session struct {
-	p    *Pool
-	c    *conn
-	ts   *transport.Session
-	conn *serveproto.Conn
-	log  engine.LogSwitch
-	born time.Time
+	p     *Pool
+	c     *conn
+	ts    *transport.Session
+	conn  *serveproto.Conn  // nil for an ssh-ng machine
+	dconn *daemonproto.Conn // the daemon protocol client of an ssh-ng machine
+	log   engine.LogSwitch
+	born  time.Time
 
 	// Guarded by p.mu.
 	uses      int  // Gets it served
@@ -694,8 +704,20 @@ type Session struct {
 	locked map[string]struct{}
 }
 
-// Conn is the session's serve protocol client.
+// Conn is the session's serve protocol client; nil on an ssh-ng machine.
 func (s *Session) Conn() *serveproto.Conn { return s.conn }
+
+// DaemonConn is the session's daemon protocol client on an ssh-ng machine
+// (its log goes to SetLog's writer); nil on others.
+func (s *Session) DaemonConn() *daemonproto.Conn { return s.dconn }
+
+// protoErr is the error that broke the session's protocol client.
+func (s *Session) protoErr() error {
+	if s.dconn != nil {
+		return s.dconn.Err()
+	}
+	return s.conn.Err()
+}
 
 // SetLog sends the remote's stderr to w from now on; nil discards it.
 // Writes come from the session's stderr goroutine and should be quick:
