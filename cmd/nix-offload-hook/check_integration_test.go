@@ -93,7 +93,7 @@ func TestCheckAgainstRealBuilders(t *testing.T) {
 		if err := dec.Decode(&r); err != nil {
 			t.Fatal(err)
 		}
-		if !r.OK || r.Protocol != "2.7" || r.NixVersion == "" || r.RoundTrip <= 0 || r.ClockSkew == nil {
+		if !r.OK || r.Protocol != "ssh 2.7" || r.NixVersion == "" || r.RoundTrip <= 0 || r.ClockSkew == nil {
 			t.Errorf("json result %+v", r)
 		}
 		n++

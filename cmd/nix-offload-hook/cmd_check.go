@@ -25,6 +25,7 @@ import (
 	gonar "github.com/nix-community/go-nix/pkg/nar"
 	"github.com/nix-community/go-nix/pkg/nixbase32"
 
+	"github.com/nix-offload/nix-offload/internal/daemonproto"
 	"github.com/nix-offload/nix-offload/internal/engine"
 	"github.com/nix-offload/nix-offload/internal/machines"
 	"github.com/nix-offload/nix-offload/internal/serveproto"
@@ -41,7 +42,8 @@ type checkResult struct {
 	Machine    string        `json:"machine"`
 	Address    string        `json:"address"`
 	HostKey    string        `json:"hostKey,omitempty"`     // "pinned ssh-ed25519 SHA256:…" / "known-hosts …"
-	Protocol   string        `json:"protocol,omitempty"`    // serve protocol version of the remote, "2.7"
+	Protocol   string        `json:"protocol,omitempty"`    // protocol and its version: "ssh 2.7", "ssh-ng 1.38"
+	Trust      string        `json:"trust,omitempty"`       // ssh-ng: what the daemon says of the user: "trusted", "not trusted", "unknown"
 	NixVersion string        `json:"nixVersion,omitempty"`  // remote `nix-store --version`
 	Connect    time.Duration `json:"connectNs,omitempty"`   // TCP + SSH handshake + auth
 	RoundTrip  time.Duration `json:"roundTripNs,omitempty"` // send, query, fetch a small path
@@ -174,6 +176,10 @@ func checkMachine(ctx context.Context, m machines.Machine, sshCfg sshconn.SSHCon
 		r.HostKey = "known-hosts " + client.HostKey.Type()
 	}
 
+	if m.ProtocolOrDefault() == machines.ProtocolSSHNG {
+		return checkDaemon(ctx, client, m, t, r, fail)
+	}
+
 	// Remote Nix version and clock, in one exec. (%N is GNU date; a date
 	// without it prints "%N" literally, and the whole seconds still count.)
 	// Bounded as the greeting is: a forced command (sshd's command=) runs
@@ -195,13 +201,74 @@ func checkMachine(ctx context.Context, m machines.Machine, sshCfg sshconn.SSHCon
 	defer sess.Close()
 	stopOnCancel := context.AfterFunc(ctx, func() { client.Close() })
 	defer stopOnCancel()
-	r.Protocol = conn.ServerVersion().String()
+	r.Protocol = "ssh " + conn.ServerVersion().String()
 
 	start = time.Now()
 	if err := storeRoundTrip(conn); err != nil {
 		return fail("store round trip", err)
 	}
 	r.RoundTrip = time.Since(start)
+	r.OK = true
+	return r
+}
+
+// checkDaemon checks an ssh-ng machine over the daemon protocol: the
+// handshake gives its protocol version, Nix version and what it says of the
+// user's trust, and the round trip goes through AddMultipleToStore,
+// QueryPathInfo and NarFromPath. There is no exec for the clock: a builder
+// whose key is restricted to nix-daemon --stdio runs nothing else.
+func checkDaemon(ctx context.Context, client *sshconn.Client, m machines.Machine, t sshconn.Target, r checkResult,
+	fail func(string, error) checkResult) checkResult {
+	sess, conn, err := engine.OpenDaemon(ctx, client, transport.DaemonCommand(m.RemoteProgram, m.RemoteStore), t.ConnectTimeout, m.Name(), nil)
+	if err != nil {
+		return fail("daemon handshake", err)
+	}
+	defer sess.Close()
+	r.Protocol = "ssh-ng " + conn.Version().String()
+	r.NixVersion = conn.NixVersion()
+	r.Trust = conn.Trust().String()
+	narBytes, sum, err := checkNAR()
+	if err != nil {
+		return fail("store round trip", err)
+	}
+	info := serveproto.PathInfo{
+		Path:    serveproto.MakeSourcePath("nix-offload-check", sum),
+		NarHash: "sha256:" + nixbase32.EncodeToString(sum[:]),
+		NarSize: uint64(len(narBytes)),
+		CA:      "fixed:r:sha256:" + nixbase32.EncodeToString(sum[:]),
+	}
+	start := time.Now()
+	err = func() error {
+		if err := conn.AddMultipleToStore(ctx, []daemonproto.Item{{Info: info, NAR: bytes.NewReader(narBytes)}}, true); err != nil {
+			return fmt.Errorf("sending %s: %w", info.Path, err)
+		}
+		got, ok, err := conn.QueryPathInfo(ctx, info.Path)
+		switch {
+		case err != nil:
+			return err
+		case !ok:
+			return fmt.Errorf("machine accepted %s but does not report it valid", info.Path)
+		case got.NarSize != info.NarSize || !sameHash(got.NarHash, sum):
+			return fmt.Errorf("machine records %s with narSize %d, narHash %s; sent %d, %s",
+				info.Path, got.NarSize, got.NarHash, info.NarSize, info.NarHash)
+		}
+		var back bytes.Buffer
+		if _, err := conn.NarFromPath(ctx, got, &back); err != nil {
+			return err
+		}
+		if !bytes.Equal(back.Bytes(), narBytes) {
+			return fmt.Errorf("fetched %s back with a different content", info.Path)
+		}
+		return nil
+	}()
+	if err != nil {
+		return fail("store round trip", err)
+	}
+	r.RoundTrip = time.Since(start)
+	if conn.Trust() == daemonproto.NotTrusted {
+		r.Hint = "the machine's nix-daemon does not trust the SSH user: it builds only what it can check " +
+			"(content-addressed or signed inputs); add the user to trusted-users for the rest"
+	}
 	r.OK = true
 	return r
 }
@@ -369,11 +436,15 @@ func printCheckTable(w io.Writer, results []checkResult) {
 	}
 	tw.Flush()
 	for _, r := range results {
-		if !r.OK {
+		switch {
+		case !r.OK:
 			fmt.Fprintf(w, "\n%s: %s\n", r.Machine, r.Error)
 			if r.Hint != "" {
 				fmt.Fprintf(w, "  hint: %s\n", r.Hint)
 			}
+		case r.Hint != "":
+			// A machine that works with a caveat (an untrusted user).
+			fmt.Fprintf(w, "\n%s: %s\n  hint: %s\n", r.Machine, r.Trust, r.Hint)
 		}
 	}
 }

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"encoding/json"
 	"fmt"
 	"os"
 	"os/exec"
@@ -176,4 +177,61 @@ func TestBrokerSSHNGFailures(t *testing.T) {
 		t.Errorf("no timeout reason in:\n%s", errOut)
 	}
 	testbed.WaitFor(t, time.Minute, "the remote build to stop", func() bool { return len(sleepers(b)) == 0 })
+}
+
+// `check` on ssh-ng machines reports the daemon protocol's version, the
+// Nix version and the trust the daemon gives the user, and does its round
+// trip over the daemon protocol, on builders that run nothing but
+// nix-daemon --stdio.
+func TestCheckSSHNG(t *testing.T) {
+	nixes := testbed.All(t)
+	var parts []string
+	want := map[string]checkResult{}
+	for _, nix := range nixes {
+		b := testbed.StartBuilder(t, nix, testbed.WithDaemonOnly())
+		parts = append(parts, machineTOML(b, true)+sshNG+"\n")
+		r := checkResult{Protocol: "ssh-ng 1.38", NixVersion: nix.Version, Trust: "trusted"}
+		if nix.Series() == "2.8" {
+			r.Protocol, r.Trust = "ssh-ng 1.34", "unknown"
+		}
+		want[machineName(b)] = r
+	}
+	untrusted := testbed.StartBuilder(t, testbed.Lookup(t, "2.34"),
+		testbed.WithForcedCommand("nix-daemon --stdio --extra-experimental-features daemon-trust-override --force-untrusted"))
+	parts = append(parts, machineTOML(untrusted, true)+sshNG+"\n")
+	want[machineName(untrusted)] = checkResult{Protocol: "ssh-ng 1.38", NixVersion: untrusted.Nix.Version, Trust: "not trusted"}
+
+	cfg := writeConfig(t, parts...)
+	code, out, errOut := runCLI(t, "check", "-config", cfg, "-json")
+	if code != exitOK {
+		t.Fatalf("check exited %d\n%s%s", code, out, errOut)
+	}
+	dec := json.NewDecoder(strings.NewReader(out))
+	for dec.More() {
+		var r checkResult
+		if err := dec.Decode(&r); err != nil {
+			t.Fatal(err)
+		}
+		w, ok := want[r.Machine]
+		if !ok {
+			t.Errorf("result for an unknown machine: %+v", r)
+			continue
+		}
+		delete(want, r.Machine)
+		if !r.OK || r.Protocol != w.Protocol || !strings.Contains(r.NixVersion, w.NixVersion) || r.Trust != w.Trust || r.RoundTrip <= 0 {
+			t.Errorf("%s: got %+v, want protocol %q, Nix %q, trust %q", r.Machine, r, w.Protocol, w.NixVersion, w.Trust)
+		}
+		if (r.Trust == "not trusted") != strings.Contains(r.Hint, "trusted-users") {
+			t.Errorf("%s: hint %q for trust %q", r.Machine, r.Hint, r.Trust)
+		}
+	}
+	if len(want) != 0 {
+		t.Errorf("no results for %v", want)
+	}
+	code, out, _ = runCLI(t, "check", "-config", cfg)
+	t.Logf("check:\n%s", out)
+	if code != exitOK || !strings.Contains(out, "ssh-ng 1.38") || !strings.Contains(out, "ssh-ng 1.34") ||
+		!strings.Contains(out, machineName(untrusted)+": not trusted\n  hint: ") {
+		t.Errorf("table (exit %d) lacks the protocols or the untrusted machine's hint", code)
+	}
 }
