@@ -17,6 +17,14 @@
 //   - the broker's (internal/broker), over its in-memory queue and its
 //     pools of warm sessions.
 //
+// # Protocols
+//
+// A machine of protocol ssh (`ssh://`) gets a serve session ([OpenServe]) and
+// the build runs with offload.Run; one of protocol ssh-ng gets a daemon
+// protocol session ([OpenDaemon], a [DaemonSession]) and the build runs with
+// offload.RunDaemon. Both placers open either kind; the log, limits and
+// retries are the same.
+//
 // # Retries
 //
 // One rule, [RetryElsewhere], decides whether a failed attempt goes to
