@@ -30,6 +30,7 @@
 package broker
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -114,8 +115,12 @@ type Broker struct {
 	// probeEvery is how often a machine on backoff is tried for a build
 	// that has no other (probeEvery; tests shorten it).
 	probeEvery time.Duration
-	local      *localPool
-	mx         *brokerMetrics
+	// machineWait bounds how long a build waits for machines that failed
+	// it transiently ([daemon] machine-wait, engine.DefaultGiveUp if unset).
+	machineWait time.Duration
+	now         func() time.Time // time.Now; tests move it
+	local       *localPool
+	mx          *brokerMetrics
 
 	machines []*machine
 	byName   map[string]*machine
@@ -165,6 +170,11 @@ type ticket struct {
 	failure string            // why no machine will take it (after granted)
 	exclude map[string]string // machines that failed this build: name → why
 	queued  bool
+	// failedAt is when a machine first failed this build transiently, and
+	// lastErr what the last one said: the build waits machine-wait from
+	// then for one to come back.
+	failedAt time.Time
+	lastErr  string
 }
 
 // New starts a broker: it opens the machines' pools and the local store
@@ -181,19 +191,21 @@ func New(opt Options) *Broker {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	b := &Broker{
-		opt:        opt,
-		log:        opt.Log,
-		health:     opt.Health,
-		started:    time.Now(),
-		probeEvery: probeEvery,
-		local:      newLocalPool(localSessions, opt.OpenLocal),
-		byName:     map[string]*machine{},
-		ctx:        ctx,
-		cancel:     cancel,
-		wake:       make(chan struct{}, 1),
-		tickets:    map[string]*ticket{},
-		probes:     map[string]bool{},
-		builds:     map[string]*build{},
+		opt:         opt,
+		log:         opt.Log,
+		health:      opt.Health,
+		started:     time.Now(),
+		probeEvery:  probeEvery,
+		machineWait: cmp.Or(opt.Config.Daemon.MachineWait, engine.DefaultGiveUp),
+		now:         time.Now,
+		local:       newLocalPool(localSessions, opt.OpenLocal),
+		byName:      map[string]*machine{},
+		ctx:         ctx,
+		cancel:      cancel,
+		wake:        make(chan struct{}, 1),
+		tickets:     map[string]*ticket{},
+		probes:      map[string]bool{},
+		builds:      map[string]*build{},
 	}
 	for _, m := range opt.Config.Machines {
 		mm := &machine{cfg: m, name: m.Name(), uploads: newUploads(max(m.ParallelBuilds, 2))}
@@ -388,6 +400,12 @@ func (b *Broker) dispatchLocked() {
 					zap.String("machine", m.name), zap.String("drv", t.drvPath))
 				continue
 			}
+			if why := b.waitedOutLocked(t); why != "" {
+				t.failure = why
+				t.queued = false
+				t.wake()
+				continue
+			}
 			kept = append(kept, t)
 		default:
 			t.failure = d.Reason
@@ -445,6 +463,26 @@ func (b *Broker) probeLocked(t *ticket) *machine {
 		return m
 	}
 	return nil
+}
+
+// waitedOutLocked returns why t's build fails, when it has waited
+// machine-wait since a machine first failed it transiently and every
+// machine that can build it is still down or has failed it: the rule of
+// the hook alone (engine.Alone), with the same setting. It returns "" while
+// the build may wait on.
+func (b *Broker) waitedOutLocked(t *ticket) string {
+	if t.failedAt.IsZero() || b.now().Sub(t.failedAt) < b.machineWait {
+		return ""
+	}
+	down := b.health.Down()
+	for _, m := range b.machines {
+		_, excluded := t.exclude[m.name]
+		_, isDown := down[m.name]
+		if scheduler.Matches(m.cfg, t.req) && !excluded && !isDown {
+			return ""
+		}
+	}
+	return fmt.Sprintf("%s; no machine that can build it came back within machine-wait (%v)", t.lastErr, b.machineWait)
 }
 
 func (b *Broker) loadLocked() map[string]int {

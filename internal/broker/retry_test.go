@@ -5,6 +5,8 @@ import (
 	"errors"
 	"path/filepath"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -12,25 +14,52 @@ import (
 	"github.com/nix-offload/nix-offload/internal/health"
 	"github.com/nix-offload/nix-offload/internal/localstore"
 	"github.com/nix-offload/nix-offload/internal/machines"
+	"github.com/nix-offload/nix-offload/internal/sshconn"
 )
+
 
 // newRetryBroker is newTestBroker without the Close at cleanup: a broker
 // that deadlocked holding its lock would hang it, and the test would end
 // in go test's timeout instead of failing. Each machine's pool fails
-// every Get, as a machine that cannot be reached does, so every build
-// started on it is retried elsewhere.
+// every Get for good, as a machine whose host key changed does, so every
+// build started on it is retried elsewhere at once.
 func newRetryBroker(t *testing.T, ms ...machines.Machine) *Broker {
 	t.Helper()
+	b, _ := newFailingBroker(t, machines.Daemon{}, func(m machines.Machine) error {
+		return &sshconn.HostKeyError{Name: m.Name(), Addr: m.Host + ":22", Problem: sshconn.HostKeyMismatch}
+	}, ms...)
+	return b
+}
+
+// failingPool fails every Get with what fail says, and counts the Gets.
+type failingPool struct {
+	idlePool
+	fail func() error
+	gets *atomic.Int64
+}
+
+func (p failingPool) Get(context.Context) (Session, error) {
+	p.gets.Add(1)
+	return nil, p.fail()
+}
+
+// newFailingBroker is a broker whose pools fail every Get with fail(m), and
+// the count of those Gets.
+func newFailingBroker(t *testing.T, d machines.Daemon, fail func(machines.Machine) error, ms ...machines.Machine) (*Broker, *atomic.Int64) {
+	t.Helper()
+	gets := new(atomic.Int64)
 	h, err := health.Open(filepath.Join(t.TempDir(), "health.json"))
 	if err != nil {
 		t.Fatal(err)
 	}
 	return New(Options{
-		Config:    &machines.Config{Machines: ms},
-		Health:    h,
-		NewPool:   func(machines.Machine, func(error)) Pool { return idlePool{} },
+		Config: &machines.Config{Machines: ms, Daemon: d},
+		Health: h,
+		NewPool: func(m machines.Machine, _ func(error)) Pool {
+			return failingPool{fail: func() error { return fail(m) }, gets: gets}
+		},
 		OpenLocal: func() (*localstore.Store, error) { return nil, errors.New("no local store in this test") },
-	})
+	}), gets
 }
 
 // runTicket starts the build of a ticket as startBuild does, without a
@@ -157,4 +186,40 @@ func TestRetryWithNoOtherMachineFails(t *testing.T) {
 	}
 	checkIdle(t, b)
 	b.Close()
+}
+
+// The rule of the hook alone, with the same setting: a build whose only
+// capable machine fails transiently waits for it, probing it, for
+// machine-wait, and then fails with the last error. Before, the broker
+// failed it at the first refused connection.
+func TestTransientFailureWaitsMachineWait(t *testing.T) {
+	refused := errors.New("dial tcp 10.0.0.1:22: connect: connection refused")
+	b, gets := newFailingBroker(t, machines.Daemon{MachineWait: time.Hour}, func(m machines.Machine) error {
+		return &sshconn.ConnectError{Name: m.Name(), Addr: m.Host + ":22", Err: refused}
+	}, testMachine("b1", 1, "x86_64-linux"))
+	defer b.Close()
+	var mu sync.Mutex
+	now := time.Now()
+	b.mu.Lock()
+	b.probeEvery = time.Millisecond // probe at each of the dispatcher's rounds
+	b.now = func() time.Time { mu.Lock(); defer mu.Unlock(); return now }
+	b.mu.Unlock()
+	c := newClient(b)
+	bd := runTicket(b, try(t, b, c, "/nix/store/a.drv", false).Reservation)
+	waitFor(t, "the machine to be probed again for the waiting build", func() bool { return gets.Load() >= 3 })
+	select {
+	case <-bd.done:
+		types, last := events(bd)
+		t.Fatalf("the build ended within machine-wait after a transient failure: %v %+v", types, last)
+	default:
+	}
+	mu.Lock()
+	now = now.Add(time.Hour)
+	mu.Unlock()
+	waitDone(t, bd)
+	_, last := events(bd)
+	if last.Kind != brokerapi.FailMisc || !strings.Contains(last.Error, "connection refused") || !strings.Contains(last.Error, "machine-wait (1h0m0s)") {
+		t.Errorf("last event %+v, want the refused connection and machine-wait", last)
+	}
+	checkIdle(t, b)
 }

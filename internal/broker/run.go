@@ -163,7 +163,7 @@ func (p *placer) Acquire(ctx context.Context, _ scheduler.Request, exclude map[s
 	bd, b := p.bd, p.bd.b
 	if m := p.last; m != nil {
 		p.last = nil
-		if !b.requeue(bd.t, m, errors.New(exclude[m.name])) {
+		if !b.requeue(bd.t, m, errors.New(exclude[m.name]), true) {
 			return nil, errors.New("no other machine can build it")
 		}
 	}
@@ -180,9 +180,28 @@ func (p *placer) Acquire(ctx context.Context, _ scheduler.Request, exclude map[s
 			}
 			err = fmt.Errorf("cannot use '%s': %w", m.name, err)
 			b.log.Warn("build cannot use its machine", zap.String("drv", bd.req.DrvPath), zap.String("machine", m.name), zap.Error(err))
-			exclude[m.name] = err.Error()
-			if !b.requeue(bd.t, m, err) {
+			if engine.Permanent(err) {
+				// Nothing changes until someone fixes the configuration:
+				// this build does not wait for the machine.
+				exclude[m.name] = err.Error()
+			} else {
+				// It may come back: keep it on backoff (the pool's dial
+				// recorded it already, unless the failure came later), and
+				// wait machine-wait for it or another.
+				_, herr := b.health.Failed(m.name, err)
+				b.healthError(herr)
+			}
+			if !b.requeue(bd.t, m, err, engine.Permanent(err)) {
 				return nil, err
+			}
+			b.mu.Lock()
+			why := b.waitedOutLocked(bd.t)
+			if why != "" {
+				b.releaseLocked(bd.t)
+			}
+			b.mu.Unlock()
+			if why != "" {
+				return nil, errors.New(why)
 			}
 			bd.emit(brokerapi.Event{Type: brokerapi.EventRetrying, Machine: m.name, Reason: err.Error()})
 			continue
@@ -315,15 +334,24 @@ func (bd *build) waitSlot() (*machine, error) {
 }
 
 // requeue gives up t's slot on m after m failed it, and puts t at the head
-// of the queue: it has waited longest. It returns false, and queues
-// nothing, when every machine that could build t has failed it: the queue
-// would keep t forever, since the scheduler sees the excluded machines as
-// down and the probes skip them.
-func (b *Broker) requeue(t *ticket, m *machine, why error) bool {
+// of the queue: it has waited longest. A machine that failed t for good
+// (exclude) is not tried for it again; one that failed transiently is, when
+// it comes back, and starts t's wait of machine-wait. It returns false, and
+// queues nothing, when every machine that could build t has failed it for
+// good: the queue would keep t forever, since the scheduler sees the
+// excluded machines as down and the probes skip them.
+func (b *Broker) requeue(t *ticket, m *machine, why error, exclude bool) bool {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	b.releaseLocked(t)
-	t.exclude[m.name] = why.Error()
+	if exclude {
+		t.exclude[m.name] = why.Error()
+	} else {
+		if t.failedAt.IsZero() {
+			t.failedAt = b.now()
+		}
+		t.lastErr = why.Error()
+	}
 	if b.stopping {
 		t.failure = handBack
 		t.wake()
