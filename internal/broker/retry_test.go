@@ -17,7 +17,6 @@ import (
 	"github.com/nix-offload/nix-offload/internal/sshconn"
 )
 
-
 // newRetryBroker is newTestBroker without the Close at cleanup: a broker
 // that deadlocked holding its lock would hang it, and the test would end
 // in go test's timeout instead of failing. Each machine's pool fails
