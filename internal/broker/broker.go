@@ -104,6 +104,8 @@ type Options struct {
 	// OpenLocal opens a read session on the local store;
 	// localstore.Open(localstore.Options{}) if nil.
 	OpenLocal func() (*localstore.Store, error)
+	// Now is the clock of machine-wait and of Healthy; time.Now if nil.
+	Now func() time.Time
 }
 
 // Broker is the scheduler and build runner of one host.
@@ -118,7 +120,7 @@ type Broker struct {
 	// machineWait bounds how long a build waits for machines that failed
 	// it transiently ([daemon] machine-wait, engine.DefaultGiveUp if unset).
 	machineWait time.Duration
-	now         func() time.Time // time.Now; tests move it
+	now         func() time.Time // Options.Now
 	local       *localPool
 	mx          *brokerMetrics
 
@@ -186,6 +188,9 @@ func New(opt Options) *Broker {
 	if opt.NewPool == nil {
 		opt.NewPool = NewSSHPool
 	}
+	if opt.Now == nil {
+		opt.Now = time.Now
+	}
 	if opt.OpenLocal == nil {
 		opt.OpenLocal = func() (*localstore.Store, error) { return localstore.Open(localstore.Options{}) }
 	}
@@ -197,7 +202,7 @@ func New(opt Options) *Broker {
 		started:     time.Now(),
 		probeEvery:  probeEvery,
 		machineWait: cmp.Or(opt.Config.Daemon.MachineWait, engine.DefaultGiveUp),
-		now:         time.Now,
+		now:         opt.Now,
 		local:       newLocalPool(localSessions, opt.OpenLocal),
 		byName:      map[string]*machine{},
 		ctx:         ctx,
@@ -331,7 +336,7 @@ func (b *Broker) dispatcher() {
 	tick := time.NewTicker(time.Second)
 	defer tick.Stop()
 	for {
-		b.beat.Store(time.Now().UnixNano())
+		b.beat.Store(b.now().UnixNano())
 		select {
 		case <-b.ctx.Done():
 			return
@@ -361,7 +366,7 @@ func (b *Broker) Healthy() error {
 		return errors.New("the broker is closed")
 	}
 	last := time.Unix(0, b.beat.Load())
-	if since := time.Since(last); b.beat.Load() != 0 && since > stuckAfter {
+	if since := b.now().Sub(last); b.beat.Load() != 0 && since > stuckAfter {
 		return fmt.Errorf("the dispatcher has not run for %v", since.Round(time.Second))
 	}
 	return nil

@@ -24,10 +24,30 @@ import (
 // build started on it is retried elsewhere at once.
 func newRetryBroker(t *testing.T, ms ...machines.Machine) *Broker {
 	t.Helper()
-	b, _ := newFailingBroker(t, machines.Daemon{}, func(m machines.Machine) error {
+	b, _ := newFailingBroker(t, machines.Daemon{}, nil, func(m machines.Machine) error {
 		return &sshconn.HostKeyError{Name: m.Name(), Addr: m.Host + ":22", Problem: sshconn.HostKeyMismatch}
 	}, ms...)
 	return b
+}
+
+// testClock is a clock that moves only when told to.
+type testClock struct {
+	mu  sync.Mutex
+	now time.Time
+}
+
+func newTestClock() *testClock { return &testClock{now: time.Now()} }
+
+func (c *testClock) Now() time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.now
+}
+
+func (c *testClock) Advance(d time.Duration) {
+	c.mu.Lock()
+	c.now = c.now.Add(d)
+	c.mu.Unlock()
 }
 
 // failingPool fails every Get with what fail says, and counts the Gets.
@@ -44,7 +64,7 @@ func (p failingPool) Get(context.Context) (Session, error) {
 
 // newFailingBroker is a broker whose pools fail every Get with fail(m), and
 // the count of those Gets.
-func newFailingBroker(t *testing.T, d machines.Daemon, fail func(machines.Machine) error, ms ...machines.Machine) (*Broker, *atomic.Int64) {
+func newFailingBroker(t *testing.T, d machines.Daemon, now func() time.Time, fail func(machines.Machine) error, ms ...machines.Machine) (*Broker, *atomic.Int64) {
 	t.Helper()
 	gets := new(atomic.Int64)
 	h, err := health.Open(filepath.Join(t.TempDir(), "health.json"))
@@ -54,6 +74,7 @@ func newFailingBroker(t *testing.T, d machines.Daemon, fail func(machines.Machin
 	return New(Options{
 		Config: &machines.Config{Machines: ms, Daemon: d},
 		Health: h,
+		Now:    now,
 		NewPool: func(m machines.Machine, _ func(error)) Pool {
 			return failingPool{fail: func() error { return fail(m) }, gets: gets}
 		},
@@ -193,15 +214,13 @@ func TestRetryWithNoOtherMachineFails(t *testing.T) {
 // failed it at the first refused connection.
 func TestTransientFailureWaitsMachineWait(t *testing.T) {
 	refused := errors.New("dial tcp 10.0.0.1:22: connect: connection refused")
-	b, gets := newFailingBroker(t, machines.Daemon{MachineWait: time.Hour}, func(m machines.Machine) error {
+	clock := newTestClock()
+	b, gets := newFailingBroker(t, machines.Daemon{MachineWait: time.Hour}, clock.Now, func(m machines.Machine) error {
 		return &sshconn.ConnectError{Name: m.Name(), Addr: m.Host + ":22", Err: refused}
 	}, testMachine("b1", 1, "x86_64-linux"))
 	defer b.Close()
-	var mu sync.Mutex
-	now := time.Now()
 	b.mu.Lock()
 	b.probeEvery = time.Millisecond // probe at each of the dispatcher's rounds
-	b.now = func() time.Time { mu.Lock(); defer mu.Unlock(); return now }
 	b.mu.Unlock()
 	c := newClient(b)
 	bd := runTicket(b, try(t, b, c, "/nix/store/a.drv", false).Reservation)
@@ -212,9 +231,7 @@ func TestTransientFailureWaitsMachineWait(t *testing.T) {
 		t.Fatalf("the build ended within machine-wait after a transient failure: %v %+v", types, last)
 	default:
 	}
-	mu.Lock()
-	now = now.Add(time.Hour)
-	mu.Unlock()
+	clock.Advance(time.Hour)
 	waitDone(t, bd)
 	_, last := events(bd)
 	if last.Kind != brokerapi.FailMisc || !strings.Contains(last.Error, "connection refused") || !strings.Contains(last.Error, "machine-wait (1h0m0s)") {
