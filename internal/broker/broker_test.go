@@ -12,6 +12,7 @@ import (
 	"github.com/nix-offload/nix-offload/internal/health"
 	"github.com/nix-offload/nix-offload/internal/localstore"
 	"github.com/nix-offload/nix-offload/internal/machines"
+	"github.com/nix-offload/nix-offload/internal/testbed"
 )
 
 // idlePool is a pool that never connects: these tests exercise slots,
@@ -93,7 +94,7 @@ func TestTryFillsSlotsThenQueuesOrDeclines(t *testing.T) {
 
 	// Freeing the first slot hands it to the oldest queued ticket.
 	b.cancelTicket(first.Reservation, errCancelled)
-	waitFor(t, "the first queued ticket to get the slot", func() bool {
+	testbed.WaitFor(t, 5*time.Second, "the first queued ticket to get the slot", func() bool {
 		b.mu.Lock()
 		defer b.mu.Unlock()
 		tq := b.tickets[queued.Reservation]
@@ -146,7 +147,7 @@ func TestDownMachineIsSkippedAndProbed(t *testing.T) {
 	b.mu.Lock()
 	b.probeEvery = 50 * time.Millisecond
 	b.mu.Unlock()
-	waitFor(t, "the queued build to probe b1", func() bool {
+	testbed.WaitFor(t, 5*time.Second, "the queued build to probe b1", func() bool {
 		b.mu.Lock()
 		defer b.mu.Unlock()
 		tq := b.tickets[r.Reservation]
@@ -179,16 +180,5 @@ func TestDrainHandsQueuedBuildsBack(t *testing.T) {
 	}
 	if _, err := b.Try(brokerapi.TryRequest{DrvPath: "/nix/store/c.drv", System: "x86_64-linux"}, c); err == nil {
 		t.Error("a try while stopping was accepted")
-	}
-}
-
-func waitFor(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(5 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(5 * time.Millisecond)
 	}
 }

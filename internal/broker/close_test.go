@@ -14,6 +14,7 @@ import (
 	"github.com/nix-offload/nix-offload/internal/health"
 	"github.com/nix-offload/nix-offload/internal/localstore"
 	"github.com/nix-offload/nix-offload/internal/machines"
+	"github.com/nix-offload/nix-offload/internal/testbed"
 )
 
 // warmPool is a pool whose Warm holds until ctx ends and then until
@@ -112,7 +113,7 @@ func TestHealthyOnlyWhileTheDispatcherRuns(t *testing.T) {
 		OpenLocal: func() (*localstore.Store, error) { return nil, errors.New("no local store in this test") },
 	})
 	defer b.Close()
-	waitFor(t, "the dispatcher's first round", func() bool { return b.beat.Load() != 0 })
+	testbed.WaitFor(t, 5*time.Second, "the dispatcher's first round", func() bool { return b.beat.Load() != 0 })
 	if err := b.Healthy(); err != nil {
 		t.Fatalf("Healthy with a running dispatcher: %v", err)
 	}
@@ -120,7 +121,7 @@ func TestHealthyOnlyWhileTheDispatcherRuns(t *testing.T) {
 	clock.Advance(stuckAfter + time.Second)
 	moved := clock.Now().UnixNano()
 	b.kick()
-	waitFor(t, "the dispatcher to go round after the clock moved", func() bool { return b.beat.Load() >= moved })
+	testbed.WaitFor(t, 5*time.Second, "the dispatcher to go round after the clock moved", func() bool { return b.beat.Load() >= moved })
 	if err := b.Healthy(); err != nil {
 		t.Fatalf("Healthy with a dispatcher that goes round: %v", err)
 	}

@@ -15,6 +15,7 @@ import (
 	"github.com/nix-offload/nix-offload/internal/localstore"
 	"github.com/nix-offload/nix-offload/internal/machines"
 	"github.com/nix-offload/nix-offload/internal/sshconn"
+	"github.com/nix-offload/nix-offload/internal/testbed"
 )
 
 // newRetryBroker is newTestBroker without the Close at cleanup: a broker
@@ -165,7 +166,7 @@ func TestRetryAfterQueuedGrantDoesNotDeadlock(t *testing.T) {
 	}
 	// The queued ticket gets b1's slot before its build is submitted.
 	b.cancelTicket(x.Reservation, errCancelled)
-	waitFor(t, "the queued ticket to get the free slot", func() bool {
+	testbed.WaitFor(t, 5*time.Second, "the queued ticket to get the free slot", func() bool {
 		b.mu.Lock()
 		defer b.mu.Unlock()
 		return b.tickets[q.Reservation].machine != nil
@@ -224,7 +225,7 @@ func TestTransientFailureWaitsMachineWait(t *testing.T) {
 	b.mu.Unlock()
 	c := newClient(b)
 	bd := runTicket(b, try(t, b, c, "/nix/store/a.drv", false).Reservation)
-	waitFor(t, "the machine to be probed again for the waiting build", func() bool { return gets.Load() >= 3 })
+	testbed.WaitFor(t, 5*time.Second, "the machine to be probed again for the waiting build", func() bool { return gets.Load() >= 3 })
 	select {
 	case <-bd.done:
 		types, last := events(bd)

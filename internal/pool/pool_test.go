@@ -11,6 +11,7 @@ import (
 
 	"github.com/nix-offload/nix-offload/internal/machines"
 	"github.com/nix-offload/nix-offload/internal/sshconn"
+	"github.com/nix-offload/nix-offload/internal/testbed"
 )
 
 // The unit tests need no machine: a connection attempt that fails (or never
@@ -61,17 +62,6 @@ func (f *fakeDialer) counts() (calls, inFlight, maxInFlight int) {
 
 var testMachine = machines.Machine{Host: "127.0.0.9", Port: 22, User: "root", Systems: []string{"x86_64-linux"}}
 
-func waitUntil(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(2 * time.Millisecond)
-	}
-}
-
 // Fifty Gets on a machine that cannot be reached make two connection
 // attempts, not fifty, and every one of those Gets fails with the
 // attempt's error; a later Get tries again.
@@ -97,7 +87,7 @@ func TestFailedDialFailsTheGetsWaitingForIt(t *testing.T) {
 			errs <- err
 		}()
 	}
-	waitUntil(t, "20 sessions starting", func() bool { return p.Stats().Starting == 20 })
+	testbed.WaitFor(t, 10*time.Second, "20 sessions starting", func() bool { return p.Stats().Starting == 20 })
 	time.Sleep(20 * time.Millisecond) // room for a wrong third attempt to show up
 	if calls, _, _ := f.counts(); calls != 2 {
 		t.Fatalf("%d connection attempts in flight for 20 starting sessions, want 2", calls)
@@ -180,7 +170,7 @@ func TestCloseFailsWaitingGets(t *testing.T) {
 			errs <- err
 		}()
 	}
-	waitUntil(t, "sessions starting", func() bool { return p.Stats().Starting == 3 })
+	testbed.WaitFor(t, 10*time.Second, "sessions starting", func() bool { return p.Stats().Starting == 3 })
 	p.Close()
 	for range 3 {
 		if err := <-errs; err != ErrClosed {

@@ -20,15 +20,12 @@ var hookBin struct {
 // call [RemoveHookBinary] from TestMain.
 func HookBinary(tb TB) string {
 	tb.Helper()
+	goCmd := GoTool(tb)
 	hookBin.once.Do(func() {
 		dir, err := os.MkdirTemp("", "nix-offload-hook-bin-")
 		if err != nil {
 			hookBin.err = err
 			return
-		}
-		goCmd, err := exec.LookPath("go")
-		if err != nil {
-			goCmd = "/usr/local/go/bin/go" // where the project's machines have it
 		}
 		path := filepath.Join(dir, "nix-offload-hook")
 		cmd := exec.Command(goCmd, "build", "-o", path, "github.com/nix-offload/nix-offload/cmd/nix-offload-hook")
