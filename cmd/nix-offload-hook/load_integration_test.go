@@ -337,11 +337,14 @@ func waitWarm(t *testing.T, env *brokerEnv) loadSample {
 		}
 		return true
 	})
-	time.Sleep(200 * time.Millisecond)
-	s, err := sampleBroker(env)
-	if err != nil {
-		t.Fatalf("sampling the idle broker: %v", err)
-	}
+	// The baseline once the status clients above are gone: the asker is
+	// the only client.
+	var s loadSample
+	var err error
+	testbed.WaitFor(t, time.Minute, "the broker at rest with only the asker connected", func() bool {
+		s, err = sampleBroker(env)
+		return err == nil && s.clients == 1
+	})
 	return s
 }
 

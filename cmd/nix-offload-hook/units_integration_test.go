@@ -183,6 +183,9 @@ func TestUnitsSocketActivation(t *testing.T) {
 		_, err := os.Lstat(sockPath)
 		return err == nil && exe() == socketActivateTool
 	})
+	// An absence needs a window: nothing but a connection may start the
+	// broker, and there is no event for "nothing started it". 300 ms is
+	// far longer than the broker takes to exec and notify.
 	time.Sleep(300 * time.Millisecond)
 	if got := exe(); got != socketActivateTool {
 		t.Fatalf("before any connection the process is %s, want %s still waiting", got, socketActivateTool)

@@ -4,7 +4,9 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"runtime"
 	"slices"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -62,6 +64,26 @@ func (f *fakeDialer) counts() (calls, inFlight, maxInFlight int) {
 
 var testMachine = machines.Machine{Host: "127.0.0.9", Port: 22, User: "root", Systems: []string{"x86_64-linux"}}
 
+// blockedIn counts the goroutines blocked on a channel receive in fn.
+func blockedIn(fn string) int {
+	buf := make([]byte, 1<<20)
+	for {
+		n := runtime.Stack(buf, true)
+		if n < len(buf) {
+			buf = buf[:n]
+			break
+		}
+		buf = make([]byte, 2*len(buf))
+	}
+	count := 0
+	for _, g := range strings.Split(string(buf), "\n\n") {
+		if strings.Contains(g, "[chan receive") && strings.Contains(g, fn+"(") {
+			count++
+		}
+	}
+	return count
+}
+
 // Fifty Gets on a machine that cannot be reached make two connection
 // attempts, not fifty, and every one of those Gets fails with the
 // attempt's error; a later Get tries again.
@@ -88,9 +110,17 @@ func TestFailedDialFailsTheGetsWaitingForIt(t *testing.T) {
 		}()
 	}
 	testbed.WaitFor(t, 10*time.Second, "20 sessions starting", func() bool { return p.Stats().Starting == 20 })
-	time.Sleep(20 * time.Millisecond) // room for a wrong third attempt to show up
-	if calls, _, _ := f.counts(); calls != 2 {
-		t.Fatalf("%d connection attempts in flight for 20 starting sessions, want 2", calls)
+	// Every start decides under the pool's lock whether to dial, and then
+	// waits on a channel in reserve: once all 20 wait there, no attempt
+	// can be added until one ends.
+	testbed.WaitFor(t, 10*time.Second, "the 20 starts waiting for connection attempts", func() bool {
+		return blockedIn("pool.(*Pool).reserve") == 20
+	})
+	p.mu.Lock()
+	dials := len(p.dials)
+	p.mu.Unlock()
+	if dials != 2 {
+		t.Fatalf("%d connection attempts in flight for 20 starting sessions, want 2", dials)
 	}
 	close(f.release)
 	for range 50 {
