@@ -281,6 +281,7 @@ func (t *Tracker) healthyInFile(machine string) bool {
 	if err != nil {
 		return false // update says what is wrong
 	}
+	t.keepUnsavedLocked(ms) // as Reload does: the file lacks what could not be saved
 	t.machines = ms
 	_, listed := ms[machine]
 	return !listed

@@ -84,6 +84,15 @@ func TestPlantedLockFile(t *testing.T) {
 	if len(tr.Down()) != 1 {
 		t.Errorf("after Reload: Down = %q, want the unsaved failure kept", tr.Down())
 	}
+	// A success of another machine reads the file too (healthy machines
+	// are not written): it used to take the file's content whole, and the
+	// broker then dialled b1 again at once.
+	if err := tr.Succeeded("b2"); err != nil {
+		t.Fatal(err)
+	}
+	if len(tr.Down()) != 1 {
+		t.Errorf("after another machine's success: Down = %q, want the unsaved failure kept", tr.Down())
+	}
 }
 
 // A state directory that cannot be written (full, or read-only) keeps the
