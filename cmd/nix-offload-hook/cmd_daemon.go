@@ -78,7 +78,10 @@ func runDaemon(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	}
 	sl, err := slots.Open(filepath.Join(stateDir, "slots"))
 	if err != nil {
-		return err
+		// A full or read-only state directory must not stop builds: the
+		// broker counts its slots in memory, the one ledger that works.
+		log.Warn("slot files cannot be used; counting slots in memory", zap.Error(err))
+		sl = nil
 	}
 	b := broker.New(broker.Options{Config: cfg, Health: hl, Slots: sl, Metrics: reg, Log: log, Version: version()})
 	defer b.Close()

@@ -134,8 +134,9 @@ type Broker struct {
 	wake   chan struct{}
 	wg     sync.WaitGroup // running builds
 	loops  sync.WaitGroup // the dispatcher and warm-up, which Close waits for
-	// healthFailing is set while the health file cannot be written.
-	healthFailing atomic.Bool
+	// healthFailing is set while the health file cannot be written, and
+	// slotsFailing while the slot files cannot be made.
+	healthFailing, slotsFailing atomic.Bool
 	// beat is when the dispatcher last went round (UnixNano), for Healthy.
 	beat atomic.Int64
 
@@ -511,13 +512,20 @@ func (b *Broker) grantLocked(t *ticket, m *machine) bool {
 		// The host's one slot ledger: hooks working alone count these
 		// files, and hold some while the broker starts or stops.
 		s, ok, err := b.opt.Slots.Acquire(m.cfg)
-		if err != nil {
-			b.log.Warn("slot files", zap.String("machine", m.name), zap.Error(err))
-		}
-		if !ok {
+		switch {
+		case err != nil:
+			// The state directory is full or read-only: hooks alone cannot
+			// take slot files either, so the broker's count is the one
+			// that works. Refusing would queue every build for good.
+			if !b.slotsFailing.Swap(true) {
+				b.log.Warn("slot files cannot be used; counting slots in memory until they can", zap.String("machine", m.name), zap.Error(err))
+			}
+		case !ok:
 			return false
+		default:
+			b.slotsFailing.Store(false)
+			t.slot = s
 		}
-		t.slot = s
 	}
 	m.used++
 	t.machine = m

@@ -3,6 +3,8 @@ package broker
 import (
 	"context"
 	"errors"
+	"fmt"
+	"os"
 	"path/filepath"
 	"testing"
 
@@ -74,5 +76,46 @@ func TestOneSlotLedger(t *testing.T) {
 	c.close()
 	if got := loadOf(); got != 0 {
 		t.Errorf("after the broker's client went away: %d slot files held, want 0", got)
+	}
+}
+
+// Slot files that cannot be made (a full or read-only state directory)
+// leave the broker's own count as the ledger: it grants up to
+// parallel-builds and queues the rest. Before, every grant failed and
+// every build waited in the queue for good.
+func TestSlotFilesUnusable(t *testing.T) {
+	dir := t.TempDir()
+	sl, err := slots.Open(filepath.Join(dir, "slots"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Its path taken by a file: no slot file can be made in it.
+	if err := os.RemoveAll(sl.Path()); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(sl.Path(), nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	h, err := health.Open(filepath.Join(dir, "health.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := New(Options{
+		Config:    &machines.Config{Machines: []machines.Machine{testMachine("b1", 2, "x86_64-linux")}},
+		Health:    h,
+		Slots:     sl,
+		NewPool:   func(machines.Machine, func(error)) Pool { return idlePool{} },
+		OpenLocal: func() (*localstore.Store, error) { return nil, errors.New("no local store in this test") },
+	})
+	defer b.Close()
+	c := newClient(b)
+	defer c.close()
+	for i, want := range []bool{false, false, true} {
+		if r := try(t, b, c, fmt.Sprintf("/nix/store/%d.drv", i), false); r.Queued != want {
+			t.Errorf("try %d: %+v, want queued %v", i, r, want)
+		}
+	}
+	if got := used(b); got != 2 {
+		t.Errorf("broker holds %d slots, want 2", got)
 	}
 }
