@@ -23,10 +23,14 @@
 //
 // # Failures
 //
-// A build whose machine cannot give it a session, or whose connection dies
-// before its outputs were handed over, is retried on another machine, up to
-// engine.MaxMachines machines (internal/engine runs every build; placer is
-// the broker's side of it). A build that ran and failed on the machine is not.
+// A build whose connection dies before its outputs were handed over is
+// retried on another machine, up to engine.MaxMachines machines
+// (internal/engine runs every build; placer is the broker's side of it). A
+// build that ran and failed on the machine is not. A machine that cannot
+// give a build a session is skipped for it: for good on a permanent error
+// (engine.Permanent), and on backoff otherwise, in which case the build
+// waits for it, or another, up to [daemon] machine-wait, the rule of the
+// hook alone.
 package broker
 
 import (
