@@ -22,7 +22,8 @@ import (
 )
 
 // silentListener accepts TCP connections and never says a word, like a
-// machine whose sshd is wedged; it counts the connections.
+// machine whose sshd is wedged, or with hangUp closes them at once, like
+// one whose sshd dies on every connection; it counts the connections.
 type silentListener struct {
 	ln    net.Listener
 	count atomic.Int64
@@ -30,7 +31,11 @@ type silentListener struct {
 	conns []net.Conn
 }
 
-func newSilentListener(t *testing.T) *silentListener {
+func newSilentListener(t *testing.T) *silentListener { return listenTCP(t, false) }
+
+func newHangUpListener(t *testing.T) *silentListener { return listenTCP(t, true) }
+
+func listenTCP(t *testing.T, hangUp bool) *silentListener {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -46,6 +51,10 @@ func newSilentListener(t *testing.T) *silentListener {
 				return
 			}
 			s.count.Add(1)
+			if hangUp {
+				c.Close()
+				continue
+			}
 			s.mu.Lock()
 			s.conns = append(s.conns, c)
 			s.mu.Unlock()

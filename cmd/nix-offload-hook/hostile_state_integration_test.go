@@ -2,12 +2,10 @@ package main
 
 import (
 	"fmt"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -16,37 +14,6 @@ import (
 
 	"github.com/nix-offload/nix-offload/internal/testbed"
 )
-
-// hangUpListener accepts TCP connections and closes them at once, like a
-// machine whose sshd dies on every connection: a transient failure that
-// costs nothing. It counts the connections.
-type hangUpListener struct {
-	ln    net.Listener
-	count atomic.Int64
-}
-
-func newHangUpListener(t *testing.T) *hangUpListener {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	h := &hangUpListener{ln: ln}
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			h.count.Add(1)
-			c.Close()
-		}
-	}()
-	t.Cleanup(func() { ln.Close(); <-done })
-	return h
-}
 
 // asNobody starts argv as uid and gid 65534, an unprivileged local user,
 // and stops it at the end of the test.
@@ -176,14 +143,7 @@ func TestBrokerHostileStateDir(t *testing.T) {
 	var baseline time.Duration
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
-			base, err := os.MkdirTemp("", "nix-offload-state-")
-			if err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(func() { os.RemoveAll(base) })
-			if err := os.Chmod(base, 0o755); err != nil {
-				t.Fatal(err)
-			}
+			base := testbed.SharedDir(t, "nix-offload-state-")
 			state := filepath.Join(base, "state")
 			if err := os.Mkdir(state, 0o755); err != nil {
 				t.Fatal(err)
@@ -198,7 +158,7 @@ func TestBrokerHostileStateDir(t *testing.T) {
 			}
 			text := strings.Replace(string(cfg), fmt.Sprintf("state-dir = %q", filepath.Join(env.dir, "state")), fmt.Sprintf("state-dir = %q", state), 1)
 			text += fmt.Sprintf("\n[[machine]]\nhost = \"127.0.0.1\"\nport = %d\nuser = \"root\"\nssh-key = %q\nhost-key = %q\n"+
-				"systems = [\"x86_64-linux\"]\nspeed = 10\nparallel-builds = 4\n", dead.ln.Addr().(*net.TCPAddr).Port, good.ClientKey, good.HostKey)
+				"systems = [\"x86_64-linux\"]\nspeed = 10\nparallel-builds = 4\n", dead.port(), good.ClientKey, good.HostKey)
 			if err := os.WriteFile(env.config, []byte(text), 0o644); err != nil {
 				t.Fatal(err)
 			}

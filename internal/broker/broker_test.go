@@ -31,18 +31,29 @@ func testMachine(host string, slots int, systems ...string) machines.Machine {
 	return machines.Machine{Host: host, User: "root", Systems: systems, ParallelBuilds: slots, Speed: 1, Enabled: true}
 }
 
+// testOptions fills in what a test leaves unset: a health file of its
+// own, pools that never connect, and no local store.
+func testOptions(t testing.TB, opt Options) Options {
+	t.Helper()
+	if opt.Health == nil {
+		h, err := health.Open(filepath.Join(t.TempDir(), "health.json"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		opt.Health = h
+	}
+	if opt.NewPool == nil {
+		opt.NewPool = func(machines.Machine, func(error)) Pool { return idlePool{} }
+	}
+	if opt.OpenLocal == nil {
+		opt.OpenLocal = func() (*localstore.Store, error) { return nil, errors.New("no local store in this test") }
+	}
+	return opt
+}
+
 func newTestBroker(t testing.TB, ms ...machines.Machine) *Broker {
 	t.Helper()
-	h, err := health.Open(filepath.Join(t.TempDir(), "health.json"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	b := New(Options{
-		Config:    &machines.Config{Machines: ms},
-		Health:    h,
-		NewPool:   func(machines.Machine, func(error)) Pool { return idlePool{} },
-		OpenLocal: func() (*localstore.Store, error) { return nil, errors.New("no local store in this test") },
-	})
+	b := New(testOptions(t, Options{Config: &machines.Config{Machines: ms}}))
 	t.Cleanup(b.Close)
 	return b
 }

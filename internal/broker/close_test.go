@@ -4,14 +4,12 @@ import (
 	"context"
 	"errors"
 	"os/exec"
-	"path/filepath"
 	"sync/atomic"
 	"testing"
 	"time"
 
 	"go.uber.org/goleak"
 
-	"github.com/nix-offload/nix-offload/internal/health"
 	"github.com/nix-offload/nix-offload/internal/localstore"
 	"github.com/nix-offload/nix-offload/internal/machines"
 	"github.com/nix-offload/nix-offload/internal/testbed"
@@ -44,13 +42,8 @@ func TestCloseWaitsForItsGoroutines(t *testing.T) {
 	opening, openRelease := make(chan struct{}), make(chan struct{})
 	var opened atomic.Pointer[localstore.Store]
 	pool := warmPool{cancelled: make(chan struct{}), release: make(chan struct{}), ended: new(atomic.Bool)}
-	h, err := health.Open(filepath.Join(t.TempDir(), "health.json"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	b := New(Options{
+	b := New(testOptions(t, Options{
 		Config:  &machines.Config{Machines: []machines.Machine{testMachine("b1", 1, "x86_64-linux")}},
-		Health:  h,
 		NewPool: func(machines.Machine, func(error)) Pool { return pool },
 		OpenLocal: func() (*localstore.Store, error) {
 			close(opening)
@@ -61,7 +54,7 @@ func TestCloseWaitsForItsGoroutines(t *testing.T) {
 			opened.Store(s)
 			return s, err
 		},
-	})
+	}))
 	<-opening
 	closed := make(chan struct{})
 	go func() { b.Close(); close(closed) }()
@@ -101,17 +94,10 @@ func TestCloseWaitsForItsGoroutines(t *testing.T) {
 // a broker whose lock is held for good. While it goes round, it passes.
 func TestHealthyOnlyWhileTheDispatcherRuns(t *testing.T) {
 	clock := newTestClock()
-	h, err := health.Open(filepath.Join(t.TempDir(), "health.json"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	b := New(Options{
-		Config:    &machines.Config{Machines: []machines.Machine{testMachine("b1", 1, "x86_64-linux")}},
-		Health:    h,
-		Now:       clock.Now,
-		NewPool:   func(machines.Machine, func(error)) Pool { return idlePool{} },
-		OpenLocal: func() (*localstore.Store, error) { return nil, errors.New("no local store in this test") },
-	})
+	b := New(testOptions(t, Options{
+		Config: &machines.Config{Machines: []machines.Machine{testMachine("b1", 1, "x86_64-linux")}},
+		Now:    clock.Now,
+	}))
 	defer b.Close()
 	testbed.WaitFor(t, 5*time.Second, "the dispatcher's first round", func() bool { return b.beat.Load() != 0 })
 	if err := b.Healthy(); err != nil {
@@ -128,7 +114,7 @@ func TestHealthyOnlyWhileTheDispatcherRuns(t *testing.T) {
 	// The broker's lock held for good: the dispatcher stops at it.
 	b.mu.Lock()
 	clock.Advance(stuckAfter + time.Second)
-	err = b.Healthy()
+	err := b.Healthy()
 	b.mu.Unlock()
 	if err == nil {
 		t.Fatalf("Healthy with the broker's lock held for %v: nil, want an error", stuckAfter+time.Second)

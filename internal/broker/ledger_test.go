@@ -2,14 +2,11 @@ package broker
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
 	"testing"
 
-	"github.com/nix-offload/nix-offload/internal/health"
-	"github.com/nix-offload/nix-offload/internal/localstore"
 	"github.com/nix-offload/nix-offload/internal/machines"
 	"github.com/nix-offload/nix-offload/internal/slots"
 )
@@ -26,18 +23,8 @@ func TestOneSlotLedger(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	h, err := health.Open(filepath.Join(dir, "health.json"))
-	if err != nil {
-		t.Fatal(err)
-	}
 	m := testMachine("b1", 2, "x86_64-linux")
-	b := New(Options{
-		Config:    &machines.Config{Machines: []machines.Machine{m}},
-		Health:    h,
-		Slots:     sl,
-		NewPool:   func(machines.Machine, func(error)) Pool { return idlePool{} },
-		OpenLocal: func() (*localstore.Store, error) { return nil, errors.New("no local store in this test") },
-	})
+	b := New(testOptions(t, Options{Config: &machines.Config{Machines: []machines.Machine{m}}, Slots: sl}))
 	defer b.Close()
 	c := newClient(b)
 
@@ -96,17 +83,7 @@ func TestSlotFilesUnusable(t *testing.T) {
 	if err := os.WriteFile(sl.Path(), nil, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	h, err := health.Open(filepath.Join(dir, "health.json"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	b := New(Options{
-		Config:    &machines.Config{Machines: []machines.Machine{testMachine("b1", 2, "x86_64-linux")}},
-		Health:    h,
-		Slots:     sl,
-		NewPool:   func(machines.Machine, func(error)) Pool { return idlePool{} },
-		OpenLocal: func() (*localstore.Store, error) { return nil, errors.New("no local store in this test") },
-	})
+	b := New(testOptions(t, Options{Config: &machines.Config{Machines: []machines.Machine{testMachine("b1", 2, "x86_64-linux")}}, Slots: sl}))
 	defer b.Close()
 	c := newClient(b)
 	defer c.close()

@@ -3,7 +3,6 @@ package broker
 import (
 	"context"
 	"errors"
-	"path/filepath"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -11,8 +10,6 @@ import (
 	"time"
 
 	"github.com/nix-offload/nix-offload/internal/brokerapi"
-	"github.com/nix-offload/nix-offload/internal/health"
-	"github.com/nix-offload/nix-offload/internal/localstore"
 	"github.com/nix-offload/nix-offload/internal/machines"
 	"github.com/nix-offload/nix-offload/internal/sshconn"
 	"github.com/nix-offload/nix-offload/internal/testbed"
@@ -68,19 +65,13 @@ func (p failingPool) Get(context.Context) (Session, error) {
 func newFailingBroker(t *testing.T, d machines.Daemon, now func() time.Time, fail func(machines.Machine) error, ms ...machines.Machine) (*Broker, *atomic.Int64) {
 	t.Helper()
 	gets := new(atomic.Int64)
-	h, err := health.Open(filepath.Join(t.TempDir(), "health.json"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	return New(Options{
+	return New(testOptions(t, Options{
 		Config: &machines.Config{Machines: ms, Daemon: d},
-		Health: h,
 		Now:    now,
 		NewPool: func(m machines.Machine, _ func(error)) Pool {
 			return failingPool{fail: func() error { return fail(m) }, gets: gets}
 		},
-		OpenLocal: func() (*localstore.Store, error) { return nil, errors.New("no local store in this test") },
-	}), gets
+	})), gets
 }
 
 // runTicket starts the build of a ticket as startBuild does, without a

@@ -147,14 +147,7 @@ func TestSocketIsRootOnly(t *testing.T) {
 	testbed.RequireUser(t, "to run a helper as another user")
 	const nobody = 65534
 	// Everything on the way to the socket and to the helper binary must be open to nobody.
-	dir, err := os.MkdirTemp("", "nix-offload-broker-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	if err := os.Chmod(dir, 0o755); err != nil {
-		t.Fatal(err)
-	}
+	dir := testbed.SharedDir(t, "nix-offload-broker-")
 	exe := filepath.Join(dir, "helper")
 	self, err := os.Executable()
 	if err != nil {

@@ -408,6 +408,22 @@ func RequireUser(tb TB, why string) {
 	}
 }
 
+// SharedDir returns a new directory that every user of the machine can reach and read (mode
+// 0755, in the system's temporary directory; those of TB.TempDir are 0700), for a test that
+// runs something as another user. It is removed at the end of the test.
+func SharedDir(tb TB, prefix string) string {
+	tb.Helper()
+	dir, err := os.MkdirTemp("", prefix)
+	if err != nil {
+		tb.Fatalf("testbed: %v", err)
+	}
+	tb.Cleanup(func() { os.RemoveAll(dir) })
+	if err := os.Chmod(dir, 0o755); err != nil {
+		tb.Fatalf("testbed: %v", err)
+	}
+	return dir
+}
+
 // toolDirs is where the test bed looks for the programs it runs itself, whatever the
 // caller's PATH says.
 var toolDirs = []string{"/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin"}
