@@ -70,6 +70,10 @@ func newBrokerEnvWith(t *testing.T, nix testbed.Nix, store string, slots int, ex
 
 func (e *brokerEnv) start(t *testing.T, nix testbed.Nix, store string) {
 	t.Helper()
+	// The store's database first: on a fresh store the broker's local
+	// nix-store and the test's first nix-build would both create it, and
+	// one of them can fail with "SQLite database … is busy".
+	runNix(t, nix, store, e.offloadEnv, "nix-store", "--init")
 	cmd := nix.Command(store, e.mounts, testbed.HookBinary(t), "daemon", "-config", e.config, "-drain", "30s", "-debug")
 	e.log = &syncBuffer{}
 	cmd.Stdout, cmd.Stderr = e.log, e.log

@@ -5,12 +5,11 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
-
-	"golang.org/x/sys/unix"
 
 	"github.com/nix-offload/nix-offload/internal/testbed"
 )
@@ -35,24 +34,25 @@ func asNobody(t *testing.T, argv ...string) {
 }
 
 // lockedBy reports whether a process holds a flock on the file at path,
-// from /proc/locks.
+// from /proc/locks, whose lines read
+//
+//	1: FLOCK  ADVISORY  READ  1234 08:01:5678 0 EOF
+//
+// with the file as major:minor:inode (the inode is enough in a test).
 func lockedBy(t *testing.T, path string) bool {
 	t.Helper()
 	fi, err := os.Stat(path)
 	if err != nil {
 		return false
 	}
-	st := fi.Sys().(*syscall.Stat_t)
+	ino := strconv.FormatUint(fi.Sys().(*syscall.Stat_t).Ino, 10)
 	locks, err := os.ReadFile("/proc/locks")
 	if err != nil {
 		t.Fatal(err)
 	}
-	// "1: FLOCK  ADVISORY  READ  1234 00:2a:5678 0 EOF": major:minor:inode.
-	dev := uint64(st.Dev)
-	id := fmt.Sprintf(":%d ", st.Ino)
 	for _, line := range strings.Split(string(locks), "\n") {
-		if strings.Contains(line, "FLOCK") && strings.Contains(line, id) &&
-			strings.Contains(line, fmt.Sprintf("%02x:%02x:", unix.Major(dev), unix.Minor(dev))) {
+		f := strings.Fields(line)
+		if len(f) > 5 && f[1] == "FLOCK" && strings.HasSuffix(f[5], ":"+ino) {
 			return true
 		}
 	}
