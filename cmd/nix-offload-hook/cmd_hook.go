@@ -204,17 +204,11 @@ func (h *hook) openAlone() error {
 	if h.alone != nil {
 		return nil
 	}
-	stateDir := h.cfg.Daemon.StateDir
-	if stateDir == "" {
-		stateDir = machines.DefaultStateDir
-	}
-	sl, err := slots.Open(filepath.Join(stateDir, "slots"))
+	sl, tracker, err := openHostState(h.cfg, func(herr error) {
+		h.log.Msg(hookproto.LvlWarn, "nix-offload: "+herr.Error()+"; machine health is kept in this process only")
+	})
 	if err != nil {
 		return err
-	}
-	tracker, herr := health.Open(filepath.Join(stateDir, "health.json"))
-	if herr != nil {
-		h.log.Msg(hookproto.LvlWarn, "nix-offload: "+herr.Error()+"; machine health is kept in this process only")
 	}
 	h.alone = &engine.Alone{
 		Machines: h.cfg.Machines,
@@ -230,6 +224,25 @@ func (h *hook) openAlone() error {
 		},
 	}
 	return nil
+}
+
+// openHostState opens the host's slot files and health file, shared by
+// every hook and command working without a broker. A health file that
+// cannot be used is reported to warn: health is then kept in this process.
+func openHostState(cfg *machines.Config, warn func(error)) (*slots.Dir, *health.Tracker, error) {
+	stateDir := cfg.Daemon.StateDir
+	if stateDir == "" {
+		stateDir = machines.DefaultStateDir
+	}
+	sl, err := slots.Open(filepath.Join(stateDir, "slots"))
+	if err != nil {
+		return nil, nil, err
+	}
+	tracker, herr := health.Open(filepath.Join(stateDir, "health.json"))
+	if herr != nil {
+		warn(herr)
+	}
+	return sl, tracker, nil
 }
 
 // startLocal opens the local store and starts its read session in the

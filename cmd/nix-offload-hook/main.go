@@ -4,6 +4,7 @@
 //	nix-offload-hook check [-config FILE] [-config-only] [-json] [MACHINE…]
 //	                                                           test every machine (or just read the configuration)
 //	nix-offload-hook daemon [-config FILE] [-socket PATH]      run the broker
+//	nix-offload-hook build [flags] INSTALLABLE…                build a derivation graph across the machines
 //	nix-offload-hook status [-json]                            show the broker's state
 //	nix-offload-hook version                                   print the version
 //	nix-offload-hook <verbosity>                               hook mode (build-hook = …)
@@ -52,6 +53,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		err = runCheck(ctx, args[1:], stdout, stderr)
 	case args[0] == "daemon":
 		err = runDaemon(ctx, args[1:], stdout, stderr)
+	case args[0] == "build":
+		err = runBuild(ctx, args[1:], stdout, stderr)
 	case args[0] == "status":
 		err = runStatus(ctx, args[1:], stdout)
 	case args[0] == "version":
@@ -136,6 +139,12 @@ const usage = `usage:
   nix-offload-hook daemon [-config FILE] [-builders SPEC] [-socket PATH] [-drain DURATION] [-debug]
       run the broker: warm connections to every machine, one queue and one
       set of slots for every hook of the host (systemd: nix-offload.socket)
+  nix-offload-hook build [-config FILE] [-keep-going] [-json] [-no-link | -out-link PATH]
+                         [-fetch requested|all|none] [-A ATTR]... INSTALLABLE...
+      build whole derivation graphs on the machines: every derivation whose
+      inputs are built runs at once, intermediates stay on the builders, only
+      what -fetch asks comes home; INSTALLABLE is /nix/store/...drv[^OUTPUTS]
+      or a .nix file with -A; exit 100 when a build failed, 101 timed out
   nix-offload-hook status [-config FILE] [-socket PATH] [-json]
       the broker's machines, slots, queue, health and traffic
   nix-offload-hook version

@@ -66,6 +66,9 @@ type Events struct {
 	// Retrying: the attempt on machine was lost with err; the build is
 	// going to another machine.
 	Retrying func(machine string, err error)
+	// Outputs: the outputs stayed on machine (Job.KeepOutputs); infos are
+	// their metadata there.
+	Outputs func(machine string, infos []serveproto.PathInfo)
 }
 
 // Build is one accepted build.
@@ -170,6 +173,11 @@ func attempt(ctx context.Context, l Lease, b *Build) error {
 			fetching = true
 			if ev.Fetching != nil {
 				ev.Fetching(m, n, bytes)
+			}
+		},
+		Outputs: func(infos []serveproto.PathInfo) {
+			if ev.Outputs != nil {
+				ev.Outputs(m, infos)
 			}
 		},
 	})

@@ -54,6 +54,10 @@ type Job struct {
 	// Transfers shares uploads with other builds on the same machine; nil
 	// for none.
 	Transfers Transfers
+	// KeepOutputs leaves the outputs on the machine: Run fetches nothing
+	// and reports their metadata through Events.Outputs instead (a graph
+	// build whose intermediates stay on the builders).
+	KeepOutputs bool
 }
 
 // Events receives progress; any field may be nil.
@@ -61,6 +65,9 @@ type Events struct {
 	Copying  func(paths int, bytes uint64) // before inputs are sent
 	Building func()                        // right before BuildDerivation is sent
 	Fetching func(paths int, bytes uint64) // before outputs are fetched
+	// Outputs receives the metadata of the wanted outputs as the machine
+	// reports them, when Job.KeepOutputs left them there.
+	Outputs func(infos []serveproto.PathInfo)
 }
 
 // BuildError is a build that ran on the machine and failed there.
@@ -113,6 +120,16 @@ func Run(ctx context.Context, conn *serveproto.Conn, local Local, job Job, ev Ev
 	}
 	if !res.Status.Success() {
 		return &BuildError{DrvPath: job.DrvPath, Machine: job.Machine, Status: res.Status, Msg: res.ErrorMsg}
+	}
+	if job.KeepOutputs {
+		infos, err := outputInfos(conn, job, res)
+		if err != nil {
+			return fmt.Errorf("outputs of '%s' on '%s': %w", job.DrvPath, job.Machine, err)
+		}
+		if ev.Outputs != nil {
+			ev.Outputs(infos)
+		}
+		return nil
 	}
 	if err := fetchOutputs(conn, local, job, res, ev); err != nil {
 		if ctx.Err() != nil {
@@ -226,18 +243,13 @@ func sendOne(conn *serveproto.Conn, local Local, info serveproto.PathInfo) error
 // fetchOutputs asks the machine for the wanted outputs' metadata and has
 // the local store fetch and register them.
 func fetchOutputs(conn *serveproto.Conn, local Local, job Job, res *serveproto.BuildResult, ev Events) error {
-	paths, err := outputPaths(job, res)
+	infos, err := outputInfos(conn, job, res)
 	if err != nil {
 		return err
 	}
-	// Nix hands the hook only outputs that are not valid here, and
-	// AddOutputs skips any that are: no local query first.
-	infos, err := conn.QueryPathInfos(paths)
-	if err != nil {
-		return err
-	}
-	if got := len(infos); got != len(paths) {
-		return fmt.Errorf("the machine reports %d of %d outputs valid after building", got, len(paths))
+	paths := make([]string, len(infos))
+	for i, info := range infos {
+		paths[i] = info.Path
 	}
 	if ev.Fetching != nil {
 		var total uint64
@@ -260,6 +272,24 @@ func fetchOutputs(conn *serveproto.Conn, local Local, job Job, res *serveproto.B
 		return fmt.Errorf("outputs not valid after import: %s", strings.Join(lost, ", "))
 	}
 	return nil
+}
+
+// outputInfos asks the machine for the wanted outputs' metadata.
+func outputInfos(conn *serveproto.Conn, job Job, res *serveproto.BuildResult) ([]serveproto.PathInfo, error) {
+	paths, err := outputPaths(job, res)
+	if err != nil {
+		return nil, err
+	}
+	// Nix hands the hook only outputs that are not valid here, and
+	// AddOutputs skips any that are: no local query first.
+	infos, err := conn.QueryPathInfos(paths)
+	if err != nil {
+		return nil, err
+	}
+	if got := len(infos); got != len(paths) {
+		return nil, fmt.Errorf("the machine reports %d of %d outputs valid after building", got, len(paths))
+	}
+	return infos, nil
 }
 
 // outputPaths returns the store paths of the wanted outputs (all if none

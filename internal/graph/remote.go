@@ -1,0 +1,477 @@
+package graph
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"slices"
+	"sort"
+	"strings"
+	"sync"
+
+	"github.com/nix-offload/nix-offload/internal/engine"
+	"github.com/nix-offload/nix-offload/internal/localstore"
+	"github.com/nix-offload/nix-offload/internal/nar"
+	"github.com/nix-offload/nix-offload/internal/offload"
+	"github.com/nix-offload/nix-offload/internal/scheduler"
+	"github.com/nix-offload/nix-offload/internal/serveproto"
+)
+
+// Store is the local store as a graph build uses it; *localstore.Store
+// implements it. Remote calls it one method at a time.
+type Store interface {
+	offload.Local
+	// Closure returns the closure of valid paths.
+	Closure(paths []string) ([]string, error)
+}
+
+// Remote builds derivations on the machines with the engine and keeps
+// their outputs there. It is safe for concurrent use by [Execute].
+type Remote struct {
+	// Placer returns the placer for one derivation's build (the hook
+	// alone's placer is one build's: a fresh one per derivation).
+	Placer func() engine.Placer
+	// Local is the local store.
+	Local Store
+	// Open opens a session on a machine that reads outputs from it, for
+	// inputs that go to another machine and for fetching.
+	Open func(ctx context.Context, machine string) (engine.Session, func(), error)
+	// Options are the build options every derivation gets.
+	Options    serveproto.BuildOptions
+	Substitute bool // builders-use-substitutes
+	// LogDir is Nix's log directory (/nix/var/log/nix): every build log
+	// goes to LogDir/drvs/XX/REST. "": logs are not kept.
+	LogDir string
+	// Events, if set, receives each attempt's progress.
+	Events func(drvPath string) engine.Events
+
+	localMu sync.Mutex // Local is one session
+
+	mu       sync.Mutex
+	held     map[string]heldPath // output path → where it is
+	producer map[string]string   // output path → its derivation
+	readers  map[string]*reader  // machine → reading session
+}
+
+// heldPath is an output that stays on the machine that built it.
+type heldPath struct {
+	machine string
+	info    serveproto.PathInfo
+}
+
+// Build implements [Builder].
+func (r *Remote) Build(ctx context.Context, n *Node, started func(string)) (string, map[string]string, error) {
+	inputs, err := r.inputClosure(n)
+	if err != nil {
+		return "", nil, err
+	}
+	if err := r.confirm(ctx, inputs); err != nil {
+		return "", nil, err
+	}
+	log, closeLog, err := r.openLog(n.DrvPath)
+	if err != nil {
+		return "", nil, err
+	}
+	defer closeLog()
+	local := &buildLocal{r: r}
+	var machine string
+	outputs := map[string]string{}
+	var ev engine.Events
+	if r.Events != nil {
+		ev = r.Events(n.DrvPath)
+	}
+	startedEv := ev.Started
+	ev.Started = func(m string, attempt int) {
+		machine = m
+		started(m)
+		if startedEv != nil {
+			startedEv(m, attempt)
+		}
+	}
+	ev.Outputs = func(m string, infos []serveproto.PathInfo) {
+		r.record(n, m, infos)
+		for name, o := range n.Drv.Outputs {
+			if o != nil && o.Path != "" {
+				outputs[name] = o.Path
+			}
+		}
+	}
+	err = engine.Run(ctx, r.Placer(), engine.Build{
+		Request: scheduler.Request{System: n.Drv.Platform, RequiredFeatures: strings.Fields(n.Drv.Env["requiredSystemFeatures"])},
+		Job: offload.Job{
+			DrvPath:     n.DrvPath,
+			Drv:         n.Drv,
+			Inputs:      inputs,
+			Options:     r.Options,
+			Substitute:  r.Substitute,
+			KeepOutputs: true,
+		},
+		Local:  local,
+		Log:    log,
+		Events: ev,
+	})
+	if lost := local.lostInput(); err != nil && lost != nil {
+		return machine, nil, lost
+	}
+	if err != nil {
+		return machine, nil, err
+	}
+	return machine, outputs, nil
+}
+
+// record notes that n's outputs are on m.
+func (r *Remote) record(n *Node, m string, infos []serveproto.PathInfo) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.held == nil {
+		r.held, r.producer = map[string]heldPath{}, map[string]string{}
+	}
+	for _, info := range infos {
+		r.held[info.Path] = heldPath{machine: m, info: info}
+		r.producer[info.Path] = n.DrvPath
+	}
+}
+
+// forget drops what r knew of the outputs of drv.
+func (r *Remote) forget(drv string) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for p, d := range r.producer {
+		if d == drv {
+			delete(r.held, p)
+			delete(r.producer, p)
+		}
+	}
+}
+
+func (r *Remote) lookup(p string) (heldPath, bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	h, ok := r.held[p]
+	return h, ok
+}
+
+// inputClosure is the input closure of n as Nix hands it to a hook: its
+// input sources and the wanted outputs of its input derivations, with
+// everything they refer to, whether valid here or held by a machine.
+func (r *Remote) inputClosure(n *Node) ([]string, error) {
+	var roots []string
+	roots = append(roots, n.Drv.InputSources...)
+	for drv, names := range n.Drv.InputDerivations {
+		node := n.inputs[drv]
+		if node == nil {
+			return nil, fmt.Errorf("%s: input derivation '%s' was not read", n.DrvPath, drv)
+		}
+		outs := node.Outputs()
+		for _, name := range names {
+			p, ok := outs[name]
+			if !ok {
+				return nil, fmt.Errorf("%s: input '%s' has no output '%s' with a known path "+
+					"(floating content-addressed outputs are not supported)", n.DrvPath, drv, name)
+			}
+			roots = append(roots, p)
+		}
+	}
+	return r.closure(roots)
+}
+
+// closure follows references through held paths to local ones, and takes
+// the local ones' closure from the local store.
+func (r *Remote) closure(roots []string) ([]string, error) {
+	seen := map[string]bool{}
+	var local []string
+	todo := slices.Clone(roots)
+	for len(todo) > 0 {
+		p := todo[len(todo)-1]
+		todo = todo[:len(todo)-1]
+		if seen[p] {
+			continue
+		}
+		seen[p] = true
+		h, ok := r.lookup(p)
+		if !ok {
+			local = append(local, p)
+			continue
+		}
+		todo = append(todo, h.info.References...)
+	}
+	out := make([]string, 0, len(seen))
+	for p := range seen {
+		if _, ok := r.lookup(p); ok {
+			out = append(out, p)
+		}
+	}
+	if len(local) > 0 {
+		r.localMu.Lock()
+		c, err := r.Local.Closure(local)
+		r.localMu.Unlock()
+		if err != nil {
+			return nil, &engine.LocalError{Err: err}
+		}
+		out = append(out, c...)
+	}
+	sort.Strings(out)
+	return slices.Compact(out), nil
+}
+
+// confirm asks the machines that hold inputs whether they still do, and
+// locks them there for the reading session's life; a path that is gone
+// is a *LostInputError naming its producer.
+func (r *Remote) confirm(ctx context.Context, inputs []string) error {
+	byMachine := map[string][]string{}
+	for _, p := range inputs {
+		if h, ok := r.lookup(p); ok {
+			byMachine[h.machine] = append(byMachine[h.machine], p)
+		}
+	}
+	machines := make([]string, 0, len(byMachine))
+	for m := range byMachine {
+		machines = append(machines, m)
+	}
+	sort.Strings(machines)
+	for _, m := range machines {
+		paths := byMachine[m]
+		var have []string
+		err := r.withReader(ctx, m, func(c *serveproto.Conn) error {
+			var err error
+			have, err = c.QueryValidPaths(paths, true, false)
+			return err
+		})
+		for _, p := range paths {
+			if err == nil && slices.Contains(have, p) {
+				continue
+			}
+			why := err
+			if why == nil {
+				why = fmt.Errorf("no longer valid on '%s'", m)
+			}
+			return r.lost(p, why)
+		}
+	}
+	return nil
+}
+
+// lost is a *LostInputError for held path p; r forgets p's producer's
+// outputs, so that they are built again.
+func (r *Remote) lost(p string, why error) error {
+	r.mu.Lock()
+	producer := r.producer[p]
+	r.mu.Unlock()
+	r.forget(producer)
+	return &LostInputError{Producer: producer, Path: p, Err: why}
+}
+
+// reader is one machine's reading session, one operation at a time.
+type reader struct {
+	mu        sync.Mutex
+	s         engine.Session
+	closeConn func()
+}
+
+// withReader runs f on machine m's reading session, opened on first use
+// and again after it broke.
+func (r *Remote) withReader(ctx context.Context, m string, f func(*serveproto.Conn) error) error {
+	r.mu.Lock()
+	if r.readers == nil {
+		r.readers = map[string]*reader{}
+	}
+	rd := r.readers[m]
+	if rd == nil {
+		rd = &reader{}
+		r.readers[m] = rd
+	}
+	r.mu.Unlock()
+	rd.mu.Lock()
+	defer rd.mu.Unlock()
+	if rd.s == nil {
+		s, closeConn, err := r.Open(ctx, m)
+		if err != nil {
+			return fmt.Errorf("reading from '%s': %w", m, err)
+		}
+		rd.s, rd.closeConn = s, closeConn
+	}
+	stop := context.AfterFunc(ctx, rd.s.Close)
+	defer stop()
+	err := f(rd.s.Conn())
+	if err != nil && rd.s.Conn().Err() != nil {
+		rd.s.Close()
+		rd.closeConn()
+		rd.s = nil
+	}
+	return err
+}
+
+// Close ends the reading sessions.
+func (r *Remote) Close() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for m, rd := range r.readers {
+		rd.mu.Lock()
+		if rd.s != nil {
+			rd.s.Close()
+			rd.closeConn()
+		}
+		rd.mu.Unlock()
+		delete(r.readers, m)
+	}
+}
+
+// Fetch makes paths valid in the local store with their closures: what is
+// held by a machine is streamed from it, checked against its narHash and
+// registered (localstore's AddOutputs: nothing partial stays valid).
+func (r *Remote) Fetch(ctx context.Context, paths []string) error {
+	closure, err := r.closure(paths)
+	if err != nil {
+		return err
+	}
+	var infos []serveproto.PathInfo
+	for _, p := range closure {
+		if h, ok := r.lookup(p); ok {
+			infos = append(infos, h.info)
+		}
+	}
+	if len(infos) == 0 {
+		return nil
+	}
+	infos, err = localstore.TopoSort(infos)
+	if err != nil {
+		return err
+	}
+	r.localMu.Lock()
+	defer r.localMu.Unlock()
+	return r.Local.AddOutputs(infos, func(p string, w io.Writer) error {
+		h, _ := r.lookup(p)
+		return r.withReader(ctx, h.machine, func(c *serveproto.Conn) error {
+			_, err := c.DumpStorePath(p, w)
+			return err
+		})
+	})
+}
+
+// Holder returns the machine that holds p, or "" if none does.
+func (r *Remote) Holder(p string) string {
+	h, _ := r.lookup(p)
+	return h.machine
+}
+
+// openLog opens drv's build log where Nix keeps it.
+func (r *Remote) openLog(drv string) (io.Writer, func(), error) {
+	if r.LogDir == "" {
+		return io.Discard, func() {}, nil
+	}
+	base := filepath.Base(drv)
+	dir := filepath.Join(r.LogDir, "drvs", base[:2])
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return nil, nil, &engine.LocalError{Err: fmt.Errorf("build log: %w", err)}
+	}
+	p := filepath.Join(dir, base[2:])
+	// A compressed log of an earlier build would be read instead of this
+	// one by some Nix versions: this build's log replaces it.
+	os.Remove(p + ".bz2")
+	f, err := os.Create(p)
+	if err != nil {
+		return nil, nil, &engine.LocalError{Err: fmt.Errorf("build log: %w", err)}
+	}
+	return f, func() { f.Close() }, nil
+}
+
+// buildLocal is the local store as one build sees it: a path held by a
+// machine reads from there.
+type buildLocal struct {
+	r    *Remote
+	mu   sync.Mutex
+	lost *LostInputError // a held input that could not be read
+}
+
+func (l *buildLocal) lostInput() error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.lost == nil {
+		return nil
+	}
+	return l.lost
+}
+
+func (l *buildLocal) PathInfos(paths []string) ([]serveproto.PathInfo, error) {
+	out := make([]serveproto.PathInfo, 0, len(paths))
+	var local []string
+	for _, p := range paths {
+		if _, ok := l.r.lookup(p); !ok {
+			local = append(local, p)
+		}
+	}
+	var infos []serveproto.PathInfo
+	if len(local) > 0 {
+		l.r.localMu.Lock()
+		var err error
+		infos, err = l.r.Local.PathInfos(local)
+		l.r.localMu.Unlock()
+		if err != nil {
+			return nil, err
+		}
+	}
+	for _, p := range paths {
+		if h, ok := l.r.lookup(p); ok {
+			out = append(out, h.info)
+			continue
+		}
+		i := slices.IndexFunc(infos, func(info serveproto.PathInfo) bool { return info.Path == p })
+		if i < 0 {
+			return nil, fmt.Errorf("%s: not valid in the local store", p)
+		}
+		out = append(out, infos[i])
+	}
+	return out, nil
+}
+
+func (l *buildLocal) Dump(p string, w io.Writer) (nar.Stats, error) {
+	h, ok := l.r.lookup(p)
+	if !ok {
+		l.r.localMu.Lock()
+		defer l.r.localMu.Unlock()
+		return l.r.Local.Dump(p, w)
+	}
+	var st nar.Stats
+	ew := &errWriter{w: w}
+	err := l.r.withReader(context.Background(), h.machine, func(c *serveproto.Conn) error {
+		var err error
+		st, err = c.DumpStorePath(p, ew)
+		return err
+	})
+	if err != nil && ew.err == nil {
+		l.mu.Lock()
+		if l.lost == nil {
+			l.lost = l.r.lost(p, err).(*LostInputError)
+		}
+		l.mu.Unlock()
+	}
+	return st, err
+}
+
+func (l *buildLocal) AddOutputs([]serveproto.PathInfo, func(string, io.Writer) error) error {
+	return errors.New("graph: outputs stay on the builders")
+}
+
+func (l *buildLocal) Valid(paths []string) ([]string, error) {
+	l.r.localMu.Lock()
+	defer l.r.localMu.Unlock()
+	return l.r.Local.Valid(paths)
+}
+
+// errWriter remembers a failure to write to the target, which is not the
+// holder's loss.
+type errWriter struct {
+	w   io.Writer
+	err error
+}
+
+func (e *errWriter) Write(p []byte) (int, error) {
+	n, err := e.w.Write(p)
+	if err != nil && e.err == nil {
+		e.err = err
+	}
+	return n, err
+}
