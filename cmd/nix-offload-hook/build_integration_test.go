@@ -4,13 +4,16 @@ package main
 // nix-store on the host side, real builders over SSH.
 
 import (
+	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -163,5 +166,224 @@ func TestBuildGraph(t *testing.T) {
 	code, out, errOut = graphBuild(t, local, store, env, "-no-link", expr)
 	if code != 0 || out != root || strings.Contains(errOut, "building") {
 		t.Errorf("second build: exit %d, stdout %q, stderr:\n%s\nwant exit 0, the root and no build", code, out, errOut)
+	}
+}
+
+// failingLeafExpr: leaves ok1..ok3, a leaf that fails with a message, and
+// a root over all of them; late depends on ok1 only.
+func failingLeafExpr(salt string) string {
+	return fmt.Sprintf(`
+let
+  salt = %q;
+  mk = name: script: deps: derivation {
+    inherit name salt;
+    system = "x86_64-linux";
+    builder = "/bin/sh";
+    args = [ "-c" (script + "; echo ${name} > $out") ];
+    inherit deps;
+  };
+  oks = map (i: mk "ok${toString i}" "true" []) [1 2 3];
+  bad = mk "bad" "echo this leaf is broken >&2; exit 3" [];
+  late = mk "late" "true" [(builtins.head oks)];
+in mk "root" "true" (oks ++ [bad late])
+`, salt)
+}
+
+// TestBuildFailingLeaf: exit 100 as nix-build, the failed derivation named
+// with the machine's message; with -keep-going every derivation that does
+// not depend on it is built and the root is DependencyFailed.
+func TestBuildFailingLeaf(t *testing.T) {
+	local := testbed.Lookup(t, "2.8")
+	b := testbed.StartBuilder(t, local)
+	env := newOffloadEnv(t, "", b)
+	for _, keepGoing := range []bool{false, true} {
+		t.Run(fmt.Sprintf("keep-going=%v", keepGoing), func(t *testing.T) {
+			store := testbed.NewStore(t)
+			expr := env.writeExpr(t, failingLeafExpr(randomHex(8)))
+			args := []string{"-json", "-no-link"}
+			if keepGoing {
+				args = append(args, "-keep-going")
+			}
+			code, out, errOut := graphBuild(t, local, store, env, append(args, expr)...)
+			if code != 100 {
+				t.Fatalf("exit %d, want 100\n%s", code, errOut)
+			}
+			if !regexpMatch(`derivation\(s\) failed:\n  '/nix/store/[a-z0-9]{32}-bad\.drv' \(PermanentFailure\): build of .* failed: .*exit code 3`, errOut) {
+				t.Errorf("stderr does not name the failed derivation with its message:\n%s", errOut)
+			}
+			var doc buildDoc
+			if err := json.Unmarshal([]byte(out), &doc); err != nil {
+				t.Fatalf("-json: %v\n%s", err, out)
+			}
+			names := doc.byName(t)
+			st := func(n string) string { return doc.Derivations[names[n]].Status }
+			if st("bad") != "PermanentFailure" || st("root") != "DependencyFailed" {
+				t.Errorf("bad %s, root %s; want PermanentFailure, DependencyFailed", st("bad"), st("root"))
+			}
+			if keepGoing {
+				for _, n := range []string{"ok1", "ok2", "ok3", "late"} {
+					if st(n) != "Built" {
+						t.Errorf("%s: %s with -keep-going, want Built", n, st(n))
+					}
+				}
+			} else if st("late") == "Built" {
+				// MaxRunning is 4 (one machine with 4 slots): bad, ok1..ok3 start
+				// together; late waits for ok1 and must not start after bad failed.
+				t.Logf("late was built: ok1 finished before bad failed")
+			}
+		})
+	}
+}
+
+func regexpMatch(re, s string) bool { return regexp.MustCompile(re).MatchString(s) }
+
+// slowGraphExpr: n independent sleepers under a root.
+func slowGraphExpr(salt string, n int) string {
+	return fmt.Sprintf(`
+let
+  salt = %q;
+  slow = i: derivation { name = "slow${toString i}"; inherit salt; system = "x86_64-linux"; builder = "/bin/sh";
+    args = [ "-c" "echo sleeping; /bin/sleep 300; echo > $out" ]; };
+in derivation { name = "root"; inherit salt; system = "x86_64-linux"; builder = "/bin/sh";
+  deps = map slow (builtins.genList (i: i) %d); args = [ "-c" "echo > $out" ]; }
+`, salt, n)
+}
+
+// TestBuildInterruptStopsRemoteBuilds: SIGINT to the command stops every
+// remote build within a second, on every machine.
+func TestBuildInterruptStopsRemoteBuilds(t *testing.T) {
+	local := testbed.Lookup(t, "2.8")
+	b1, b2 := testbed.StartBuilder(t, local), testbed.StartBuilder(t, local)
+	env := newOffloadEnv(t, "", b1, b2)
+	store := testbed.NewStore(t)
+	cmd := graphBuildCmd(t, local, store, env, "-no-link", env.writeExpr(t, slowGraphExpr(randomHex(8), 4)))
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer testbed.KillCommand(cmd)
+	testbed.WaitFor(t, time.Minute, "sleepers on both machines", func() bool {
+		return len(sleepers(b1)) > 0 && len(sleepers(b2)) > 0
+	})
+	start := time.Now()
+	if err := cmd.Process.Signal(syscall.SIGINT); err != nil {
+		t.Fatal(err)
+	}
+	testbed.WaitFor(t, 5*time.Second, "every remote build to stop", func() bool {
+		return len(sleepers(b1)) == 0 && len(sleepers(b2)) == 0
+	})
+	if d := time.Since(start); d > time.Second {
+		t.Errorf("the remote builds stopped %v after SIGINT, want within 1 s", d.Round(time.Millisecond))
+	}
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	select {
+	case err := <-done:
+		if err == nil {
+			t.Errorf("the command exited 0 after SIGINT")
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatalf("the command did not exit within 5 s of SIGINT\n%s", stderr.String())
+	}
+}
+
+// TestBuildMachineKilledMidGraph: a machine dies while it builds; its
+// build moves to the other machine, and so do the outputs it held, built
+// again there, and the graph completes.
+func TestBuildMachineKilledMidGraph(t *testing.T) {
+	local := testbed.Lookup(t, "2.8")
+	b1, b2 := testbed.StartBuilder(t, local), testbed.StartBuilder(t, local)
+	env := newOffloadEnv(t, "", b1, b2)
+	store := testbed.NewStore(t)
+	mark(t, b1, true)
+	mark(t, b2, true)
+	// leaves build at once; marked sleeps where the mark is, under a root
+	// that needs it and every leaf.
+	expr := env.writeExpr(t, fmt.Sprintf(`
+let
+  salt = %q;
+  leaf = i: derivation { name = "leaf${toString i}"; inherit salt; system = "x86_64-linux"; builder = "/bin/sh";
+    args = [ "-c" "echo leaf ${toString i} > $out" ]; };
+  marked = derivation { name = "marked"; inherit salt; system = "x86_64-linux"; builder = "/bin/sh";
+    deps = map leaf [1 2 3 4 5 6]; args = [ "-c" "if [ -e /nix/.slow ]; then /bin/sleep 300; fi; echo done > $out" ]; };
+in derivation { name = "root"; inherit salt marked; system = "x86_64-linux"; builder = "/bin/sh";
+  deps = map leaf [1 2 3 4 5 6]; args = [ "-c" "for f in $marked $deps; do while read l; do echo \"$l\"; done < $f; done > $out" ]; }
+`, randomHex(8)))
+	cmd := graphBuildCmd(t, local, store, env, "-no-link", expr)
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer testbed.KillCommand(cmd)
+	busy, other := runningOn(t, b1, b2)
+	mark(t, other, false)
+	busy.Kill()
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("build: %v\n%s", err, stderr.String())
+		}
+	case <-time.After(2 * time.Minute):
+		t.Fatalf("the build did not finish within 2 minutes of the kill\n%s", stderr.String())
+	}
+	got := storeFile(t, store, strings.TrimSpace(stdout.String()))
+	if !strings.HasPrefix(got, "done\nleaf 1\n") || strings.Count(got, "leaf") != 6 {
+		t.Errorf("root's output %q, want done and the six leaves", got)
+	}
+	// The leaves the dead machine held were built again on the other.
+	for i := 1; i <= 6; i++ {
+		built := regexp.MustCompile(fmt.Sprintf(`built '/nix/store/[a-z0-9]{32}-leaf%d\.drv' on '([^']*)'`, i)).FindAllStringSubmatch(stderr.String(), -1)
+		if len(built) == 0 || built[0][1] == machineName(busy) && (len(built) != 2 || built[1][1] != machineName(other)) {
+			t.Errorf("leaf%d was built on %v; want it built again on the survivor if the dead machine held it", i, built)
+		}
+	}
+	t.Logf("stderr:\n%s", stderr.String())
+}
+
+
+// TestBuildLostIntermediateRebuilt: an intermediate garbage-collected on
+// its builder before its dependent starts is found missing there, and its
+// producer is built again; nothing else is.
+func TestBuildLostIntermediateRebuilt(t *testing.T) {
+	local := testbed.Lookup(t, "2.8")
+	b := testbed.StartBuilder(t, local)
+	env := newOffloadEnv(t, "", b)
+	store := testbed.NewStore(t)
+	mark(t, b, true)
+	expr := env.writeExpr(t, fmt.Sprintf(`
+let
+  salt = %q;
+  c0 = derivation { name = "c0"; inherit salt; system = "x86_64-linux"; builder = "/bin/sh";
+    args = [ "-c" "echo c0 > $out" ]; };
+  waiter = derivation { name = "waiter"; inherit salt; system = "x86_64-linux"; builder = "/bin/sh";
+    args = [ "-c" "while [ -e /nix/.slow ]; do /bin/sleep 0.1; done; echo waited > $out" ]; };
+in derivation { name = "root"; inherit salt c0 waiter; system = "x86_64-linux"; builder = "/bin/sh";
+  args = [ "-c" "read a < $c0; read b < $waiter; echo $a $b > $out" ]; }
+`, randomHex(8)))
+	cmd := graphBuildCmd(t, local, store, env, "-no-link", expr)
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer testbed.KillCommand(cmd)
+	testbed.WaitFor(t, time.Minute, "c0 to be built", func() bool { return strings.Contains(stderr.String(), "-c0.drv' on") && strings.Contains(stderr.String(), "built '") })
+	b.Run(t, "sh", "-c", "'nix-store --delete /nix/store/*-c0'")
+	mark(t, b, false)
+	if err := cmd.Wait(); err != nil {
+		t.Fatalf("build: %v\n%s", err, stderr.String())
+	}
+	if got := storeFile(t, store, strings.TrimSpace(stdout.String())); got != "c0 waited" {
+		t.Errorf("root's output %q", got)
+	}
+	if n := strings.Count(stderr.String(), "-c0.drv' on"); n != 4 {
+		t.Errorf("c0 was built %d times, want twice (building, built, twice):\n%s", n/2, stderr.String())
+	}
+	if n := strings.Count(stderr.String(), "built '/nix/store/"); n != 4 {
+		t.Errorf("%d builds, want 4: c0 twice, waiter and root once:\n%s", n, stderr.String())
 	}
 }

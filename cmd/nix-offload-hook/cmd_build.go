@@ -309,8 +309,8 @@ func buildFailure(results map[string]*graph.Result) error {
 	var failed []string
 	timedOut := false
 	for d, r := range results {
-		if r.Err == nil {
-			continue
+		if r.Err == nil || r.Start.IsZero() {
+			continue // built, or never started: not a failure of its own
 		}
 		if r.Status == serveproto.TimedOut {
 			timedOut = true
