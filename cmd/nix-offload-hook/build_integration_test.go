@@ -344,7 +344,6 @@ in derivation { name = "root"; inherit salt marked; system = "x86_64-linux"; bui
 	t.Logf("stderr:\n%s", stderr.String())
 }
 
-
 // TestBuildLostIntermediateRebuilt: an intermediate garbage-collected on
 // its builder before its dependent starts is found missing there, and its
 // producer is built again; nothing else is.
@@ -371,7 +370,9 @@ in derivation { name = "root"; inherit salt c0 waiter; system = "x86_64-linux"; 
 		t.Fatal(err)
 	}
 	defer testbed.KillCommand(cmd)
-	testbed.WaitFor(t, time.Minute, "c0 to be built", func() bool { return strings.Contains(stderr.String(), "-c0.drv' on") && strings.Contains(stderr.String(), "built '") })
+	testbed.WaitFor(t, time.Minute, "c0 to be built", func() bool {
+		return strings.Contains(stderr.String(), "-c0.drv' on") && strings.Contains(stderr.String(), "built '")
+	})
 	b.Run(t, "sh", "-c", "'nix-store --delete /nix/store/*-c0'")
 	mark(t, b, false)
 	if err := cmd.Wait(); err != nil {
@@ -385,5 +386,67 @@ in derivation { name = "root"; inherit salt c0 waiter; system = "x86_64-linux"; 
 	}
 	if n := strings.Count(stderr.String(), "built '/nix/store/"); n != 4 {
 		t.Errorf("%d builds, want 4: c0 twice, waiter and root once:\n%s", n, stderr.String())
+	}
+}
+
+// TestBuildFetchLater: with -fetch none nothing comes home; the same build
+// run again finds every output on the builders, builds nothing, and
+// fetches the root with its closure (here the chain below it, which it
+// refers to).
+func TestBuildFetchLater(t *testing.T) {
+	local := testbed.Lookup(t, "2.8")
+	b1, b2 := testbed.StartBuilder(t, local), testbed.StartBuilder(t, local)
+	env := newOffloadEnv(t, "", b1, b2)
+	store := testbed.NewStore(t)
+	expr := env.writeExpr(t, fmt.Sprintf(`
+let
+  salt = %q;
+  c0 = derivation { name = "c0"; inherit salt; system = "x86_64-linux"; builder = "/bin/sh"; args = [ "-c" "echo c0 > $out" ]; };
+  c1 = derivation { name = "c1"; inherit salt c0; system = "x86_64-linux"; builder = "/bin/sh"; args = [ "-c" "echo $c0 > $out" ]; };
+  w = derivation { name = "w"; inherit salt; system = "x86_64-linux"; builder = "/bin/sh"; args = [ "-c" "echo w > $out" ]; };
+in derivation { name = "root"; inherit salt c1 w; system = "x86_64-linux"; builder = "/bin/sh";
+  args = [ "-c" "read w < $w; echo $c1 $w > $out" ]; }
+`, randomHex(8)))
+	code, root, errOut := graphBuild(t, local, store, env, "-fetch", "none", expr)
+	if code != 0 || strings.Count(errOut, "built '") != 4 {
+		t.Fatalf("first build: exit %d, want 0 and 4 builds\n%s", code, errOut)
+	}
+	if _, err := os.Lstat(filepath.Join(store, "store", filepath.Base(root))); err == nil {
+		t.Errorf("-fetch none brought %s home", root)
+	}
+	if _, err := os.Lstat(filepath.Join(env.dir, "result")); err == nil {
+		t.Errorf("-fetch none made an out-link")
+	}
+	code, out, errOut := graphBuild(t, local, store, env, "-json", expr)
+	if code != 0 || strings.Contains(errOut, "building") {
+		t.Fatalf("second build: exit %d, want 0 and nothing built\n%s", code, errOut)
+	}
+	var doc buildDoc
+	if err := json.Unmarshal([]byte(out), &doc); err != nil {
+		t.Fatal(err)
+	}
+	r := doc.Derivations[doc.byName(t)["root"]]
+	if r.Status != "AlreadyValid" || r.Machine == "" || r.Outputs["out"] != root {
+		t.Errorf("root in the second run: %+v; want AlreadyValid on a machine", r)
+	}
+	got := strings.Fields(storeFile(t, store, root))
+	if len(got) != 2 || got[1] != "w" {
+		t.Fatalf("root's output %q", got)
+	}
+	if c0 := storeFile(t, store, got[0]); !strings.HasSuffix(c0, "-c0") {
+		t.Errorf("c1 came home with the root's closure, but holds %q", c0)
+	}
+	if _, err := os.Lstat(filepath.Join(store, "store", filepath.Base(storeFile(t, store, got[0])))); err != nil {
+		t.Errorf("c0, in the root's closure, did not come home: %v", err)
+	}
+	if link, err := os.Readlink(filepath.Join(env.dir, "result")); err != nil || link != root {
+		t.Errorf("out-link: %q, %v", link, err)
+	}
+	// w is not in the root's closure: it stays on its builder.
+	if ws, _ := filepath.Glob(filepath.Join(store, "store", "*-w")); len(ws) > 0 {
+		t.Errorf("w, outside the root's closure, came home: %v", ws)
+	}
+	if _, ok := doc.byName(t)["c1"]; ok || len(doc.Derivations) != 1 {
+		t.Errorf("the second run read below the root, which a machine holds: %d derivations", len(doc.Derivations))
 	}
 }

@@ -15,6 +15,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -85,15 +86,26 @@ func runBuild(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	for i, in := range insts {
 		roots[i] = in.drv
 	}
-	plan, err := graph.Load(roots, readDerivation, local.Valid)
-	if err != nil {
-		return err
-	}
 	remote, err := newRemote(cfg, local, stderr)
 	if err != nil {
 		return err
 	}
 	defer remote.Close()
+	// Valid here, or held by a machine from an earlier run: not built again.
+	plan, err := graph.Load(roots, readDerivation, func(paths []string) ([]string, error) {
+		valid, err := local.Valid(paths)
+		if err != nil {
+			return nil, err
+		}
+		rest := slices.DeleteFunc(slices.Clone(paths), func(p string) bool { return slices.Contains(valid, p) })
+		if len(rest) == 0 {
+			return valid, nil
+		}
+		return append(valid, remote.Find(ctx, rest)...), nil
+	})
+	if err != nil {
+		return err
+	}
 
 	progress := newProgress(stderr, plan)
 	results := graph.Execute(ctx, plan, remote, graph.Options{
@@ -214,8 +226,12 @@ func newRemote(cfg *machines.Config, local *localstore.Store, stderr io.Writer) 
 		return nil, err
 	}
 	byName := map[string]machines.Machine{}
+	var names []string
 	for _, m := range cfg.Machines {
-		byName[m.Name()] = m
+		if m.Enabled {
+			byName[m.Name()] = m
+			names = append(names, m.Name())
+		}
 	}
 	logDir := os.Getenv("NIX_LOG_DIR")
 	if logDir == "" {
@@ -241,7 +257,9 @@ func newRemote(cfg *machines.Config, local *localstore.Store, stderr io.Writer) 
 			}
 			return engine.Connect(ctx, m, nil)
 		},
-		LogDir: logDir,
+		LogDir:   logDir,
+		Machines: names,
+		Down:     tracker.Down,
 	}, nil
 }
 
@@ -387,6 +405,11 @@ func writeJSON(w io.Writer, plan *graph.Plan, results map[string]*graph.Result, 
 	for _, d := range drvs {
 		r := results[d]
 		j := jsonResult{DrvPath: d, Status: r.Status.String(), Machine: r.Machine, Outputs: r.Outputs}
+		if j.Machine == "" {
+			for _, p := range r.Outputs {
+				j.Machine = remote.Holder(p) // AlreadyValid on a machine
+			}
+		}
 		if !r.Start.IsZero() {
 			start, stop := r.Start.UTC(), r.Stop.UTC()
 			j.Start, j.Stop = &start, &stop

@@ -47,6 +47,10 @@ type Remote struct {
 	LogDir string
 	// Events, if set, receives each attempt's progress.
 	Events func(drvPath string) engine.Events
+	// Machines are the machines [Remote.Find] asks; Down, if set, names
+	// those to skip (on backoff).
+	Machines []string
+	Down     func() map[string]string
 
 	localMu sync.Mutex // Local is one session
 
@@ -64,7 +68,7 @@ type heldPath struct {
 
 // Build implements [Builder].
 func (r *Remote) Build(ctx context.Context, n *Node, started func(string)) (string, map[string]string, error) {
-	inputs, err := r.inputClosure(n)
+	inputs, err := r.inputClosure(ctx, n)
 	if err != nil {
 		return "", nil, err
 	}
@@ -157,7 +161,7 @@ func (r *Remote) lookup(p string) (heldPath, bool) {
 // inputClosure is the input closure of n as Nix hands it to a hook: its
 // input sources and the wanted outputs of its input derivations, with
 // everything they refer to, whether valid here or held by a machine.
-func (r *Remote) inputClosure(n *Node) ([]string, error) {
+func (r *Remote) inputClosure(ctx context.Context, n *Node) ([]string, error) {
 	var roots []string
 	roots = append(roots, n.Drv.InputSources...)
 	for drv, names := range n.Drv.InputDerivations {
@@ -175,28 +179,54 @@ func (r *Remote) inputClosure(n *Node) ([]string, error) {
 			roots = append(roots, p)
 		}
 	}
-	return r.closure(roots)
+	return r.closure(ctx, roots)
 }
 
 // closure follows references through held paths to local ones, and takes
-// the local ones' closure from the local store.
-func (r *Remote) closure(roots []string) ([]string, error) {
+// the local ones' closure from the local store. A reference neither held
+// nor valid here is looked for on the machines ([Remote.Find]).
+func (r *Remote) closure(ctx context.Context, roots []string) ([]string, error) {
 	seen := map[string]bool{}
 	var local []string
 	todo := slices.Clone(roots)
 	for len(todo) > 0 {
-		p := todo[len(todo)-1]
-		todo = todo[:len(todo)-1]
-		if seen[p] {
+		var unknown []string
+		for len(todo) > 0 {
+			p := todo[len(todo)-1]
+			todo = todo[:len(todo)-1]
+			if seen[p] {
+				continue
+			}
+			seen[p] = true
+			h, ok := r.lookup(p)
+			if !ok {
+				unknown = append(unknown, p)
+				continue
+			}
+			todo = append(todo, h.info.References...)
+		}
+		if len(unknown) == 0 {
+			break
+		}
+		r.localMu.Lock()
+		valid, err := r.Local.Valid(unknown)
+		r.localMu.Unlock()
+		if err != nil {
+			return nil, &engine.LocalError{Err: err}
+		}
+		local = append(local, valid...)
+		rest := slices.DeleteFunc(unknown, func(p string) bool { return slices.Contains(valid, p) })
+		if len(rest) == 0 {
 			continue
 		}
-		seen[p] = true
-		h, ok := r.lookup(p)
-		if !ok {
-			local = append(local, p)
-			continue
+		found := r.Find(ctx, rest)
+		if missing := slices.DeleteFunc(rest, func(p string) bool { return slices.Contains(found, p) }); len(missing) > 0 {
+			return nil, fmt.Errorf("%s: valid neither here nor on any machine", strings.Join(missing, ", "))
 		}
-		todo = append(todo, h.info.References...)
+		for _, p := range found {
+			h, _ := r.lookup(p)
+			todo = append(todo, h.info.References...)
+		}
 	}
 	out := make([]string, 0, len(seen))
 	for p := range seen {
@@ -323,7 +353,7 @@ func (r *Remote) Close() {
 // held by a machine is streamed from it, checked against its narHash and
 // registered (localstore's AddOutputs: nothing partial stays valid).
 func (r *Remote) Fetch(ctx context.Context, paths []string) error {
-	closure, err := r.closure(paths)
+	closure, err := r.closure(ctx, paths)
 	if err != nil {
 		return err
 	}
@@ -349,6 +379,60 @@ func (r *Remote) Fetch(ctx context.Context, paths []string) error {
 			return err
 		})
 	})
+}
+
+// Find returns the paths, of those given, that a machine holds already
+// (built there by an earlier run, or for a hook), and remembers where, so
+// that a graph run again does not build them again and can fetch them. A
+// machine that cannot be asked is skipped: its outputs are built again.
+func (r *Remote) Find(ctx context.Context, paths []string) []string {
+	var down map[string]string
+	if r.Down != nil {
+		down = r.Down()
+	}
+	type found struct {
+		machine string
+		infos   []serveproto.PathInfo
+	}
+	results := make(chan found, len(r.Machines))
+	asked := 0
+	for _, m := range r.Machines {
+		if _, ok := down[m]; ok {
+			continue
+		}
+		asked++
+		go func() {
+			var infos []serveproto.PathInfo
+			r.withReader(ctx, m, func(c *serveproto.Conn) error {
+				have, err := c.QueryValidPaths(paths, false, false)
+				if err != nil || len(have) == 0 {
+					return err
+				}
+				infos, err = c.QueryPathInfos(have)
+				return err
+			})
+			results <- found{m, infos}
+		}()
+	}
+	var out []string
+	for range asked {
+		f := <-results
+		r.mu.Lock()
+		if r.held == nil {
+			r.held, r.producer = map[string]heldPath{}, map[string]string{}
+		}
+		for _, info := range f.infos {
+			if _, ok := r.held[info.Path]; ok || !slices.Contains(paths, info.Path) {
+				continue
+			}
+			r.held[info.Path] = heldPath{machine: f.machine, info: info}
+			r.producer[info.Path] = info.Deriver
+			out = append(out, info.Path)
+		}
+		r.mu.Unlock()
+	}
+	sort.Strings(out)
+	return out
 }
 
 // Holder returns the machine that holds p, or "" if none does.
