@@ -107,7 +107,12 @@ in mk "root" ([c2 l r] ++ w)
 // builders and their logs are where `nix-store -l` reads them; -json names
 // every derivation with the documented fields.
 func TestBuildGraph(t *testing.T) {
-	local := testbed.Lookup(t, "2.8")
+	for _, version := range []string{"2.8", "2.26", "2.34"} {
+		t.Run(version, func(t *testing.T) { testBuildGraph(t, testbed.Lookup(t, version)) })
+	}
+}
+
+func testBuildGraph(t *testing.T, local testbed.Nix) {
 	b1, b2 := testbed.StartBuilder(t, local), testbed.StartBuilder(t, local)
 	env := newOffloadEnv(t, "", b1, b2)
 	store := testbed.NewStore(t)
@@ -160,6 +165,10 @@ func TestBuildGraph(t *testing.T) {
 		log, _, err := runCmd(local.Command(store, env.mounts, "nix-store", "-l", d.DrvPath))
 		if err != nil || !strings.Contains(log, "remote log line from "+name) {
 			t.Errorf("nix-store -l %s: %v\n%s", d.DrvPath, err, log)
+		}
+		log, errOut, err := runCmd(local.Command(store, env.mounts, "nix", "--extra-experimental-features", "nix-command", "log", d.DrvPath))
+		if err != nil || !strings.Contains(log, "remote log line from "+name) {
+			t.Errorf("nix log %s: %v\n%s%s", d.DrvPath, err, log, errOut)
 		}
 	}
 	// Everything is valid now: nothing more is built.
