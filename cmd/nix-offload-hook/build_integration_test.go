@@ -142,6 +142,12 @@ func testBuildGraph(t *testing.T, local testbed.Nix) {
 	if len(machines) != 2 {
 		t.Errorf("built on %v, want both machines", machines)
 	}
+	// Each link of the chain goes where its input is: nothing to copy.
+	for _, link := range [][2]string{{"c0", "c1"}, {"c1", "c2"}} {
+		if a, b := doc.Derivations[names[link[0]]].Machine, doc.Derivations[names[link[1]]].Machine; a != b {
+			t.Errorf("%s was built on %s, %s on %s: want the machine that holds the input", link[0], a, link[1], b)
+		}
+	}
 	root := doc.Derivations[names["root"]].Outputs["out"]
 	got := strings.Fields(storeFile(t, store, root))
 	if len(got) != 12 || got[0] != "root" || got[1] != "c2" || got[4] != "l" || got[6] != "r" || got[5] != got[7] || !strings.HasPrefix(got[5], "base-") {

@@ -1,10 +1,12 @@
 package engine
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
 	"io"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -266,6 +268,7 @@ func (a *Alone) takeSlot(ctx context.Context, req scheduler.Request, down map[st
 		return scheduler.Decision{}, nil, machines.Machine{}, err
 	}
 	d := scheduler.Decide(a.Machines, req, load, down)
+	preferPresent(d.Candidates, req.Present)
 	for _, c := range d.Candidates {
 		s, ok, err := a.Slots.Acquire(c)
 		if err != nil {
@@ -276,6 +279,18 @@ func (a *Alone) takeSlot(ctx context.Context, req scheduler.Request, down map[st
 		}
 	}
 	return d, nil, machines.Machine{}, nil
+}
+
+// preferPresent puts the candidates that hold most of the build's inputs
+// first, keeping the scheduler's order among equals: a machine that has
+// the inputs builds without a copy, when it has a free slot.
+func preferPresent(cands []machines.Machine, present map[string]uint64) {
+	if len(present) == 0 {
+		return
+	}
+	slices.SortStableFunc(cands, func(a, b machines.Machine) int {
+		return cmp.Compare(present[b.Name()], present[a.Name()])
+	})
 }
 
 // aloneLease is a slot file and a one-use session.

@@ -90,3 +90,36 @@ func TestAloneTransientGivesUp(t *testing.T) {
 		t.Fatalf("Try after GiveUp: %v, want an UnusableError with the last error", err)
 	}
 }
+
+// A build whose inputs a machine holds goes to that machine when it has a
+// free slot, and to the scheduler's first choice when it has none.
+func TestAlonePrefersTheMachineWithTheInputs(t *testing.T) {
+	var dialled []string
+	a := testAlone(t, func(_ context.Context, m machines.Machine) (Session, func(), error) {
+		dialled = append(dialled, m.Name())
+		return nil, nil, errors.New("not reachable in this test")
+	})
+	b1 := a.Machines[0]
+	b2 := b1
+	b2.Host, b2.Speed = "b2", 0.5 // the scheduler's second choice
+	a.Machines = append(a.Machines, b2)
+	req := linuxReq
+	req.Present = map[string]uint64{b2.Name(): 1 << 20}
+	a.Try(context.Background(), req)
+	if len(dialled) == 0 || dialled[0] != b2.Name() {
+		t.Fatalf("dialled %v, want %s first: it holds the inputs", dialled, b2.Name())
+	}
+	// b2 busy: its slot held by another build.
+	dialled = nil
+	a2 := testAlone(t, a.Connect)
+	a2.Machines = a.Machines
+	s, ok, err := a2.Slots.Acquire(b2)
+	if !ok || err != nil {
+		t.Fatal(ok, err)
+	}
+	defer s.Release()
+	a2.Try(context.Background(), req)
+	if len(dialled) == 0 || dialled[0] != b1.Name() {
+		t.Fatalf("dialled %v with %s busy, want %s", dialled, b2.Name(), b1.Name())
+	}
+}

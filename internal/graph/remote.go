@@ -104,7 +104,11 @@ func (r *Remote) Build(ctx context.Context, n *Node, started func(string)) (stri
 		}
 	}
 	err = engine.Run(ctx, r.Placer(), engine.Build{
-		Request: scheduler.Request{System: n.Drv.Platform, RequiredFeatures: strings.Fields(n.Drv.Env["requiredSystemFeatures"])},
+		Request: scheduler.Request{
+			System:           n.Drv.Platform,
+			RequiredFeatures: strings.Fields(n.Drv.Env["requiredSystemFeatures"]),
+			Present:          r.present(inputs),
+		},
 		Job: offload.Job{
 			DrvPath:     n.DrvPath,
 			Drv:         n.Drv,
@@ -124,6 +128,21 @@ func (r *Remote) Build(ctx context.Context, n *Node, started func(string)) (stri
 		return machine, nil, err
 	}
 	return machine, outputs, nil
+}
+
+// present is the placement hint for a build with inputs: the bytes of
+// them each machine holds.
+func (r *Remote) present(inputs []string) map[string]uint64 {
+	var out map[string]uint64
+	for _, p := range inputs {
+		if h, ok := r.lookup(p); ok {
+			if out == nil {
+				out = map[string]uint64{}
+			}
+			out[h.machine] += h.info.NarSize
+		}
+	}
+	return out
 }
 
 // record notes that n's outputs are on m.

@@ -25,6 +25,9 @@ type Request struct {
 	System           string   // the derivation's system, e.g. "x86_64-linux", or "builtin"
 	RequiredFeatures []string // requiredSystemFeatures, plus "ca-derivations" for floating CA outputs
 	AmWilling        bool     // nix-daemon would build it locally now (a local build slot is free)
+	// Present is a hint: the bytes of the build's inputs each machine holds already, by
+	// [machines.Machine.Name] (a graph build knows where it left its intermediates). nil: none.
+	Present map[string]uint64
 }
 
 // Verdict is the hook's reply to one request. The zero Verdict is none of them.
