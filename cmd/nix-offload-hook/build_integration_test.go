@@ -465,3 +465,111 @@ in derivation { name = "root"; inherit salt c1 w; system = "x86_64-linux"; build
 		t.Errorf("the second run read below the root, which a machine holds: %d derivations", len(doc.Derivations))
 	}
 }
+
+// TestBuildThroughBroker: with a broker running, the graph goes through its
+// queue and warm sessions: the same results as alone, intermediates held
+// on the builders and streamed between them by the broker, logs kept.
+func TestBuildThroughBroker(t *testing.T) {
+	local := testbed.Lookup(t, "2.8")
+	b1, b2 := testbed.StartBuilder(t, local), testbed.StartBuilder(t, local)
+	store := testbed.NewStore(t)
+	env := newBrokerEnv(t, local, store, 4, b1, b2)
+	expr := env.writeExpr(t, graphDiamondExpr(randomHex(8)))
+	code, out, errOut := graphBuild(t, local, store, env.offloadEnv, "-json", "-no-link", expr)
+	if code != 0 {
+		t.Fatalf("build exited %d\n%s", code, errOut)
+	}
+	if !strings.Contains(errOut, "building through the broker on "+env.socket) {
+		t.Errorf("stderr does not say the broker is used:\n%s", errOut)
+	}
+	var doc buildDoc
+	if err := json.Unmarshal([]byte(out), &doc); err != nil {
+		t.Fatalf("-json: %v\n%s", err, out)
+	}
+	names := doc.byName(t)
+	for _, d := range doc.Derivations {
+		if d.Status != "Built" || d.Machine == "" {
+			t.Errorf("%s: %s on %q", d.DrvPath, d.Status, d.Machine)
+		}
+	}
+	root := doc.Derivations[names["root"]].Outputs["out"]
+	got := strings.Fields(storeFile(t, store, root))
+	if len(got) != 12 || got[5] != got[7] || !strings.HasPrefix(got[5], "base-") {
+		t.Errorf("root's output is %q", got)
+	}
+	for _, name := range []string{"c0", "base", "l"} {
+		d := doc.Derivations[names[name]]
+		if _, err := os.Lstat(filepath.Join(store, "store", filepath.Base(d.Outputs["out"]))); err == nil {
+			t.Errorf("intermediate %s came home", name)
+		}
+		log, _, err := runCmd(local.Command(store, env.mounts, "nix-store", "-l", d.DrvPath))
+		if err != nil || !strings.Contains(log, "remote log line from "+name) {
+			t.Errorf("nix-store -l %s: %v\n%s", d.DrvPath, err, log)
+		}
+	}
+	st := env.status(t)
+	var built uint64
+	for _, m := range st.Machines {
+		built += m.Builds
+		if m.SlotsUsed != 0 {
+			t.Errorf("%s: %d slots used after the graph", m.Name, m.SlotsUsed)
+		}
+	}
+	if built != 11 || st.Queued != 0 {
+		t.Errorf("the broker ran %d builds and queues %d; want the graph's 11 and none", built, st.Queued)
+	}
+}
+
+// TestBuildBrokerRestartedMidGraph: the broker dies while a graph runs; the
+// command fails, and run again on the restarted broker it finds what was
+// built on the builders and builds only the rest.
+func TestBuildBrokerRestartedMidGraph(t *testing.T) {
+	local := testbed.Lookup(t, "2.8")
+	b := testbed.StartBuilder(t, local)
+	store := testbed.NewStore(t)
+	env := newBrokerEnv(t, local, store, 4, b)
+	mark(t, b, true)
+	expr := env.writeExpr(t, fmt.Sprintf(`
+let
+  salt = %q;
+  c0 = derivation { name = "c0"; inherit salt; system = "x86_64-linux"; builder = "/bin/sh"; args = [ "-c" "echo c0 > $out" ]; };
+  c1 = derivation { name = "c1"; inherit salt c0; system = "x86_64-linux"; builder = "/bin/sh"; args = [ "-c" "read x < $c0; echo $x c1 > $out" ]; };
+  waiter = derivation { name = "waiter"; inherit salt; system = "x86_64-linux"; builder = "/bin/sh";
+    args = [ "-c" "while [ -e /nix/.slow ]; do /bin/sleep 0.1; done; echo waited > $out" ]; };
+in derivation { name = "root"; inherit salt c1 waiter; system = "x86_64-linux"; builder = "/bin/sh";
+  args = [ "-c" "read a < $c1; read b < $waiter; echo $a $b > $out" ]; }
+`, randomHex(8)))
+	cmd := graphBuildCmd(t, local, store, env.offloadEnv, "-no-link", expr)
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer testbed.KillCommand(cmd)
+	testbed.WaitFor(t, time.Minute, "c0 and c1 to be built", func() bool {
+		return strings.Count(stderr.String(), "built '") == 2
+	})
+	testbed.KillCommand(env.cmd)
+	env.cmd.Wait()
+	if err := cmd.Wait(); err == nil {
+		t.Fatalf("the build succeeded without its broker\n%s", stderr.String())
+	}
+	first := stderr.String()
+	mark(t, b, false)
+	env.start(t, local, store)
+	code, out, errOut := graphBuild(t, local, store, env.offloadEnv, "-no-link", expr)
+	if code != 0 {
+		t.Fatalf("second build: exit %d\n%s\nfirst build:\n%s", code, errOut, first)
+	}
+	if got := storeFile(t, store, out); got != "c0 c1 waited" {
+		t.Errorf("root's output %q", got)
+	}
+	for _, name := range []string{"c0", "c1"} {
+		if strings.Contains(errOut, "-"+name+".drv' on") {
+			t.Errorf("%s was built again after the restart:\n%s", name, errOut)
+		}
+	}
+	if strings.Count(errOut, "built '") != 2 {
+		t.Errorf("second build: want waiter and root built, and nothing else:\n%s", errOut)
+	}
+}

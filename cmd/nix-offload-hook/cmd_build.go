@@ -21,6 +21,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/nix-offload/nix-offload/internal/brokerapi"
 	"github.com/nix-offload/nix-offload/internal/engine"
 	"github.com/nix-offload/nix-offload/internal/graph"
 	"github.com/nix-offload/nix-offload/internal/localstore"
@@ -46,6 +47,7 @@ func runBuild(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs := flag.NewFlagSet("build", flag.ContinueOnError)
 	fs.SetOutput(io.Discard)
 	configPath := fs.String("config", "", "configuration file")
+	socket := fs.String("socket", "", "the broker's socket (default: the configuration's, else "+brokerapi.DefaultSocket+")")
 	builders := fs.String("builders", defaultBuilders, "machines in Nix's format, when there is no TOML configuration")
 	keepGoing := fs.Bool("keep-going", false, "build everything that does not depend on a failure")
 	asJSON := fs.Bool("json", false, "print one JSON document with every derivation's result")
@@ -91,6 +93,16 @@ func runBuild(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		return err
 	}
 	defer remote.Close()
+	// With a broker running, every derivation goes through its queue and
+	// slots, beside the hooks' builds; without, the hook's own placement.
+	if c := dialBuildBroker(ctx, brokerSocket(*socket, cfg)); c != nil {
+		c.Close()
+		sock := brokerSocket(*socket, cfg)
+		remote.Broker = func(ctx context.Context) (*brokerapi.Client, error) {
+			return brokerapi.DialChecked(ctx, sock, brokerPeer)
+		}
+		fmt.Fprintf(stderr, "building through the broker on %s\n", sock)
+	}
 	// Valid here, or held by a machine from an earlier run: not built again.
 	plan, err := graph.Load(roots, readDerivation, func(paths []string) ([]string, error) {
 		valid, err := local.Valid(paths)
@@ -261,6 +273,22 @@ func newRemote(cfg *machines.Config, local *localstore.Store, stderr io.Writer) 
 		Machines: names,
 		Down:     tracker.Down,
 	}, nil
+}
+
+// dialBuildBroker connects to the broker if one runs on socket (and root
+// or this user serves it), else returns nil.
+func dialBuildBroker(ctx context.Context, socket string) *brokerapi.Client {
+	dctx, cancel := context.WithTimeout(ctx, brokerDialTimeout)
+	defer cancel()
+	c, err := brokerapi.DialChecked(dctx, socket, brokerPeer)
+	if err != nil {
+		return nil
+	}
+	if _, err := c.Status(dctx); err != nil {
+		c.Close()
+		return nil
+	}
+	return c
 }
 
 // totalSlots is the number of builds the machines take at once.

@@ -86,6 +86,7 @@ func (bd *build) run() {
 		bd.cancel(nil)
 	}()
 	p := &placer{bd: bd}
+	local := &buildLocal{bd: bd}
 	err = engine.Run(bd.ctx, p, engine.Build{
 		Request: bd.t.req,
 		Job: offload.Job{
@@ -95,8 +96,9 @@ func (bd *build) run() {
 			WantedOutputs: bd.req.WantedOutputs,
 			Options:       bd.options(),
 			Substitute:    bd.req.Options.Substitute,
+			KeepOutputs:   bd.req.KeepOutputs,
 		},
-		Local: &buildLocal{bd: bd},
+		Local: local,
 		Log:   logEvents{bd},
 		Events: engine.Events{
 			Started: func(m string, n int) {
@@ -115,6 +117,9 @@ func (bd *build) run() {
 				b.log.Warn("build lost its machine", zap.String("drv", bd.req.DrvPath), zap.String("machine", m), zap.Error(err))
 				bd.emit(brokerapi.Event{Type: brokerapi.EventRetrying, Machine: m, Reason: err.Error()})
 			},
+			Outputs: func(m string, infos []serveproto.PathInfo) {
+				bd.end(brokerapi.Event{Type: brokerapi.EventOutputs, Build: bd.t.id, Machine: m, Outputs: apiInfos(infos)})
+			},
 		},
 		Transfers: func(l engine.Lease) offload.Transfers {
 			bl := l.(*lease)
@@ -128,6 +133,8 @@ func (bd *build) run() {
 		bd.handBack(err)
 	case bd.ctx.Err() != nil && p.started:
 		// Cancelled while it ran: the client went away or asked for it.
+	case local.lost() != "":
+		bd.end(brokerapi.Event{Type: brokerapi.EventFailed, Kind: brokerapi.FailLostInput, Path: local.lost(), Error: err.Error()})
 	case engine.TimedOut(err):
 		bd.fail(brokerapi.FailTimeout, err)
 	case engine.BuildFailed(err):
@@ -370,10 +377,77 @@ func (b *Broker) requeue(t *ticket, m *machine, why error, exclude bool) bool {
 }
 
 // buildLocal is the local store as the engine sees it in the broker: reads
-// go to the broker's warm read sessions; outputs go to the client, which
-// makes them valid where the store is writable.
+// go to the broker's warm read sessions, or for a held input to a session
+// of the machine that holds it; outputs go to the client, which makes them
+// valid where the store is writable.
 type buildLocal struct {
 	bd *build
+
+	mu       sync.Mutex
+	lostPath string // a held input its machine could not give
+}
+
+// held returns what the client said of p, if a machine holds it.
+func (l *buildLocal) held(p string) (brokerapi.HeldPath, bool) {
+	i := slices.IndexFunc(l.bd.req.Held, func(h brokerapi.HeldPath) bool { return h.Path == p })
+	if i < 0 {
+		return brokerapi.HeldPath{}, false
+	}
+	return l.bd.req.Held[i], true
+}
+
+func (l *buildLocal) lost() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.lostPath
+}
+
+// dumpHeld streams held path h from its machine, on a session of that
+// machine's pool.
+func (l *buildLocal) dumpHeld(h brokerapi.HeldPath, w io.Writer) (nar.Stats, error) {
+	m := l.bd.b.byName[h.Machine]
+	if m == nil {
+		return nar.Stats{}, &engine.LocalError{Err: fmt.Errorf("%s: held by '%s', which is not configured", h.Path, h.Machine)}
+	}
+	sess, err := m.pool.Get(l.bd.ctx)
+	var st nar.Stats
+	werr := &writeErr{w: w}
+	if err == nil {
+		st, err = sess.Conn().DumpStorePath(h.Path, werr)
+		m.pool.Put(sess, err == nil)
+	}
+	if err != nil && werr.err == nil {
+		l.mu.Lock()
+		l.lostPath = h.Path
+		l.mu.Unlock()
+		// Final for this build: the client builds the producer again.
+		err = &engine.LocalError{Err: fmt.Errorf("reading %s from '%s': %w", h.Path, h.Machine, err)}
+	}
+	return st, err
+}
+
+// writeErr remembers a failure to write to the build's machine, which is
+// not the holder's loss.
+type writeErr struct {
+	w   io.Writer
+	err error
+}
+
+func (e *writeErr) Write(p []byte) (int, error) {
+	n, err := e.w.Write(p)
+	if err != nil && e.err == nil {
+		e.err = err
+	}
+	return n, err
+}
+
+// apiInfos converts path infos for an event.
+func apiInfos(infos []serveproto.PathInfo) []brokerapi.PathInfo {
+	out := make([]brokerapi.PathInfo, len(infos))
+	for i, in := range infos {
+		out[i] = brokerapi.PathInfo{Path: in.Path, Deriver: in.Deriver, NarHash: in.NarHash, NarSize: in.NarSize, References: in.References}
+	}
+	return out
 }
 
 // machine is the machine of the current attempt.
@@ -384,15 +458,42 @@ func (l *buildLocal) machine() *machine {
 }
 
 func (l *buildLocal) PathInfos(paths []string) ([]serveproto.PathInfo, error) {
-	infos, err := l.bd.b.local.pathInfos(paths)
-	if err != nil {
-		return nil, &engine.LocalError{Err: err}
+	var local []string
+	for _, p := range paths {
+		if _, ok := l.held(p); !ok {
+			local = append(local, p)
+		}
 	}
-	return infos, nil
+	var infos []serveproto.PathInfo
+	if len(local) > 0 {
+		var err error
+		if infos, err = l.bd.b.local.pathInfos(local); err != nil {
+			return nil, &engine.LocalError{Err: err}
+		}
+	}
+	out := make([]serveproto.PathInfo, 0, len(paths))
+	for _, p := range paths {
+		if h, ok := l.held(p); ok {
+			out = append(out, serveproto.PathInfo{Path: h.Path, Deriver: h.Deriver, NarHash: h.NarHash, NarSize: h.NarSize, DownloadSize: h.NarSize, References: h.References})
+			continue
+		}
+		i := slices.IndexFunc(infos, func(in serveproto.PathInfo) bool { return in.Path == p })
+		if i < 0 {
+			return nil, &engine.LocalError{Err: fmt.Errorf("%s: not valid in the local store", p)}
+		}
+		out = append(out, infos[i])
+	}
+	return out, nil
 }
 
 func (l *buildLocal) Dump(p string, w io.Writer) (nar.Stats, error) {
-	st, err := l.bd.b.local.dump(p, w)
+	var st nar.Stats
+	var err error
+	if h, ok := l.held(p); ok {
+		st, err = l.dumpHeld(h, w)
+	} else {
+		st, err = l.bd.b.local.dump(p, w)
+	}
 	m := l.machine()
 	m.bytesSent.Add(uint64(st.Size))
 	l.bd.b.mx.sent(m.name, st.Size)
@@ -423,11 +524,7 @@ func (l *buildLocal) AddOutputs(infos []serveproto.PathInfo, fetch func(path str
 	bd.mu.Lock()
 	bd.ho = ho
 	bd.mu.Unlock()
-	out := make([]brokerapi.PathInfo, len(missing))
-	for i, in := range missing {
-		out[i] = brokerapi.PathInfo{Path: in.Path, Deriver: in.Deriver, NarHash: in.NarHash, NarSize: in.NarSize, References: in.References}
-	}
-	bd.end(brokerapi.Event{Type: brokerapi.EventOutputs, Build: bd.t.id, Machine: l.machine().name, Outputs: out})
+	bd.end(brokerapi.Event{Type: brokerapi.EventOutputs, Build: bd.t.id, Machine: l.machine().name, Outputs: apiInfos(missing)})
 	select {
 	case err := <-ho.imported:
 		if err != nil {

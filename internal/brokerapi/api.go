@@ -102,6 +102,20 @@ type BuildRequest struct {
 	// WantedOutputs are output names; empty means all.
 	WantedOutputs []string     `json:"wantedOutputs,omitempty"`
 	Options       BuildOptions `json:"options"`
+	// KeepOutputs leaves the outputs on the machine (a graph's
+	// intermediates): the last event of a success is EventOutputs with
+	// their metadata there and nothing to fetch; there is no /imported.
+	KeepOutputs bool `json:"keepOutputs,omitempty"`
+	// Held are inputs that are not valid locally but that a machine holds
+	// (outputs of earlier KeepOutputs builds): the broker streams each one
+	// from that machine into the build's machine when it lacks it.
+	Held []HeldPath `json:"held,omitempty"`
+}
+
+// HeldPath is a store path that stays on the machine that built it.
+type HeldPath struct {
+	Machine string `json:"machine"`
+	PathInfo
 }
 
 // Event types of a build's stream, in the order they can come.
@@ -126,6 +140,9 @@ const (
 	FailBuild   = "build"   // the build ran and failed on the machine
 	FailTimeout = "timeout" // max-silent-time or timeout
 	FailMisc    = "misc"    // anything else: no machine, connection, local store
+	// FailLostInput: a held input could not be read from its machine
+	// (Event.Path); the client builds its producer again.
+	FailLostInput = "lost-input"
 )
 
 // Event is one line of a build's stream.
@@ -141,6 +158,7 @@ type Event struct {
 	Outputs  []PathInfo `json:"outputs,omitempty"`
 	Kind     string     `json:"kind,omitempty"`
 	Error    string     `json:"error,omitempty"`
+	Path     string     `json:"path,omitempty"` // FailLostInput: the input
 }
 
 // PathInfo describes an output as the machine reported it.

@@ -12,6 +12,7 @@ import (
 	"strings"
 	"sync"
 
+	"github.com/nix-offload/nix-offload/internal/brokerapi"
 	"github.com/nix-offload/nix-offload/internal/engine"
 	"github.com/nix-offload/nix-offload/internal/localstore"
 	"github.com/nix-offload/nix-offload/internal/nar"
@@ -34,6 +35,10 @@ type Remote struct {
 	// Placer returns the placer for one derivation's build (the hook
 	// alone's placer is one build's: a fresh one per derivation).
 	Placer func() engine.Placer
+	// Broker, if set, connects to the broker (a new connection per
+	// derivation): builds then go through its queue and warm sessions
+	// instead of Placer.
+	Broker func(ctx context.Context) (*brokerapi.Client, error)
 	// Local is the local store.
 	Local Store
 	// Open opens a session on a machine that reads outputs from it, for
@@ -80,6 +85,13 @@ func (r *Remote) Build(ctx context.Context, n *Node, started func(string)) (stri
 		return "", nil, err
 	}
 	defer closeLog()
+	if r.Broker != nil {
+		m, err := r.buildThroughBroker(ctx, n, inputs, log, started)
+		if err != nil {
+			return m, nil, err
+		}
+		return m, n.Outputs(), nil
+	}
 	local := &buildLocal{r: r}
 	var machine string
 	outputs := map[string]string{}
