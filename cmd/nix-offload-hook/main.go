@@ -139,7 +139,7 @@ const usage = `usage:
   nix-offload-hook daemon [-config FILE] [-builders SPEC] [-socket PATH] [-drain DURATION] [-debug]
       run the broker: warm connections to every machine, one queue and one
       set of slots for every hook of the host (systemd: nix-offload.socket)
-  nix-offload-hook build [-config FILE] [-keep-going] [-json] [-no-link | -out-link PATH]
+  nix-offload-hook build [-config FILE] [-socket PATH] [-keep-going] [-json] [-no-link | -out-link PATH]
                          [-fetch requested|all|none] [-A ATTR]... INSTALLABLE...
       build whole derivation graphs on the machines: every derivation whose
       inputs are built runs at once, intermediates stay on the builders, only
