@@ -551,8 +551,9 @@ in derivation { name = "root"; inherit salt c1 waiter; system = "x86_64-linux"; 
 	})
 	testbed.KillCommand(env.cmd)
 	env.cmd.Wait()
-	if err := cmd.Wait(); err == nil {
-		t.Fatalf("the build succeeded without its broker\n%s", stderr.String())
+	var ee *exec.ExitError
+	if err := cmd.Wait(); !errors.As(err, &ee) || ee.ExitCode() != 1 || !strings.Contains(stderr.String(), "broker: the event stream of '") {
+		t.Fatalf("the build without its broker: %v, want exit 1 saying the broker went away\n%s", err, stderr.String())
 	}
 	first := stderr.String()
 	mark(t, b, false)

@@ -348,18 +348,25 @@ func fetchPaths(policy string, insts []installable, results map[string]*graph.Re
 	return out
 }
 
-// buildFailure is the error the command ends with: nil when every
-// requested derivation was built, else an exit code as nix-build's
-// (101 when a build timed out, else 100) naming each failed derivation.
+// buildFailure is the error the command ends with: nil when nothing
+// failed, else one naming each failed derivation with an exit status
+// computed as nix-build's: 0x60 | 0x04 for a failed build, | 0x01 if one
+// timed out, | 0x08 if one was not deterministic (100, 101, 104, …); 1
+// when only other failures (machines, connections, the local store) did.
 func buildFailure(results map[string]*graph.Result) error {
 	var failed []string
-	timedOut := false
+	mask := 0
 	for d, r := range results {
 		if r.Err == nil || r.Start.IsZero() {
 			continue // built, or never started: not a failure of its own
 		}
-		if r.Status == serveproto.TimedOut {
-			timedOut = true
+		switch r.Status {
+		case serveproto.TimedOut:
+			mask |= 0x04 | 0x01
+		case serveproto.NotDeterministic:
+			mask |= 0x08
+		case serveproto.PermanentFailure, serveproto.InputRejected, serveproto.OutputRejected, serveproto.LogLimitExceeded:
+			mask |= 0x04
 		}
 		if r.Status != serveproto.DependencyFailed {
 			failed = append(failed, fmt.Sprintf("'%s' (%s): %v", d, r.Status, r.Err))
@@ -370,10 +377,10 @@ func buildFailure(results map[string]*graph.Result) error {
 	}
 	sort.Strings(failed)
 	err := fmt.Errorf("%d derivation(s) failed:\n  %s", len(failed), strings.Join(failed, "\n  "))
-	if timedOut {
-		return &exitCodeError{exitTimedOut, err}
+	if mask == 0 {
+		return err
 	}
-	return &exitCodeError{exitBuildFailed, err}
+	return &exitCodeError{0x60 | mask, err}
 }
 
 // addOutLinks makes nix-build's out-links (result, result-dev, result-2,
