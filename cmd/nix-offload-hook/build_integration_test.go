@@ -574,3 +574,48 @@ in derivation { name = "root"; inherit salt c1 waiter; system = "x86_64-linux"; 
 		t.Errorf("second build: want waiter and root built, and nothing else:\n%s", errOut)
 	}
 }
+
+// TestBuildTwoGraphsShareBuilds: two build commands of the same graph at
+// once, through one broker: every derivation runs once. Each build appends
+// a line to a file in its machine's /nix, so every run counts, on either
+// machine.
+func TestBuildTwoGraphsShareBuilds(t *testing.T) {
+	local := testbed.Lookup(t, "2.8")
+	b1, b2 := testbed.StartBuilder(t, local), testbed.StartBuilder(t, local)
+	store := testbed.NewStore(t)
+	env := newBrokerEnv(t, local, store, 4, b1, b2)
+	expr := env.writeExpr(t, fmt.Sprintf(`
+let
+  salt = %q;
+  mk = name: deps: derivation { inherit name salt deps; system = "x86_64-linux"; builder = "/bin/sh";
+    args = [ "-c" "echo ran >> /nix/.runs-${name}; /bin/sleep 2; echo ${name} > $out" ]; };
+in mk "root" (map (i: mk "leaf${toString i}" []) [1 2 3])
+`, randomHex(8)))
+	type result struct {
+		code         int
+		out, errText string
+	}
+	results := make(chan result, 2)
+	for range 2 {
+		go func() {
+			code, out, errOut := graphBuild(t, local, store, env.offloadEnv, "-no-link", expr)
+			results <- result{code, out, errOut}
+		}()
+	}
+	for range 2 {
+		r := <-results
+		if r.code != 0 {
+			t.Fatalf("a build exited %d\n%s", r.code, r.errText)
+		}
+	}
+	for _, name := range []string{"root", "leaf1", "leaf2", "leaf3"} {
+		runs := 0
+		for _, b := range []*testbed.Builder{b1, b2} {
+			data, _ := os.ReadFile(filepath.Join(b.Dir, "nix", ".runs-"+name))
+			runs += strings.Count(string(data), "ran")
+		}
+		if runs != 1 {
+			t.Errorf("%s ran %d times for the two graphs, want once", name, runs)
+		}
+	}
+}

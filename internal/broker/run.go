@@ -41,8 +41,9 @@ type build struct {
 	terminal chan struct{} // closed after the last event was written
 
 	mu      sync.Mutex
-	ho      *handoff // set once the outputs are offered to the client
-	machine *machine // the machine of the current attempt
+	ho      *handoff         // set once the outputs are offered to the client
+	machine *machine         // the machine of the current attempt
+	kept    *brokerapi.Event // the outputs event of a KeepOutputs success
 
 	done chan struct{} // closed when the build is over
 	err  error         // valid after done
@@ -118,7 +119,11 @@ func (bd *build) run() {
 				bd.emit(brokerapi.Event{Type: brokerapi.EventRetrying, Machine: m, Reason: err.Error()})
 			},
 			Outputs: func(m string, infos []serveproto.PathInfo) {
-				bd.end(brokerapi.Event{Type: brokerapi.EventOutputs, Build: bd.t.id, Machine: m, Outputs: apiInfos(infos)})
+				ev := brokerapi.Event{Type: brokerapi.EventOutputs, Build: bd.t.id, Machine: m, Outputs: apiInfos(infos)}
+				bd.mu.Lock()
+				bd.kept = &ev
+				bd.mu.Unlock()
+				bd.end(ev)
 			},
 		},
 		Transfers: func(l engine.Lease) offload.Transfers {
@@ -142,6 +147,39 @@ func (bd *build) run() {
 	default:
 		bd.fail(brokerapi.FailMisc, err)
 	}
+}
+
+// sameBuild returns the running KeepOutputs build of req's derivation, if
+// req is a KeepOutputs submission and there is one: a derivation two graphs
+// need at once is built once, for the first, and the second waits for it.
+func (b *Broker) sameBuild(req brokerapi.BuildRequest) *build {
+	if !req.KeepOutputs || req.Reservation != "" {
+		return nil
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	for _, bd := range b.builds {
+		if bd.req.KeepOutputs && bd.req.DrvPath == req.DrvPath {
+			return bd
+		}
+	}
+	return nil
+}
+
+// awaitKept waits for bd to end and returns its outputs event when it
+// succeeded; ok is false when it failed or was cancelled, or ctx ended.
+func (bd *build) awaitKept(ctx context.Context) (brokerapi.Event, bool) {
+	select {
+	case <-bd.done:
+	case <-ctx.Done():
+		return brokerapi.Event{}, false
+	}
+	bd.mu.Lock()
+	defer bd.mu.Unlock()
+	if bd.kept == nil {
+		return brokerapi.Event{}, false
+	}
+	return *bd.kept, true
 }
 
 // options are the build's settings as the machine takes them.

@@ -216,13 +216,38 @@ func (s *Server) build(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	c := clientOf(r)
+	streaming := false
+	if leader := s.b.sameBuild(req); leader != nil {
+		// Another client's graph builds it now: wait for that build.
+		w.Header().Set("Content-Type", "application/x-ndjson")
+		w.WriteHeader(http.StatusOK)
+		streaming = true
+		ew := newEventWriter()
+		ew.attach(w)
+		ew.emit(brokerapi.Event{Type: brokerapi.EventQueued, Reason: fmt.Sprintf("'%s' is being built for another client (build %s)", req.DrvPath, leader.t.id)})
+		ev, ok := leader.awaitKept(r.Context())
+		if ok {
+			ew.emit(ev)
+		}
+		if ok || r.Context().Err() != nil {
+			return
+		}
+		ew.close() // it failed there: build it here
+	}
 	bd, code, err := s.b.startBuild(req, c)
+	if err != nil && streaming {
+		b, _ := json.Marshal(brokerapi.Event{Type: brokerapi.EventFailed, Kind: brokerapi.FailMisc, Error: err.Error()})
+		w.Write(append(b, '\n'))
+		return
+	}
 	if err != nil {
 		writeError(w, code, err)
 		return
 	}
-	w.Header().Set("Content-Type", "application/x-ndjson")
-	w.WriteHeader(http.StatusOK)
+	if !streaming {
+		w.Header().Set("Content-Type", "application/x-ndjson")
+		w.WriteHeader(http.StatusOK)
+	}
 	bd.events.attach(w)
 	select {
 	case <-bd.terminal:
