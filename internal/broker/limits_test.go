@@ -97,8 +97,14 @@ func TestNonCanonicalStorePaths(t *testing.T) {
 		}
 		code, body = request(t, socket, "POST", brokerapi.Prefix+"/builds", `{"drvPath":"`+good+`","inputs":["`+good+`",`+string(j)+`]}`)
 		wantJSONError(t, "build input "+p, code, http.StatusBadRequest, body, "inputs[1]")
+		code, body = request(t, socket, "POST", brokerapi.Prefix+"/builds", `{"drvPath":"`+good+`","inputs":["`+good+`"],"keepOutputs":true,"held":[{"machine":"b1","path":"`+good+`","narHash":"x","narSize":1,"references":[`+string(j)+`]}]}`)
+		wantJSONError(t, "held reference "+p, code, http.StatusBadRequest, body, "held[0].references[0]")
 	}
-	code, body := request(t, socket, "GET", brokerapi.Prefix+"/builds/1/nar/..%2F..%2Fetc%2Fpasswd", "")
+	// A held path must be one of the inputs: the broker sends only those.
+	other := "/nix/store/bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb-y"
+	code, body := request(t, socket, "POST", brokerapi.Prefix+"/builds", `{"drvPath":"`+good+`","inputs":["`+good+`"],"held":[{"machine":"b1","path":"`+other+`","narHash":"x","narSize":1}]}`)
+	wantJSONError(t, "held outside inputs", code, http.StatusBadRequest, body, "held[0]: "+other+" is not one of inputs")
+	code, body = request(t, socket, "GET", brokerapi.Prefix+"/builds/1/nar/..%2F..%2Fetc%2Fpasswd", "")
 	wantJSONError(t, "nar ../../etc/passwd", code, http.StatusBadRequest, body, "nar:")
 	// Control: a canonical path gets past the check (and is declined: no such machine).
 	code, body = request(t, socket, "POST", brokerapi.Prefix+"/try", `{"drvPath":"`+good+`","system":"aarch64-linux"}`)

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"slices"
 	"strings"
 
 	"github.com/nix-offload/nix-offload/internal/brokerapi"
@@ -76,6 +77,19 @@ func checkBuild(req *brokerapi.BuildRequest) error {
 	for i, p := range req.Inputs {
 		if err := serveproto.CheckStorePath(p); err != nil {
 			return fmt.Errorf("inputs[%d]: %w", i, err)
+		}
+	}
+	for i, h := range req.Held {
+		if err := serveproto.CheckStorePath(h.Path); err != nil {
+			return fmt.Errorf("held[%d]: %w", i, err)
+		}
+		if !slices.Contains(req.Inputs, h.Path) {
+			return fmt.Errorf("held[%d]: %s is not one of inputs", i, h.Path)
+		}
+		for j, r := range h.References {
+			if err := serveproto.CheckStorePath(r); err != nil {
+				return fmt.Errorf("held[%d].references[%d]: %w", i, j, err)
+			}
 		}
 	}
 	return nil
