@@ -4,7 +4,6 @@ package main
 // nix-store on the host side, real builders over SSH.
 
 import (
-	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -63,6 +62,20 @@ func graphBuild(t *testing.T, nix testbed.Nix, store string, env offloadEnv, arg
 	}
 	t.Fatalf("build: %v\n%s", err, stderr)
 	return -1, "", ""
+}
+
+// startGraphBuild starts `nix-offload-hook build ARGS...` and returns it
+// with its stdout and stderr as they grow; the test's end kills it.
+func startGraphBuild(t *testing.T, nix testbed.Nix, store string, env offloadEnv, args ...string) (*exec.Cmd, *syncBuffer, *syncBuffer) {
+	t.Helper()
+	cmd := graphBuildCmd(t, nix, store, env, args...)
+	stdout, stderr := &syncBuffer{}, &syncBuffer{}
+	cmd.Stdout, cmd.Stderr = stdout, stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { testbed.KillCommand(cmd) })
+	return cmd, stdout, stderr
 }
 
 func graphBuildCmd(t *testing.T, nix testbed.Nix, store string, env offloadEnv, args ...string) *exec.Cmd {
@@ -271,13 +284,7 @@ func TestBuildInterruptStopsRemoteBuilds(t *testing.T) {
 	b1, b2 := testbed.StartBuilder(t, local), testbed.StartBuilder(t, local)
 	env := newOffloadEnv(t, "", b1, b2)
 	store := testbed.NewStore(t)
-	cmd := graphBuildCmd(t, local, store, env, "-no-link", env.writeExpr(t, slowGraphExpr(randomHex(8), 4)))
-	var stderr bytes.Buffer
-	cmd.Stderr = &stderr
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer testbed.KillCommand(cmd)
+	cmd, _, stderr := startGraphBuild(t, local, store, env, "-no-link", env.writeExpr(t, slowGraphExpr(randomHex(8), 4)))
 	testbed.WaitFor(t, time.Minute, "sleepers on both machines", func() bool {
 		return len(sleepers(b1)) > 0 && len(sleepers(b2)) > 0
 	})
@@ -325,13 +332,7 @@ let
 in derivation { name = "root"; inherit salt marked; system = "x86_64-linux"; builder = "/bin/sh";
   deps = map leaf [1 2 3 4 5 6]; args = [ "-c" "for f in $marked $deps; do while read l; do echo \"$l\"; done < $f; done > $out" ]; }
 `, randomHex(8)))
-	cmd := graphBuildCmd(t, local, store, env, "-no-link", expr)
-	var stdout, stderr bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &stdout, &stderr
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer testbed.KillCommand(cmd)
+	cmd, stdout, stderr := startGraphBuild(t, local, store, env, "-no-link", expr)
 	busy, other := runningOn(t, b1, b2)
 	mark(t, other, false)
 	busy.Kill()
@@ -378,13 +379,7 @@ let
 in derivation { name = "root"; inherit salt c0 waiter; system = "x86_64-linux"; builder = "/bin/sh";
   args = [ "-c" "read a < $c0; read b < $waiter; echo $a $b > $out" ]; }
 `, randomHex(8)))
-	cmd := graphBuildCmd(t, local, store, env, "-no-link", expr)
-	var stdout, stderr bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &stdout, &stderr
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer testbed.KillCommand(cmd)
+	cmd, stdout, stderr := startGraphBuild(t, local, store, env, "-no-link", expr)
 	testbed.WaitFor(t, time.Minute, "c0 to be built", func() bool {
 		return strings.Contains(stderr.String(), "-c0.drv' on") && strings.Contains(stderr.String(), "built '")
 	})
@@ -539,13 +534,7 @@ let
 in derivation { name = "root"; inherit salt c1 waiter; system = "x86_64-linux"; builder = "/bin/sh";
   args = [ "-c" "read a < $c1; read b < $waiter; echo $a $b > $out" ]; }
 `, randomHex(8)))
-	cmd := graphBuildCmd(t, local, store, env.offloadEnv, "-no-link", expr)
-	var stderr bytes.Buffer
-	cmd.Stderr = &stderr
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer testbed.KillCommand(cmd)
+	cmd, _, stderr := startGraphBuild(t, local, store, env.offloadEnv, "-no-link", expr)
 	testbed.WaitFor(t, time.Minute, "c0 and c1 to be built", func() bool {
 		return strings.Count(stderr.String(), "built '") == 2
 	})

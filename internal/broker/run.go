@@ -449,12 +449,12 @@ func (l *buildLocal) dumpHeld(h brokerapi.HeldPath, w io.Writer) (nar.Stats, err
 	}
 	sess, err := m.pool.Get(l.bd.ctx)
 	var st nar.Stats
-	werr := &writeErr{w: w}
+	werr := &engine.ErrWriter{W: w}
 	if err == nil {
 		st, err = sess.Conn().DumpStorePath(h.Path, werr)
 		m.pool.Put(sess, err == nil)
 	}
-	if err != nil && werr.err == nil {
+	if err != nil && werr.Err == nil {
 		l.mu.Lock()
 		l.lostPath = h.Path
 		l.mu.Unlock()
@@ -462,21 +462,6 @@ func (l *buildLocal) dumpHeld(h brokerapi.HeldPath, w io.Writer) (nar.Stats, err
 		err = &engine.LocalError{Err: fmt.Errorf("reading %s from '%s': %w", h.Path, h.Machine, err)}
 	}
 	return st, err
-}
-
-// writeErr remembers a failure to write to the build's machine, which is
-// not the holder's loss.
-type writeErr struct {
-	w   io.Writer
-	err error
-}
-
-func (e *writeErr) Write(p []byte) (int, error) {
-	n, err := e.w.Write(p)
-	if err != nil && e.err == nil {
-		e.err = err
-	}
-	return n, err
 }
 
 // apiInfos converts path infos for an event.

@@ -176,3 +176,19 @@ func (s *daemonSession) SetLog(w io.Writer)            { s.log.Set(w) }
 func (s *daemonSession) StderrIsLog()                  { s.ts.StderrIsLog() }
 func (s *daemonSession) Lost() error                   { return s.client.Lost() }
 func (s *daemonSession) Close()                        { s.ts.Close() }
+
+// ErrWriter passes writes to W and keeps the first error W returned: a
+// copy from one machine into another that failed can then tell a failure
+// to write (the receiving side) from a failure to read.
+type ErrWriter struct {
+	W   io.Writer
+	Err error
+}
+
+func (e *ErrWriter) Write(p []byte) (int, error) {
+	n, err := e.W.Write(p)
+	if err != nil && e.Err == nil {
+		e.Err = err
+	}
+	return n, err
+}

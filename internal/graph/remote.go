@@ -550,13 +550,13 @@ func (l *buildLocal) Dump(p string, w io.Writer) (nar.Stats, error) {
 		return l.r.Local.Dump(p, w)
 	}
 	var st nar.Stats
-	ew := &errWriter{w: w}
+	ew := &engine.ErrWriter{W: w}
 	err := l.r.withReader(context.Background(), h.machine, func(c *serveproto.Conn) error {
 		var err error
 		st, err = c.DumpStorePath(p, ew)
 		return err
 	})
-	if err != nil && ew.err == nil {
+	if err != nil && ew.Err == nil {
 		l.mu.Lock()
 		if l.lost == nil {
 			l.lost = l.r.lost(p, err).(*LostInputError)
@@ -574,19 +574,4 @@ func (l *buildLocal) Valid(paths []string) ([]string, error) {
 	l.r.localMu.Lock()
 	defer l.r.localMu.Unlock()
 	return l.r.Local.Valid(paths)
-}
-
-// errWriter remembers a failure to write to the target, which is not the
-// holder's loss.
-type errWriter struct {
-	w   io.Writer
-	err error
-}
-
-func (e *errWriter) Write(p []byte) (int, error) {
-	n, err := e.w.Write(p)
-	if err != nil && e.err == nil {
-		e.err = err
-	}
-	return n, err
 }
