@@ -608,3 +608,37 @@ in mk "root" (map (i: mk "leaf${toString i}" []) [1 2 3])
 		}
 	}
 }
+
+// TestBuildAttributes: a .nix file with -A, once per attribute (Nix 2.34
+// here): stdout has one path per attribute, in order, and the out-links
+// are named as nix-build names them (result, result-2, result-2-dev).
+func TestBuildAttributes(t *testing.T) {
+	local := testbed.Lookup(t, "2.34")
+	b := testbed.StartBuilder(t, local)
+	env := newOffloadEnv(t, "", b)
+	store := testbed.NewStore(t)
+	expr := env.writeExpr(t, fmt.Sprintf(`
+let salt = %q; in {
+  one = derivation { name = "one"; inherit salt; system = "x86_64-linux"; builder = "/bin/sh"; args = [ "-c" "echo one > $out" ]; };
+  two = derivation { name = "two"; inherit salt; system = "x86_64-linux"; builder = "/bin/sh"; outputs = [ "out" "dev" ];
+    args = [ "-c" "echo two > $out; echo two-dev > $dev" ]; };
+}
+`, randomHex(8)))
+	link := filepath.Join(env.dir, "result")
+	code, out, errOut := graphBuild(t, local, store, env, "-out-link", link, "-A", "one", "-A", "two", expr)
+	if code != 0 {
+		t.Fatalf("exit %d\n%s", code, errOut)
+	}
+	paths := strings.Fields(out)
+	if len(paths) != 3 || !strings.HasSuffix(paths[0], "-one") || !strings.HasSuffix(paths[1], "-two") || !strings.HasSuffix(paths[2], "-two-dev") {
+		t.Fatalf("stdout %q, want one, two and two-dev", out)
+	}
+	for i, name := range []string{"result", "result-2", "result-2-dev"} {
+		if got, err := os.Readlink(filepath.Join(env.dir, name)); err != nil || got != paths[i] {
+			t.Errorf("out-link %s: %q, %v; want %s", name, got, err, paths[i])
+		}
+	}
+	if got := storeFile(t, store, paths[2]); got != "two-dev" {
+		t.Errorf("two's dev output holds %q", got)
+	}
+}
