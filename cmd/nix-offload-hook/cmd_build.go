@@ -11,6 +11,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	sshconfig "github.com/kevinburke/ssh_config"
 	"io"
 	"os"
 	"os/exec"
@@ -26,6 +27,7 @@ import (
 	"github.com/nix-offload/nix-offload/internal/graph"
 	"github.com/nix-offload/nix-offload/internal/localstore"
 	"github.com/nix-offload/nix-offload/internal/machines"
+	"github.com/nix-offload/nix-offload/internal/pool"
 	"github.com/nix-offload/nix-offload/internal/serveproto"
 )
 
@@ -92,7 +94,7 @@ func runBuild(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	if err != nil {
 		return err
 	}
-	defer remote.Close()
+	defer remote.Shut()
 	// With a broker running, every derivation goes through its queue and
 	// slots, beside the hooks' builds; without, the hook's own placement.
 	if c := dialBuildBroker(ctx, brokerSocket(*socket, cfg)); c != nil {
@@ -237,13 +239,26 @@ func newRemote(cfg *machines.Config, local *localstore.Store, stderr io.Writer) 
 	if err != nil {
 		return nil, err
 	}
-	byName := map[string]machines.Machine{}
+	// Warm sessions, one pool per machine, shared by every derivation of
+	// the graph: a derivation costs no SSH handshake and no nix-store start.
+	pools := map[string]*pool.Pool{}
 	var names []string
 	for _, m := range cfg.Machines {
 		if m.Enabled {
-			byName[m.Name()] = m
+			pools[m.Name()] = pool.New(pool.Options{Machine: m, SSHConfig: sshconfig.DefaultUserSettings})
 			names = append(names, m.Name())
 		}
+	}
+	get := func(ctx context.Context, name string) (engine.Session, func(), error) {
+		p, ok := pools[name]
+		if !ok {
+			return nil, nil, fmt.Errorf("no machine '%s' in %s", name, cfg.Path)
+		}
+		s, err := p.Get(ctx)
+		if err != nil {
+			return nil, nil, err
+		}
+		return s, func() { p.Put(s, false) }, nil
 	}
 	logDir := os.Getenv("NIX_LOG_DIR")
 	if logDir == "" {
@@ -259,15 +274,21 @@ func newRemote(cfg *machines.Config, local *localstore.Store, stderr io.Writer) 
 				Warn: func(machine string, err error) {
 					fmt.Fprintf(stderr, "nix-offload-hook: cannot use '%s': %v\n", machine, err)
 				},
+				Connect: func(ctx context.Context, m machines.Machine) (engine.Session, func(), error) {
+					return get(ctx, m.Name())
+				},
+				Put: func(s engine.Session, reusable bool) {
+					ps := s.(*pool.Session)
+					pools[ps.Name()].Put(ps, reusable)
+				},
 			}
 		},
 		Local: local,
-		Open: func(ctx context.Context, name string) (engine.Session, func(), error) {
-			m, ok := byName[name]
-			if !ok {
-				return nil, nil, fmt.Errorf("no machine '%s' in %s", name, cfg.Path)
+		Open:  get,
+		Close: func() {
+			for _, p := range pools {
+				p.Close()
 			}
-			return engine.Connect(ctx, m, nil)
 		},
 		LogDir:   logDir,
 		Machines: names,

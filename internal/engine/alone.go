@@ -47,6 +47,10 @@ type Alone struct {
 	Health   *health.Tracker
 	// Connect opens a session on m; [Connect] with Stderr unset if nil.
 	Connect func(ctx context.Context, m machines.Machine) (Session, func(), error)
+	// Put, if set, takes back each session Connect gave when its attempt
+	// ends, reusable or not (a warm pool's Put), instead of closing it
+	// and its connection.
+	Put func(s Session, reusable bool)
 	// Warn says that a machine cannot be used and why.
 	Warn func(machine string, err error)
 	// GiveUp bounds the wait for machines that failed transiently;
@@ -156,7 +160,7 @@ func (a *Alone) acquire(ctx context.Context, req scheduler.Request, exclude map[
 		a.Health.Succeeded(m.Name())
 		delete(a.down, m.Name())
 		a.firstFail = time.Time{}
-		return &aloneLease{m: m.Name(), s: sess, slot: slot, closeConn: closeConn}, nil
+		return &aloneLease{m: m.Name(), s: sess, slot: slot, closeConn: closeConn, put: a.Put}, nil
 	}
 }
 
@@ -299,15 +303,24 @@ type aloneLease struct {
 	s         Session
 	slot      *slots.Slot
 	closeConn func()
+	put       func(Session, bool)
 	once      sync.Once
 }
 
 func (l *aloneLease) Machine() string  { return l.m }
 func (l *aloneLease) Session() Session { return l.s }
-func (l *aloneLease) Release(error) {
+
+// Release closes the session, or gives it back to Put: reusable after a
+// success or a build that failed on the machine, whose session is clean,
+// as the broker's pools take them.
+func (l *aloneLease) Release(err error) {
 	l.once.Do(func() {
-		l.s.Close()
-		l.closeConn()
+		if l.put != nil {
+			l.put(l.s, err == nil || BuildFailed(err) && !TimedOut(err))
+		} else {
+			l.s.Close()
+			l.closeConn()
+		}
 		l.slot.Release()
 	})
 }

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"os"
 	"path/filepath"
 	"slices"
@@ -44,14 +45,15 @@ type Remote struct {
 	// Open opens a session on a machine that reads outputs from it, for
 	// inputs that go to another machine and for fetching.
 	Open func(ctx context.Context, machine string) (engine.Session, func(), error)
+	// Close, if set, is called by [Remote.Close] after the reading
+	// sessions are closed (to close the pools behind Placer and Open).
+	Close func()
 	// Options are the build options every derivation gets.
 	Options    serveproto.BuildOptions
 	Substitute bool // builders-use-substitutes
 	// LogDir is Nix's log directory (/nix/var/log/nix): every build log
 	// goes to LogDir/drvs/XX/REST. "": logs are not kept.
 	LogDir string
-	// Events, if set, receives each attempt's progress.
-	Events func(drvPath string) engine.Events
 	// Machines are the machines [Remote.Find] asks; Down, if set, names
 	// those to skip (on backoff).
 	Machines []string
@@ -95,25 +97,15 @@ func (r *Remote) Build(ctx context.Context, n *Node, started func(string)) (stri
 	local := &buildLocal{r: r}
 	var machine string
 	outputs := map[string]string{}
-	var ev engine.Events
-	if r.Events != nil {
-		ev = r.Events(n.DrvPath)
-	}
-	startedEv := ev.Started
-	ev.Started = func(m string, attempt int) {
-		machine = m
-		started(m)
-		if startedEv != nil {
-			startedEv(m, attempt)
-		}
-	}
-	ev.Outputs = func(m string, infos []serveproto.PathInfo) {
-		r.record(n, m, infos)
-		for name, o := range n.Drv.Outputs {
-			if o != nil && o.Path != "" {
-				outputs[name] = o.Path
-			}
-		}
+	ev := engine.Events{
+		Started: func(m string, _ int) {
+			machine = m
+			started(m)
+		},
+		Outputs: func(m string, infos []serveproto.PathInfo) {
+			r.record(n, m, infos)
+			maps.Copy(outputs, n.Outputs())
+		},
 	}
 	err = engine.Run(ctx, r.Placer(), engine.Build{
 		Request: scheduler.Request{
@@ -365,10 +357,9 @@ func (r *Remote) withReader(ctx context.Context, m string, f func(*serveproto.Co
 	return err
 }
 
-// Close ends the reading sessions.
-func (r *Remote) Close() {
+// Shut ends the reading sessions, then calls Close.
+func (r *Remote) Shut() {
 	r.mu.Lock()
-	defer r.mu.Unlock()
 	for m, rd := range r.readers {
 		rd.mu.Lock()
 		if rd.s != nil {
@@ -377,6 +368,10 @@ func (r *Remote) Close() {
 		}
 		rd.mu.Unlock()
 		delete(r.readers, m)
+	}
+	r.mu.Unlock()
+	if r.Close != nil {
+		r.Close()
 	}
 }
 
