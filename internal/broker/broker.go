@@ -144,11 +144,14 @@ type Broker struct {
 	// beat is when the dispatcher last went round (UnixNano), for Healthy.
 	beat atomic.Int64
 
-	mu       sync.Mutex
-	probes   map[string]bool // machines on backoff granted a probe, not used yet
-	queue    []*ticket
-	tickets  map[string]*ticket // by id, while they hold a slot or wait
-	builds   map[string]*build  // by ticket id
+	mu      sync.Mutex
+	probes  map[string]bool // machines on backoff granted a probe, not used yet
+	queue   []*ticket
+	tickets map[string]*ticket // by id, while they hold a slot or wait
+	builds  map[string]*build  // by ticket id
+	// starting holds the keepOutputs submissions being started, by
+	// derivation, until they are in builds (see sameBuild).
+	starting map[string]chan struct{}
 	stopping bool
 }
 

@@ -152,18 +152,39 @@ func (bd *build) run() {
 // sameBuild returns the running KeepOutputs build of req's derivation, if
 // req is a KeepOutputs submission and there is one: a derivation two graphs
 // need at once is built once, for the first, and the second waits for it.
-func (b *Broker) sameBuild(req brokerapi.BuildRequest) *build {
+// With none, req's submission is the one that builds it: until it calls
+// started (once it is in b.builds, or failed to start), others of the same
+// derivation wait here, so that two at once do not both build.
+func (b *Broker) sameBuild(req brokerapi.BuildRequest) (leader *build, started func()) {
 	if !req.KeepOutputs || req.Reservation != "" {
-		return nil
+		return nil, func() {}
 	}
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	for _, bd := range b.builds {
-		if bd.req.KeepOutputs && bd.req.DrvPath == req.DrvPath {
-			return bd
+	for {
+		b.mu.Lock()
+		for _, bd := range b.builds {
+			if bd.req.KeepOutputs && bd.req.DrvPath == req.DrvPath {
+				b.mu.Unlock()
+				return bd, func() {}
+			}
 		}
+		ch, busy := b.starting[req.DrvPath]
+		if !busy {
+			ch = make(chan struct{})
+			if b.starting == nil {
+				b.starting = map[string]chan struct{}{}
+			}
+			b.starting[req.DrvPath] = ch
+			b.mu.Unlock()
+			return nil, func() {
+				b.mu.Lock()
+				delete(b.starting, req.DrvPath)
+				b.mu.Unlock()
+				close(ch)
+			}
+		}
+		b.mu.Unlock()
+		<-ch // startBuild does not wait for machines: this is short
 	}
-	return nil
 }
 
 // awaitKept waits for bd to end and returns its outputs event when it

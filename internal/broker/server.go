@@ -217,11 +217,18 @@ func (s *Server) build(w http.ResponseWriter, r *http.Request) {
 	}
 	c := clientOf(r)
 	streaming := false
-	if leader := s.b.sameBuild(req); leader != nil {
+	var started func()
+	for {
+		var leader *build
+		if leader, started = s.b.sameBuild(req); leader == nil {
+			break
+		}
 		// Another client's graph builds it now: wait for that build.
-		w.Header().Set("Content-Type", "application/x-ndjson")
-		w.WriteHeader(http.StatusOK)
-		streaming = true
+		if !streaming {
+			w.Header().Set("Content-Type", "application/x-ndjson")
+			w.WriteHeader(http.StatusOK)
+			streaming = true
+		}
 		ew := newEventWriter()
 		ew.attach(w)
 		ew.emit(brokerapi.Event{Type: brokerapi.EventQueued, Reason: fmt.Sprintf("'%s' is being built for another client (build %s)", req.DrvPath, leader.t.id)})
@@ -232,9 +239,10 @@ func (s *Server) build(w http.ResponseWriter, r *http.Request) {
 		if ok || r.Context().Err() != nil {
 			return
 		}
-		ew.close() // it failed there: build it here
+		ew.close() // it failed there: build it here, unless another began
 	}
 	bd, code, err := s.b.startBuild(req, c)
+	started()
 	if err != nil && streaming {
 		b, _ := json.Marshal(brokerapi.Event{Type: brokerapi.EventFailed, Kind: brokerapi.FailMisc, Error: err.Error()})
 		w.Write(append(b, '\n'))
