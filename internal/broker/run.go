@@ -471,7 +471,10 @@ func (l *buildLocal) dumpHeld(h brokerapi.HeldPath, w io.Writer) (nar.Stats, err
 	sess, err := m.pool.Get(l.bd.ctx)
 	var st nar.Stats
 	werr := &engine.ErrWriter{W: w}
-	if err == nil {
+	if err == nil && sess.Conn() == nil {
+		m.pool.Put(sess, true)
+		err = errors.New("not a serve-protocol (ssh://) machine")
+	} else if err == nil {
 		st, err = sess.Conn().DumpStorePath(h.Path, werr)
 		m.pool.Put(sess, err == nil)
 	}

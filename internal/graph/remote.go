@@ -346,6 +346,9 @@ func (r *Remote) withReader(ctx context.Context, m string, f func(*serveproto.Co
 		}
 		rd.s, rd.closeConn = s, closeConn
 	}
+	if rd.s.Conn() == nil {
+		return fmt.Errorf("reading from '%s': not a serve-protocol (ssh://) machine", m)
+	}
 	stop := context.AfterFunc(ctx, rd.s.Close)
 	defer stop()
 	err := f(rd.s.Conn())

@@ -34,6 +34,9 @@ import (
 // is not used: the daemon protocol has no GC lock on queried paths to
 // share. Returns a *BuildError when the build failed on the machine.
 func RunDaemon(ctx context.Context, conn *daemonproto.Conn, local Local, job Job, ev Events) error {
+	if job.KeepOutputs {
+		return fmt.Errorf("'%s' is an ssh-ng machine, which cannot keep a graph's outputs yet (Job.KeepOutputs)", job.Machine)
+	}
 	stopped := func(what string, err error) error {
 		if ctx.Err() != nil {
 			return fmt.Errorf("%s stopped: %w", what, context.Cause(ctx))
