@@ -19,7 +19,7 @@ import (
 	"github.com/nix-offload/nix-offload/internal/testbed"
 )
 
-// buildDoc is -json's document, as docs/graph-build.md describes it.
+// buildDoc is -json's document, as README, "Queue runners" describes it.
 type buildDoc struct {
 	Roots       []string `json:"roots"`
 	Derivations []struct {

@@ -443,7 +443,7 @@ func addOutLinks(base string, insts []installable, results map[string]*graph.Res
 	return nil
 }
 
-// jsonResult is one derivation in -json's document (docs/graph-build.md).
+// jsonResult is one derivation in -json's document (README, "Queue runners").
 type jsonResult struct {
 	DrvPath string            `json:"drvPath"`
 	Status  string            `json:"status"`
