@@ -11,7 +11,6 @@ import (
 	"os"
 	"runtime"
 	"slices"
-	"strings"
 	"sync"
 	"time"
 
@@ -356,7 +355,7 @@ func (b *Broker) startBuild(req brokerapi.BuildRequest, c *client) (*build, int,
 		}
 	} else {
 		// A submission: decide as for a hook whose local side cannot build.
-		sreq := scheduler.Request{System: drv.Platform, RequiredFeatures: requiredFeatures(drv.Env)}
+		sreq := scheduler.Request{System: drv.Platform, RequiredFeatures: offload.RequiredFeatures(drv)}
 		resp, err := b.Try(brokerapi.TryRequest{DrvPath: req.DrvPath, System: sreq.System, RequiredFeatures: sreq.RequiredFeatures}, c)
 		if err != nil {
 			return nil, http.StatusServiceUnavailable, err
@@ -414,12 +413,6 @@ func readDerivation(p string) (*derivationT, error) {
 		return nil, fmt.Errorf("%s: %w", p, err)
 	}
 	return d, nil
-}
-
-// requiredFeatures reads requiredSystemFeatures from a derivation's
-// environment, as Nix does for a derivation without structured attributes.
-func requiredFeatures(env map[string]string) []string {
-	return strings.Fields(env["requiredSystemFeatures"])
 }
 
 // inputClosure is what nix-daemon hands a hook as the input closure: the

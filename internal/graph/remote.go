@@ -110,7 +110,7 @@ func (r *Remote) Build(ctx context.Context, n *Node, started func(string)) (stri
 	err = engine.Run(ctx, r.Placer(), engine.Build{
 		Request: scheduler.Request{
 			System:           n.Drv.Platform,
-			RequiredFeatures: strings.Fields(n.Drv.Env["requiredSystemFeatures"]),
+			RequiredFeatures: offload.RequiredFeatures(n.Drv),
 			Present:          r.present(inputs),
 		},
 		Job: offload.Job{

@@ -41,6 +41,12 @@ func ReadDerivation(r io.Reader) (*derivation.Derivation, error) {
 	return d, nil
 }
 
+// RequiredFeatures reads requiredSystemFeatures from a derivation's
+// environment, as Nix does for a derivation without structured attributes.
+func RequiredFeatures(d *derivation.Derivation) []string {
+	return strings.Fields(d.Env["requiredSystemFeatures"])
+}
+
 // unescapeATerm undoes Nix's string escaping in .drv files: a backslash
 // followed by n, r or t is that control character, followed by anything
 // else is that character (nix 2.8.0 src/libstore/derivations.cc parseString).
