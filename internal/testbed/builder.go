@@ -31,8 +31,8 @@ import (
 type Builder struct {
 	Name       string // "b1", "b2"…: unique in this test process; the Host alias in SSHConfig
 	Nix        Nix    // the Nix that runs on the host (nix-store --serve, builds)
-	Addr       string // 127.0.0.N, the host's own address; 10.213.A.B with [WithNetNS]
-	Port       int    // sshd's port on Addr
+	Addr       string // 127.0.0.N, the host's own address; 10.213.A.B with [WithNetNS]; the proxy's with [WithRTT]
+	Port       int    // sshd's port on Addr; the proxy's with [WithRTT]
 	User       string // "root"
 	HostKey    string // the host's public key in authorized_keys form: "ssh-ed25519 AAAA…"
 	ClientKey  string // path of the unencrypted ed25519 private key the host authorizes
@@ -40,11 +40,16 @@ type Builder struct {
 	SSHConfig  string // path of an ssh_config with "Host Name" (for ssh -F, NIX_SSHOPTS="-F …")
 	Dir        string // the host's directory: Dir/nix is its store, sshd.log its sshd's log
 
-	nixConf  string   // the host's /etc/nix/nix.conf
-	forced   string   // WithForcedCommand: the command the client key is restricted to
-	wantNet  bool     // WithNetNS
-	net      *netLink // the host's network namespace and link; nil without WithNetNS
-	nixTmpfs int64    // WithNixTmpfs: size of the tmpfs that is the host's /nix; 0: Dir/nix
+	nixConf  string      // the host's /etc/nix/nix.conf
+	forced   string      // WithForcedCommand: the command the client key is restricted to
+	wantNet  bool        // WithNetNS
+	net      *netLink    // the host's network namespace and link; nil without WithNetNS
+	nixTmpfs int64       // WithNixTmpfs: size of the tmpfs that is the host's /nix; 0: Dir/nix
+	shape    *LinkShape  // WithRTT, WithRate: the delay proxy's; nil for none
+	sshdAddr string      // where sshd listens: Addr and Port unless there is a proxy
+	sshdPort int         //
+	proxy    *DelayProxy // in front of sshd with WithRTT or WithRate; nil after Stop
+	proxyLk  net.Listener
 
 	mu      sync.Mutex
 	tb      TB
@@ -96,6 +101,40 @@ func WithDaemonOnly() BuilderOption { return WithForcedCommand("nix-daemon --std
 // Dir/nix stays empty, and [Builder.Restart] starts with an empty store.
 func WithNixTmpfs(size int64) BuilderOption {
 	return func(b *Builder) { b.nixTmpfs = size }
+}
+
+// WithRTT puts a [DelayProxy] in front of the host's sshd that adds rtt/2 of delay in
+// each direction, so that every round trip to the host takes rtt longer, as over a WAN.
+// Addr and Port are then the proxy's (on the host's own loopback address, or on one more
+// with [WithNetNS]), and [Builder.LinkStats] counts what went through it. The proxy lives
+// as long as the host's address: a killed host refuses nothing, its connections are just
+// closed at once.
+func WithRTT(rtt time.Duration) BuilderOption {
+	return func(b *Builder) { b.linkShape().Delay = rtt / 2 }
+}
+
+// WithRate caps each direction of each connection to the host at bytesPerSec, through the
+// same proxy as [WithRTT] (with no delay unless WithRTT is given too).
+func WithRate(bytesPerSec int64) BuilderOption {
+	return func(b *Builder) { b.linkShape().Rate = bytesPerSec }
+}
+
+func (b *Builder) linkShape() *LinkShape {
+	if b.shape == nil {
+		b.shape = &LinkShape{}
+	}
+	return b.shape
+}
+
+// LinkStats returns the counts of the host's [WithRTT] or [WithRate] proxy: connections,
+// bytes and turns (round trips). It is zero for a host without one.
+func (b *Builder) LinkStats() LinkStats {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.proxy == nil {
+		return LinkStats{}
+	}
+	return b.proxy.Stats()
 }
 
 var builderSeq atomic.Int64
@@ -181,6 +220,12 @@ func (b *Builder) setUp() error {
 		}
 		b.Addr, b.Port, b.lock = addr, port, lock
 	}
+	b.sshdAddr, b.sshdPort = b.Addr, b.Port
+	if b.shape != nil {
+		if err := b.startProxy(); err != nil {
+			return err
+		}
+	}
 
 	hostKey, err := writeKey(filepath.Join(b.Dir, "hostkey"))
 	if err != nil {
@@ -218,6 +263,25 @@ func (b *Builder) authorizedKey(key string) string {
 		return key
 	}
 	return fmt.Sprintf("command=%q,restrict %s", b.forced, key)
+}
+
+// startProxy puts the delay proxy in front of sshd: on the host's own loopback address,
+// or for a host in a network namespace on a loopback address reserved for it.
+func (b *Builder) startProxy() error {
+	listen := b.Addr
+	if b.net != nil {
+		addr, _, lock, err := reserveAddr()
+		if err != nil {
+			return err
+		}
+		listen, b.proxyLk = addr, lock
+	}
+	p, err := StartDelayProxy(net.JoinHostPort(listen, "0"), net.JoinHostPort(b.sshdAddr, strconv.Itoa(b.sshdPort)), *b.shape)
+	if err != nil {
+		return fmt.Errorf("delay proxy: %v", err)
+	}
+	b.proxy, b.Addr, b.Port = p, listen, p.Addr().Port
+	return nil
 }
 
 // sshConfigBlock returns the "Host Name" block of an ssh_config that reaches b.
@@ -261,7 +325,7 @@ PrintMotd no
 PrintLastLog no
 SetEnv NIX_CONF_DIR=/etc/nix NIX_USER_CONF_FILES=
 LogLevel VERBOSE
-`, b.Name, b.Port, b.Addr, b.Dir)
+`, b.Name, b.sshdPort, b.sshdAddr, b.Dir)
 }
 
 // writeKey writes a new ed25519 private key to path (and its public half to path.pub) and
@@ -385,7 +449,8 @@ func (b *Builder) startLocked() error {
 func (b *Builder) waitReady(done <-chan struct{}) error {
 	ctx, cancel := context.WithTimeout(context.Background(), readyTimeout)
 	defer cancel()
-	hostport := net.JoinHostPort(b.Addr, strconv.Itoa(b.Port))
+	// sshd itself, not a proxy in front of it, which accepts at once.
+	hostport := net.JoinHostPort(b.sshdAddr, strconv.Itoa(b.sshdPort))
 	for {
 		c, err := (&net.Dialer{Timeout: 200 * time.Millisecond}).DialContext(ctx, "tcp4", hostport)
 		if err == nil {
@@ -463,6 +528,14 @@ func (b *Builder) Stop() {
 	if b.nsFile != nil {
 		b.nsFile.Close()
 		b.nsFile = nil
+	}
+	if b.proxy != nil {
+		err = errors.Join(err, b.proxy.Close())
+		b.proxy = nil
+	}
+	if b.proxyLk != nil {
+		b.proxyLk.Close()
+		b.proxyLk = nil
 	}
 	if b.net != nil {
 		// Before the lock goes: another builder may take the /30 from then on.
