@@ -64,6 +64,9 @@ func newBrokerEnvWith(t *testing.T, nix testbed.Nix, store string, slots int, ex
 		t.Fatal(err)
 	}
 	e := &brokerEnv{offloadEnv: env}
+	// The broker's warm local session and the test's nix-build open the store at once:
+	// on a fresh store, Nix 2.8 can fail that race (testbed.Nix.InitStore).
+	nix.InitStore(t, store)
 	e.start(t, nix, store)
 	return e
 }
