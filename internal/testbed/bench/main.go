@@ -78,7 +78,10 @@ type workload struct {
 	drvs     int    // derivations in the graph
 	words    int    // words in the root output, a check that every input was read
 	first    string // first word of the root output
-	body     string // Nix expression for the graph, given mk
+	body     string // Nix expression for the graph, given mk (and big)
+	// inputBytes, if not 0, is the size of a file added to the local store before the
+	// clock starts; the expression gets its store path as big.
+	inputBytes int64
 }
 
 var workloads = map[string]workload{
@@ -88,13 +91,23 @@ var workloads = map[string]workload{
 		body: `builtins.head (builtins.foldl' (prev: i: [ (mk "c${toString i}" prev) ]) [] (builtins.genList (i: i + 1) 21))`},
 	"wide50": {name: "wide50", builders: 2, drvs: 51, words: 51, first: "root",
 		body: `mk "root" (builtins.genList (i: mk "w${toString (i + 1)}" []) 50)`},
+	// upload1g: one derivation whose input is 1 GiB of random data already in the local
+	// store: the input upload, against `ssh bN 'cat > /dev/null'` of the same file.
+	"upload1g": {name: "upload1g", builders: 1, drvs: 1, words: 1, first: "1073741824", inputBytes: 1 << 30,
+		body: `derivation { inherit salt; name = "bench-up"; system = "x86_64-linux"; builder = "/bin/sh";
+		  args = [ "-c" "wc -c < ${builtins.storePath big} > $out" ]; }`},
 }
 
-// expr returns the workload's expression with salt in every derivation.
-func (w workload) expr(salt string) string {
+// workloadNames lists the workloads, for messages.
+const workloadNames = "trivial, chain21, wide50, upload1g"
+
+// expr returns the workload's expression with salt in every derivation and big, the
+// store path of the input file (or "").
+func (w workload) expr(salt, big string) string {
 	return fmt.Sprintf(`
 let
   salt = %q;
+  big = %q;
   mk = name: deps: derivation {
     inherit salt;
     name = "bench-${name}";
@@ -105,7 +118,7 @@ let
       + "echo \"$x\" > $out") ];
   };
 in %s
-`, salt, w.body)
+`, salt, big, w.body)
 }
 
 type config struct {
@@ -118,26 +131,28 @@ type config struct {
 	rss        bool
 	trace      bool
 	hookPrefix string
+	rtt        time.Duration // round-trip time added to every builder link (testbed.WithRTT)
 }
 
 func main() {
 	hook := flag.String("hook", "bin/nix-offload-hook", "the nix-offload-hook binary (static, CGO_ENABLED=0)")
 	runs := flag.Int("runs", 3, "runs per workload, Nix and mode; the table shows medians")
 	nixList := flag.String("nix", "2.8,2.34", "local Nix series to measure (the builders run the same one)")
-	wlList := flag.String("workloads", "trivial,chain21,wide50", "workloads: trivial, chain21, wide50")
+	wlList := flag.String("workloads", "trivial,chain21,wide50", "workloads: "+workloadNames)
 	modeList := flag.String("modes", strings.Join(modes, ","), "modes: local, stock, ours, broker")
 	timeout := flag.Duration("timeout", 10*time.Minute, "limit for each nix-build; it is killed after that")
 	rss := flag.Bool("rss", true, "also record the hook's peak RSS in one trivial build per Nix")
 	trace := flag.Bool("trace", false, "instead of the table: one build per Nix, workload and mode with nix-build -v, its stderr time-stamped")
+	rtt := flag.Duration("rtt", 0, "round-trip time to add to every builder link, through a delay proxy (testbed.WithRTT): half of it each way; 0: plain loopback")
 	prefix := flag.String("hook-prefix", "", "run our hook as `PREFIX… HOOK args` (sh words, e.g. 'strace -f -tt -o /tmp/hook.strace'); the prefix must exist in the Nix's root")
 	flag.Parse()
 
-	cfg := config{hook: *hook, runs: *runs, timeout: *timeout, rss: *rss, trace: *trace, hookPrefix: *prefix}
+	cfg := config{hook: *hook, runs: *runs, timeout: *timeout, rss: *rss, trace: *trace, hookPrefix: *prefix, rtt: *rtt}
 	cfg.nixes = splitList(*nixList)
 	for _, n := range splitList(*wlList) {
 		w, ok := workloads[n]
 		if !ok {
-			fmt.Fprintf(os.Stderr, "bench: unknown workload %q (trivial, chain21, wide50)\n", n)
+			fmt.Fprintf(os.Stderr, "bench: unknown workload %q (%s)\n", n, workloadNames)
 			os.Exit(2)
 		}
 		cfg.workloads = append(cfg.workloads, w)
@@ -148,6 +163,10 @@ func main() {
 			os.Exit(2)
 		}
 		cfg.modes = append(cfg.modes, m)
+	}
+	if cfg.rtt < 0 {
+		fmt.Fprintln(os.Stderr, "bench: -rtt must not be negative")
+		os.Exit(2)
 	}
 	if cfg.runs < 1 || len(cfg.nixes) == 0 || len(cfg.workloads) == 0 || len(cfg.modes) == 0 {
 		fmt.Fprintln(os.Stderr, "bench: nothing to measure")
@@ -182,6 +201,12 @@ type bench struct {
 	brokerRSS map[key][]int
 	// brokerWarm holds how long each broker took from start to warm.
 	brokerWarm map[key][]time.Duration
+	// turns holds, with -rtt, the round trips per derivation of each run: the delay
+	// proxies' turns during the build (testbed.LinkStats) over the derivations.
+	turns map[key][]float64
+	// cat holds, for upload1g, how long `ssh bN 'cat > /dev/null'` of the input took.
+	cat map[string][]time.Duration
+	big string // the upload1g input, once made
 }
 
 func run(cfg config) int {
@@ -208,7 +233,8 @@ func run(cfg config) int {
 	b := &bench{cfg: cfg, p: p, work: p.TempDir(),
 		times: map[key][]time.Duration{}, fails: map[key]int{},
 		rss: map[string]string{}, ssh: map[key]time.Duration{},
-		brokerRSS: map[key][]int{}, brokerWarm: map[key][]time.Duration{}}
+		brokerRSS: map[key][]int{}, brokerWarm: map[key][]time.Duration{},
+		turns: map[key][]float64{}, cat: map[string][]time.Duration{}}
 
 	if cfg.hookPrefix != "" {
 		b.cfg.hook = b.wrapHook(cfg.hookPrefix)
@@ -240,7 +266,13 @@ func run(cfg config) int {
 								fmtDur(b.brokerWarm[k][len(b.brokerWarm[k])-1]))
 						}
 					}
+					if t := b.turns[k]; len(t) > 0 {
+						extra += fmt.Sprintf(" (%.1f round trips per derivation)", t[len(t)-1])
+					}
 					fmt.Printf("  Nix %-5s %-8s %-6s run %d: %s%s\n", series, w.name, mode, r, fmtDur(d), extra)
+				}
+				if w.inputBytes > 0 {
+					b.measureCat(nix, w)
 				}
 			}
 		}
@@ -265,21 +297,37 @@ func (b *bench) measure(nix testbed.Nix, w workload, mode string) (time.Duration
 		return 0, err
 	}
 	defer os.RemoveAll(dir)
-	salt := randomHex(8)
-	exprFile := filepath.Join(dir, "bench.nix")
-	if err := os.WriteFile(exprFile, []byte(w.expr(salt)), 0o644); err != nil {
-		return 0, err
-	}
+	k := key{nix.Series(), w.name, mode}
+	// Every mode starts its clock on the same initialised store: Nix's first use of a
+	// fresh store creates its database (a cost no real machine pays per build), and two
+	// processes that make that first use at once can fail (testbed.Nix.InitStore).
 	store := testbed.NewStore(b.p)
 	defer os.RemoveAll(store)
-
+	nix.InitStore(b.p, store)
 	mounts := []string{dir}
+	big := ""
+	if w.inputBytes > 0 {
+		file, err := b.bigInput(w.inputBytes)
+		if err != nil {
+			return 0, err
+		}
+		mounts = append(mounts, filepath.Dir(file))
+		if big, err = b.addToStore(nix, store, mounts, file); err != nil {
+			return 0, err
+		}
+	}
+	salt := randomHex(8)
+	exprFile := filepath.Join(dir, "bench.nix")
+	if err := os.WriteFile(exprFile, []byte(w.expr(salt, big)), 0o644); err != nil {
+		return 0, err
+	}
+
 	env := []string{"PATH=" + stdPath, "HOME=/root"}
 	args := []string{"nix-build", "--no-out-link", "--option", "substituters", ""}
 	var builders []*testbed.Builder
 	if mode != "local" {
 		for range w.builders {
-			bl := testbed.StartBuilder(b.p, nix)
+			bl := testbed.StartBuilder(b.p, nix, b.builderOpts()...)
 			builders = append(builders, bl)
 			// ClientKey and KnownHosts live in Dir; the chroot Nix must see them
 			// under the same names, for ssh (stock) and for our hook.
@@ -292,6 +340,7 @@ func (b *bench) measure(nix testbed.Nix, w workload, mode string) (time.Duration
 			}
 		}()
 	}
+	var br *runningBroker
 	switch mode {
 	case "local":
 		args = append(args, "--max-jobs", "4")
@@ -314,11 +363,10 @@ func (b *bench) measure(nix testbed.Nix, w workload, mode string) (time.Duration
 		args = append(args, "--max-jobs", "0", "--option", "build-hook", b.cfg.hook)
 		env = append(env, "NIX_OFFLOAD_CONFIG="+conf)
 		if mode == "broker" {
-			br, err := b.startBroker(nix, store, mounts, conf, socket, len(builders))
+			br, err = b.startBroker(nix, store, mounts, conf, socket, len(builders))
 			if err != nil {
 				return 0, err
 			}
-			k := key{nix.Series(), w.name, mode}
 			b.brokerWarm[k] = append(b.brokerWarm[k], br.warm)
 			defer func() {
 				if kb := br.hwm(); kb > 0 {
@@ -337,34 +385,17 @@ func (b *bench) measure(nix testbed.Nix, w workload, mode string) (time.Duration
 
 	cmd := nix.Command(store, mounts, args...)
 	cmd.Env = env
+	turns0 := linkTurns(builders)
 	var stdout, stderr bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	var errOut io.Writer = &stderr
 	t0 := time.Now()
 	if b.cfg.trace {
-		cmd.Stderr = io.MultiWriter(&stderr, &stamper{w: os.Stdout, t0: t0})
+		errOut = io.MultiWriter(&stderr, &stamper{w: os.Stdout, t0: t0})
 	}
-	cmd.WaitDelay = 5 * time.Second
-	if err := cmd.Start(); err != nil {
-		return 0, err
-	}
-	var timedOut atomic.Bool
-	timer := time.AfterFunc(b.cfg.timeout, func() {
-		timedOut.Store(true)
-		testbed.KillCommand(cmd)
-	})
-	err = cmd.Wait()
-	elapsed := time.Since(t0)
-	timer.Stop()
-	testbed.KillCommand(cmd)
-	if timedOut.Load() {
-		return 0, fmt.Errorf("killed after %v\n%s", b.cfg.timeout, tailText(stderr.String(), 2000))
-	}
+	elapsed, err := runToExit(cmd, &stdout, errOut, b.cfg.timeout)
+	turns := linkTurns(builders) - turns0
 	if err != nil {
-		return 0, fmt.Errorf("nix-build: %v\n%s", err, tailText(stderr.String(), 2000))
-	}
-	if mode == "broker" && (strings.Contains(stderr.String(), "going on without it") ||
-		strings.Contains(stderr.String(), "without the broker")) {
-		return 0, fmt.Errorf("broker: the hooks did not use the broker:\n%s", tailText(stderr.String(), 2000))
+		return 0, fmt.Errorf("%v\n%s", err, tailText(stderr.String(), 2000))
 	}
 
 	// The root output must be right, and for the remote modes it must have been
@@ -390,7 +421,151 @@ func (b *bench) measure(nix testbed.Nix, w workload, mode string) (time.Duration
 			return 0, fmt.Errorf("%s: root output %s is on no builder: not offloaded", mode, out)
 		}
 	}
+	// A hook that cannot reach the broker builds alone and may say nothing: only the
+	// broker's own counters prove that it ran every build.
+	if br != nil {
+		if err := br.checkBuilds(w.drvs); err != nil {
+			return 0, err
+		}
+	}
+	if b.cfg.rtt > 0 && mode != "local" {
+		b.turns[k] = append(b.turns[k], float64(turns)/float64(w.drvs))
+	}
 	return elapsed, nil
+}
+
+// builderOpts are the options of every builder the bench starts.
+func (b *bench) builderOpts() []testbed.BuilderOption {
+	if b.cfg.rtt > 0 {
+		return []testbed.BuilderOption{testbed.WithRTT(b.cfg.rtt)}
+	}
+	return nil
+}
+
+// linkTurns sums the round trips (delay proxy turns) to the builders so far.
+func linkTurns(builders []*testbed.Builder) int64 {
+	var n int64
+	for _, bl := range builders {
+		n += bl.LinkStats().Turns
+	}
+	return n
+}
+
+// runToExit runs cmd with stdout and stderr copied to the writers, killed after timeout,
+// and returns the time from its start until its process exited. The pipes are the
+// bench's own, not exec's: exec's Wait also waits until every descendant that inherited
+// them has closed them, which is not when nix-build is done. After the exit the copies
+// get a few seconds to end, untimed.
+func runToExit(cmd *exec.Cmd, stdout, stderr io.Writer, timeout time.Duration) (time.Duration, error) {
+	outR, outW, err := os.Pipe()
+	if err != nil {
+		return 0, err
+	}
+	errR, errW, err := os.Pipe()
+	if err != nil {
+		outR.Close()
+		outW.Close()
+		return 0, err
+	}
+	cmd.Stdout, cmd.Stderr = outW, errW
+	var copies sync.WaitGroup
+	copies.Add(2)
+	go func() { defer copies.Done(); io.Copy(stdout, outR) }()
+	go func() { defer copies.Done(); io.Copy(stderr, errR) }()
+	t0 := time.Now()
+	err = cmd.Start()
+	outW.Close()
+	errW.Close()
+	if err != nil {
+		outR.Close()
+		errR.Close()
+		copies.Wait()
+		return 0, err
+	}
+	var timedOut atomic.Bool
+	timer := time.AfterFunc(timeout, func() {
+		timedOut.Store(true)
+		testbed.KillCommand(cmd)
+	})
+	// Process.Wait, not cmd.Wait: the namespace must still be findable for
+	// KillCommand after the exit, and nothing waits for the pipes.
+	state, werr := cmd.Process.Wait()
+	elapsed := time.Since(t0)
+	timer.Stop()
+	testbed.KillCommand(cmd) // what is left of the namespace: builds, late hooks
+	drained := make(chan struct{})
+	go func() { copies.Wait(); close(drained) }()
+	select {
+	case <-drained:
+	case <-time.After(5 * time.Second):
+		outR.Close()
+		errR.Close()
+		<-drained
+	}
+	outR.Close()
+	errR.Close()
+	switch {
+	case timedOut.Load():
+		return 0, fmt.Errorf("killed after %v", timeout)
+	case werr != nil:
+		return 0, werr
+	case !state.Success():
+		return 0, fmt.Errorf("nix-build: %v", state)
+	}
+	return elapsed, nil
+}
+
+// bigInput returns a file of n bytes of random data (made once per bench, not timed):
+// the input of the upload workload. It does not compress.
+func (b *bench) bigInput(n int64) (string, error) {
+	if b.big != "" {
+		return b.big, nil
+	}
+	dir, err := os.MkdirTemp(b.work, "input-")
+	if err != nil {
+		return "", err
+	}
+	if err := os.Chmod(dir, 0o755); err != nil {
+		return "", err
+	}
+	path := filepath.Join(dir, "input")
+	f, err := os.Create(path)
+	if err != nil {
+		return "", err
+	}
+	block := make([]byte, 1<<20)
+	if _, err := rand.Read(block); err != nil {
+		f.Close()
+		return "", err
+	}
+	for written := int64(0); written < n; {
+		// A new first word in every MiB, so no two blocks are alike.
+		copy(block, fmt.Sprintf("%016x", written))
+		m := min(int64(len(block)), n-written)
+		if _, err := f.Write(block[:m]); err != nil {
+			f.Close()
+			return "", err
+		}
+		written += m
+	}
+	if err := f.Close(); err != nil {
+		return "", err
+	}
+	b.big = path
+	return path, nil
+}
+
+// addToStore adds file to store with `nix-store --add` (not timed) and returns its path.
+func (b *bench) addToStore(nix testbed.Nix, store string, mounts []string, file string) (string, error) {
+	cmd := nix.Command(store, mounts, "nix-store", "--add", file)
+	cmd.Env = []string{"PATH=" + stdPath, "HOME=/root"}
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		return "", fmt.Errorf("nix-store --add %s: %v: %s", file, err, stderr.Bytes())
+	}
+	return strings.TrimSpace(string(out)), nil
 }
 
 // traceBuilds runs one build per Nix, workload and mode with its stderr
@@ -475,6 +650,38 @@ func writeOffloadConfig(dir, socket string, builders []*testbed.Builder) string 
 		panic(err)
 	}
 	return p
+}
+
+// measureCat times `ssh -F SSHConfig bN 'cat > /dev/null'` with the upload
+// workload's input as stdin, to a fresh builder on the same kind of link: what
+// OpenSSH alone makes of it.
+func (b *bench) measureCat(nix testbed.Nix, w workload) {
+	series := nix.Series()
+	file, err := b.bigInput(w.inputBytes)
+	if err == nil {
+		var f *os.File
+		if f, err = os.Open(file); err == nil {
+			bl := testbed.StartBuilder(b.p, nix, b.builderOpts()...)
+			cmd := bl.SSH("cat > /dev/null")
+			cmd.Stdin = f
+			t0 := time.Now()
+			var out []byte
+			if out, err = cmd.CombinedOutput(); err == nil {
+				d := time.Since(t0)
+				b.cat[series] = append(b.cat[series], d)
+				fmt.Printf("  Nix %-5s %-8s %-6s: %s (%.0f MiB/s)\n", series, w.name, "ssh cat", fmtDur(d),
+					float64(w.inputBytes)/(1<<20)/d.Seconds())
+			} else {
+				err = fmt.Errorf("%v: %s", err, out)
+			}
+			f.Close()
+			bl.Stop()
+			os.RemoveAll(bl.Dir)
+		}
+	}
+	if err != nil {
+		b.notes = append(b.notes, fmt.Sprintf("ssh bN 'cat > /dev/null' (Nix %s builder): %v", series, err))
+	}
 }
 
 // measureSSH times, against a fresh builder of nix, `ssh -F SSHConfig bN
@@ -608,7 +815,11 @@ func copyFile(from, to string) error {
 // markdown renders the results.
 func (b *bench) markdown() string {
 	var s strings.Builder
-	fmt.Fprintf(&s, "## Results: median of %d run(s), wall time of the whole nix-build\n\n", b.cfg.runs)
+	link := "loopback"
+	if b.cfg.rtt > 0 {
+		link = fmt.Sprintf("%v RTT (delay proxy)", b.cfg.rtt)
+	}
+	fmt.Fprintf(&s, "## Results: median of %d run(s), wall time of the whole nix-build, builders on %s\n\n", b.cfg.runs, link)
 	s.WriteString("| workload | local Nix | local | stock hook | ours | broker | stock ÷ ours | ours ÷ local | stock ÷ broker | broker ÷ local |\n")
 	s.WriteString("|---|---|---|---|---|---|---|---|---|---|\n")
 	for _, w := range b.cfg.workloads {
@@ -673,6 +884,46 @@ func (b *bench) markdown() string {
 			}
 		}
 	}
+	if len(b.turns) > 0 {
+		fmt.Fprintf(&s, "\n| workload | local Nix | mode | round trips per derivation at %v RTT: median (min–max) |\n|---|---|---|---|\n", b.cfg.rtt)
+		for _, w := range b.cfg.workloads {
+			for _, series := range b.cfg.nixes {
+				for _, mode := range modes {
+					t := b.turns[key{series, w.name, mode}]
+					if len(t) == 0 {
+						continue
+					}
+					fmt.Fprintf(&s, "| %s | %s | %s | %.1f (%.1f–%.1f) |\n", w.name, series, mode, medianF(t), slices.Min(t), slices.Max(t))
+				}
+			}
+		}
+		s.WriteString("\nRound trips: turns counted by the delay proxies (testbed.LinkStats) during the build, " +
+			"SSH handshakes included, over the derivations built; an upper bound on the round trips waited for.\n")
+	}
+	for _, w := range b.cfg.workloads {
+		if w.inputBytes == 0 {
+			continue
+		}
+		mib := float64(w.inputBytes) / (1 << 20)
+		fmt.Fprintf(&s, "\n| Nix | %s: `ssh bN 'cat > /dev/null'` | ours | broker | ours ÷ cat (throughput) | broker ÷ cat |\n|---|---|---|---|---|---|\n", w.name)
+		for _, series := range b.cfg.nixes {
+			cat := median(b.cat[series])
+			cells := []string{series, "—", "—", "—", "—", "—"}
+			if cat > 0 {
+				cells[1] = fmt.Sprintf("%s (%.0f MiB/s)", fmtDur(cat), mib/cat.Seconds())
+			}
+			for i, mode := range []string{"ours", "broker"} {
+				if ds := b.times[key{series, w.name, mode}]; len(ds) > 0 {
+					d := median(ds)
+					cells[2+i] = fmt.Sprintf("%s (%.0f MiB/s)", fmtDur(d), mib/d.Seconds())
+					cells[4+i] = ratio(cat, d)
+				}
+			}
+			s.WriteString("| " + strings.Join(cells, " | ") + " |\n")
+		}
+		s.WriteString("\nThe build times are whole nix-builds (evaluation, the 1-line build and the output fetch included); " +
+			"the ratio is cat's time over the build's, the build's share of OpenSSH's throughput.\n")
+	}
 	for _, n := range b.notes {
 		fmt.Fprintf(&s, "\nnote: %s\n", n)
 	}
@@ -691,6 +942,15 @@ func median(ds []time.Duration) time.Duration {
 		return 0
 	}
 	s := slices.Clone(ds)
+	slices.Sort(s)
+	if len(s)%2 == 1 {
+		return s[len(s)/2]
+	}
+	return (s[len(s)/2-1] + s[len(s)/2]) / 2
+}
+
+func medianF(v []float64) float64 {
+	s := slices.Clone(v)
 	slices.Sort(s)
 	if len(s)%2 == 1 {
 		return s[len(s)/2]
@@ -742,18 +1002,24 @@ func randomHex(n int) string {
 
 // runningBroker is a broker started for one run.
 type runningBroker struct {
-	cmd  *exec.Cmd
-	log  *syncBuffer
-	warm time.Duration // from start until the socket answered and every machine had a connection
+	cmd    *exec.Cmd
+	log    *syncBuffer
+	socket string
+	warm   time.Duration // from start until the socket answered and every machine had a connection
 }
+
+// brokerWarmLimit bounds the wait for a broker to be warm: about 0.2 s on a quiet bed.
+const brokerWarmLimit = 30 * time.Second
 
 // startBroker starts `HOOK daemon -config conf` in store's mount namespace,
 // waits for its socket, then until every one of its machines has a warm
-// connection or session (at most 10 s; the build then starts anyway).
+// connection or session. A broker that is not warm within brokerWarmLimit
+// fails the run: timed against a cold broker, the run would measure
+// something else.
 func (b *bench) startBroker(nix testbed.Nix, store string, mounts []string, conf, socket string, machines int) (*runningBroker, error) {
 	cmd := nix.Command(store, mounts, b.cfg.hook, "daemon", "-config", conf, "-drain", "30s")
 	cmd.Env = []string{"PATH=" + stdPath, "HOME=/root"}
-	br := &runningBroker{cmd: cmd, log: &syncBuffer{}}
+	br := &runningBroker{cmd: cmd, log: &syncBuffer{}, socket: socket}
 	cmd.Stdout, cmd.Stderr = br.log, br.log
 	cmd.WaitDelay = 5 * time.Second
 	t0 := time.Now()
@@ -785,11 +1051,19 @@ func (b *bench) startBroker(nix testbed.Nix, store string, mounts []string, conf
 	}
 	defer c.Close()
 	// Warm: every machine has a connection or an idle session.
-	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+	last := "no status yet"
+	for deadline := time.Now().Add(brokerWarmLimit); ; time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			return fail("not warm %v after its start (%s)", brokerWarmLimit, last)
+		}
+		if !processAlive(cmd.Process.Pid) {
+			return fail("exited before it was warm")
+		}
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 		st, err := c.Status(ctx)
 		cancel()
 		if err != nil {
+			last = "status: " + err.Error()
 			continue
 		}
 		warm := 0
@@ -798,12 +1072,41 @@ func (b *bench) startBroker(nix testbed.Nix, store string, mounts []string, conf
 				warm++
 			}
 		}
+		last = fmt.Sprintf("%d of %d machines warm", warm, machines)
 		if len(st.Machines) == machines && warm == machines {
 			break
 		}
 	}
 	br.warm = time.Since(t0)
 	return br, nil
+}
+
+// checkBuilds fails unless the broker's per-machine counters say it ran want
+// builds, none failed.
+func (br *runningBroker) checkBuilds(want int) error {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	c, err := brokerapi.Dial(ctx, br.socket)
+	if err != nil {
+		return fmt.Errorf("broker: after the build: %v", err)
+	}
+	defer c.Close()
+	st, err := c.Status(ctx)
+	if err != nil {
+		return fmt.Errorf("broker: status after the build: %v", err)
+	}
+	var built, failed uint64
+	var per []string
+	for _, m := range st.Machines {
+		built += m.Builds
+		failed += m.Failed
+		per = append(per, fmt.Sprintf("%s: %d", m.Name, m.Builds))
+	}
+	if built != uint64(want) || failed != 0 {
+		return fmt.Errorf("broker: its counters show %d builds (%s) and %d failures, want %d and 0: "+
+			"the hooks built without it", built, strings.Join(per, ", "), failed, want)
+	}
+	return nil
 }
 
 // hwm returns the broker's peak RSS so far in KiB (VmHWM), or 0.
