@@ -3,8 +3,10 @@
 // sshd, simulated builder hosts on loopback, nothing mocked.
 //
 // For each local Nix (default 2.8 and 2.34; the builders run the same Nix)
-// and each workload it times the whole nix-build, with a fresh local store,
-// fresh builder hosts and a new salt every run, four ways:
+// and each workload it times the whole nix-build, from its start to the exit
+// of its process, with a fresh local store (initialised with `nix-store
+// --init` before the clock starts, in every mode), fresh builder hosts and a
+// new salt every run, four ways:
 //
 //   - local: built locally, --max-jobs 4, no hook (the reference);
 //   - stock: Nix's own hook (build-remote on 2.8, nix __build-remote on
@@ -15,15 +17,27 @@
 //   - broker: like ours, but with a broker (`nix-offload-hook daemon`) for
 //     the hooks to hand their builds to: started fresh for each run in the
 //     local store's mount namespace, with the run's config plus a socket;
-//     the timing starts once its socket answers and it has warmed a
-//     connection to every machine (a production broker is long-lived), and
-//     it is stopped (SIGTERM) after the build. Its peak RSS (VmHWM) is read
-//     before it is stopped.
+//     the timing starts once its socket answers and every machine has an
+//     idle warm session (a production broker is long-lived; a broker not warm
+//     within 30 s fails the run), and it is stopped (SIGTERM) after the
+//     build. The run fails unless the broker's per-machine build counters
+//     add up to the derivations built: a hook that cannot reach the broker
+//     builds alone, often silently. Its peak RSS (VmHWM) is read before it is
+//     stopped.
 //
 // Workloads (no nixpkgs, /bin/sh builders): trivial (1 derivation, one
 // builder), chain21 (21 derivations, each reading the previous output) and
 // wide50 (50 independent derivations and a root that reads them all); the
-// graphs use 2 builders × 4 slots.
+// graphs use 2 builders × 4 slots. upload1g (not in the default list) is one
+// derivation whose input is 1 GiB of random data, added to the local store
+// before the clock starts; each of its runs also times `ssh bN 'cat >
+// /dev/null'` of the same file to a fresh builder.
+//
+// With -rtt every builder is reached through a delay proxy (testbed.WithRTT:
+// half the RTT each way) and the bench reports the round trips per
+// derivation that the proxies counted during each build. With -logs DIR it
+// keeps every run's nix-build -v stderr, time-stamped, and the broker's
+// -debug log.
 //
 // It also records the hook's peak RSS in one trivial build (GNU time as a
 // wrapper, if /usr/bin/time exists) and the cost of a bare `ssh bN true` to a
@@ -132,6 +146,7 @@ type config struct {
 	trace      bool
 	hookPrefix string
 	rtt        time.Duration // round-trip time added to every builder link (testbed.WithRTT)
+	logs       string        // if set, a directory for every run's time-stamped logs
 }
 
 func main() {
@@ -144,10 +159,11 @@ func main() {
 	rss := flag.Bool("rss", true, "also record the hook's peak RSS in one trivial build per Nix")
 	trace := flag.Bool("trace", false, "instead of the table: one build per Nix, workload and mode with nix-build -v, its stderr time-stamped")
 	rtt := flag.Duration("rtt", 0, "round-trip time to add to every builder link, through a delay proxy (testbed.WithRTT): half of it each way; 0: plain loopback")
+	logs := flag.String("logs", "", "keep every run's logs in this directory: nix-build -v's stderr time-stamped, and the broker's -debug log")
 	prefix := flag.String("hook-prefix", "", "run our hook as `PREFIX… HOOK args` (sh words, e.g. 'strace -f -tt -o /tmp/hook.strace'); the prefix must exist in the Nix's root")
 	flag.Parse()
 
-	cfg := config{hook: *hook, runs: *runs, timeout: *timeout, rss: *rss, trace: *trace, hookPrefix: *prefix, rtt: *rtt}
+	cfg := config{hook: *hook, runs: *runs, timeout: *timeout, rss: *rss, trace: *trace, hookPrefix: *prefix, rtt: *rtt, logs: *logs}
 	cfg.nixes = splitList(*nixList)
 	for _, n := range splitList(*wlList) {
 		w, ok := workloads[n]
@@ -206,7 +222,8 @@ type bench struct {
 	turns map[key][]float64
 	// cat holds, for upload1g, how long `ssh bN 'cat > /dev/null'` of the input took.
 	cat map[string][]time.Duration
-	big string // the upload1g input, once made
+	big string      // the upload1g input, once made
+	seq map[key]int // runs so far, for the names of -logs files
 }
 
 func run(cfg config) int {
@@ -234,7 +251,12 @@ func run(cfg config) int {
 		times: map[key][]time.Duration{}, fails: map[key]int{},
 		rss: map[string]string{}, ssh: map[key]time.Duration{},
 		brokerRSS: map[key][]int{}, brokerWarm: map[key][]time.Duration{},
-		turns: map[key][]float64{}, cat: map[string][]time.Duration{}}
+		turns: map[key][]float64{}, cat: map[string][]time.Duration{}, seq: map[key]int{}}
+	if cfg.logs != "" {
+		if err := os.MkdirAll(cfg.logs, 0o755); err != nil {
+			p.Fatalf("bench: -logs: %v", err)
+		}
+	}
 
 	if cfg.hookPrefix != "" {
 		b.cfg.hook = b.wrapHook(cfg.hookPrefix)
@@ -298,6 +320,19 @@ func (b *bench) measure(nix testbed.Nix, w workload, mode string) (time.Duration
 	}
 	defer os.RemoveAll(dir)
 	k := key{nix.Series(), w.name, mode}
+	b.seq[k]++
+	var stderr, brokerLog bytes.Buffer
+	var t0 time.Time // the clock's start
+	if b.cfg.logs != "" {
+		defer func() {
+			base := filepath.Join(b.cfg.logs, fmt.Sprintf("%s-%s-%s-%d", k.nix, k.workload, k.mode, b.seq[k]))
+			head := fmt.Sprintf("# nix-build started at %s; seconds since then\n", t0.UTC().Format(time.RFC3339Nano))
+			os.WriteFile(base+".nix-build.log", append([]byte(head), stderr.Bytes()...), 0o644)
+			if brokerLog.Len() > 0 {
+				os.WriteFile(base+".broker.log", brokerLog.Bytes(), 0o644)
+			}
+		}()
+	}
 	// Every mode starts its clock on the same initialised store: Nix's first use of a
 	// fresh store creates its database (a cost no real machine pays per build), and two
 	// processes that make that first use at once can fail (testbed.Nix.InitStore).
@@ -375,10 +410,11 @@ func (b *bench) measure(nix testbed.Nix, w workload, mode string) (time.Duration
 				if err := br.stop(); err != nil {
 					fmt.Fprintf(os.Stderr, "bench: broker: %v\n%s", err, tailText(br.log.String(), 2000))
 				}
+				brokerLog.WriteString(br.log.String())
 			}()
 		}
 	}
-	if b.cfg.trace {
+	if b.cfg.trace || b.cfg.logs != "" {
 		args = append(args, "-v")
 	}
 	args = append(args, exprFile)
@@ -386,11 +422,14 @@ func (b *bench) measure(nix testbed.Nix, w workload, mode string) (time.Duration
 	cmd := nix.Command(store, mounts, args...)
 	cmd.Env = env
 	turns0 := linkTurns(builders)
-	var stdout, stderr bytes.Buffer
+	var stdout bytes.Buffer
 	var errOut io.Writer = &stderr
-	t0 := time.Now()
-	if b.cfg.trace {
+	t0 = time.Now()
+	switch {
+	case b.cfg.trace:
 		errOut = io.MultiWriter(&stderr, &stamper{w: os.Stdout, t0: t0})
+	case b.cfg.logs != "":
+		errOut = &stamper{w: &stderr, t0: t0}
 	}
 	elapsed, err := runToExit(cmd, &stdout, errOut, b.cfg.timeout)
 	turns := linkTurns(builders) - turns0
@@ -1005,19 +1044,23 @@ type runningBroker struct {
 	cmd    *exec.Cmd
 	log    *syncBuffer
 	socket string
-	warm   time.Duration // from start until the socket answered and every machine had a connection
+	warm   time.Duration // from start until the socket answered and every machine had an idle session
 }
 
 // brokerWarmLimit bounds the wait for a broker to be warm: about 0.2 s on a quiet bed.
 const brokerWarmLimit = 30 * time.Second
 
 // startBroker starts `HOOK daemon -config conf` in store's mount namespace,
-// waits for its socket, then until every one of its machines has a warm
-// connection or session. A broker that is not warm within brokerWarmLimit
+// waits for its socket, then until every one of its machines has an idle
+// warm session. A broker that is not warm within brokerWarmLimit
 // fails the run: timed against a cold broker, the run would measure
 // something else.
 func (b *bench) startBroker(nix testbed.Nix, store string, mounts []string, conf, socket string, machines int) (*runningBroker, error) {
-	cmd := nix.Command(store, mounts, b.cfg.hook, "daemon", "-config", conf, "-drain", "30s")
+	argv := []string{b.cfg.hook, "daemon", "-config", conf, "-drain", "30s"}
+	if b.cfg.logs != "" {
+		argv = append(argv, "-debug")
+	}
+	cmd := nix.Command(store, mounts, argv...)
 	cmd.Env = []string{"PATH=" + stdPath, "HOME=/root"}
 	br := &runningBroker{cmd: cmd, log: &syncBuffer{}, socket: socket}
 	cmd.Stdout, cmd.Stderr = br.log, br.log
@@ -1050,7 +1093,8 @@ func (b *bench) startBroker(nix testbed.Nix, store string, mounts []string, conf
 		time.Sleep(5 * time.Millisecond)
 	}
 	defer c.Close()
-	// Warm: every machine has a connection or an idle session.
+	// Warm: every machine has an idle session (a connection alone may still be
+	// starting its sessions: "machine ready" comes later).
 	last := "no status yet"
 	for deadline := time.Now().Add(brokerWarmLimit); ; time.Sleep(10 * time.Millisecond) {
 		if time.Now().After(deadline) {
@@ -1068,7 +1112,7 @@ func (b *bench) startBroker(nix testbed.Nix, store string, mounts []string, conf
 		}
 		warm := 0
 		for _, m := range st.Machines {
-			if m.Idle > 0 || m.Conns > 0 {
+			if m.Idle > 0 {
 				warm++
 			}
 		}
