@@ -108,7 +108,8 @@ func WithNixTmpfs(size int64) BuilderOption {
 // Addr and Port are then the proxy's (on the host's own loopback address, or on one more
 // with [WithNetNS]), and [Builder.LinkStats] counts what went through it. The proxy lives
 // as long as the host's address: a killed host refuses nothing, its connections are just
-// closed at once.
+// closed at once. NIX_OFFLOAD_TESTBED_RTT=80ms in the environment gives every builder a
+// WithRTT(80ms).
 func WithRTT(rtt time.Duration) BuilderOption {
 	return func(b *Builder) { b.linkShape().Delay = rtt / 2 }
 }
@@ -118,6 +119,11 @@ func WithRTT(rtt time.Duration) BuilderOption {
 func WithRate(bytesPerSec int64) BuilderOption {
 	return func(b *Builder) { b.linkShape().Rate = bytesPerSec }
 }
+
+// rttEnv names the environment variable that gives every builder of a test process a
+// [WithRTT], so that any test (the fault tests, say) runs over a WAN unchanged:
+// NIX_OFFLOAD_TESTBED_RTT=80ms go test ….
+const rttEnv = "NIX_OFFLOAD_TESTBED_RTT"
 
 func (b *Builder) linkShape() *LinkShape {
 	if b.shape == nil {
@@ -167,6 +173,13 @@ func StartBuilder(tb TB, nix Nix, opts ...BuilderOption) *Builder {
 		unavailable(tb, "testbed: no ssh client on the host\nhint: apt-get install openssh-client")
 	}
 
+	if v := os.Getenv(rttEnv); v != "" {
+		rtt, err := time.ParseDuration(v)
+		if err != nil || rtt < 0 {
+			tb.Fatalf("testbed: %s=%q: want a duration such as 20ms", rttEnv, v)
+		}
+		opts = append([]BuilderOption{WithRTT(rtt)}, opts...) // the test's own WithRTT wins
+	}
 	b := &Builder{
 		Name:    "b" + strconv.FormatInt(builderSeq.Add(1), 10),
 		Nix:     nix,

@@ -109,7 +109,7 @@ var workloads = map[string]workload{
 	// store: the input upload, against `ssh bN 'cat > /dev/null'` of the same file.
 	"upload1g": {name: "upload1g", builders: 1, drvs: 1, words: 1, first: "1073741824", inputBytes: 1 << 30,
 		body: `derivation { inherit salt; name = "bench-up"; system = "x86_64-linux"; builder = "/bin/sh";
-		  args = [ "-c" "wc -c < ${builtins.storePath big} > $out" ]; }`},
+		  args = [ "-c" "/usr/bin/wc -c < ${builtins.storePath big} > $out" ]; }`},
 }
 
 // workloadNames lists the workloads, for messages.
