@@ -45,10 +45,11 @@ type LinkStats struct {
 	Down  int64 // bytes read from the target, for the clients
 	// Turns counts, summed over the connections, the times the client sent bytes after
 	// the target had sent some since the client last did: each is a point where the
-	// client may have waited for an answer, one protocol round trip. It is an upper bound
-	// on the round trips a conversation waited for: bytes a client sends while it is
-	// receiving, without waiting (an SSH window adjustment, a second session on the same
-	// connection), count too.
+	// client may have waited for an answer, one protocol round trip. For one conversation
+	// at a time per connection it is an upper bound on the round trips it waited for
+	// (bytes a client sends while receiving, an SSH window adjustment say, count too);
+	// conversations that overlap on one connection (several SSH sessions) can share a
+	// turn, so then it counts fewer.
 	Turns int64
 }
 

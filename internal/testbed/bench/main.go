@@ -937,7 +937,7 @@ func (b *bench) markdown() string {
 			}
 		}
 		s.WriteString("\nRound trips: turns counted by the delay proxies (testbed.LinkStats) during the build, " +
-			"SSH handshakes included, over the derivations built; an upper bound on the round trips waited for.\n")
+			"SSH handshakes included, over the derivations built; for one build at a time per connection an upper bound on the round trips waited for; overlapping builds on one connection can share turns.\n")
 	}
 	for _, w := range b.cfg.workloads {
 		if w.inputBytes == 0 {
