@@ -729,7 +729,7 @@ func (b *bench) measureCat(nix testbed.Nix, w workload) {
 // --version` (the same plus starting a Nix process on the machine, as
 // `nix-store --serve` does). Medians of 7.
 func (b *bench) measureSSH(nix testbed.Nix) {
-	bl := testbed.StartBuilder(b.p, nix)
+	bl := testbed.StartBuilder(b.p, nix, b.builderOpts()...)
 	defer bl.Stop()
 	for _, argv := range [][]string{{"true"}, {"nix-store", "--version"}} {
 		what := "ssh bN " + strings.Join(argv, " ")
