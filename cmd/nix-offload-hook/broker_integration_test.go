@@ -64,9 +64,6 @@ func newBrokerEnvWith(t *testing.T, nix testbed.Nix, store string, slots int, ex
 		t.Fatal(err)
 	}
 	e := &brokerEnv{offloadEnv: env}
-	// The broker's warm local session and the test's nix-build open the store at once:
-	// on a fresh store, Nix 2.8 can fail that race (testbed.Nix.InitStore).
-	nix.InitStore(t, store)
 	e.start(t, nix, store)
 	return e
 }
@@ -75,8 +72,9 @@ func (e *brokerEnv) start(t *testing.T, nix testbed.Nix, store string) {
 	t.Helper()
 	// The store's database first: on a fresh store the broker's local
 	// nix-store and the test's first nix-build would both create it, and
-	// one of them can fail with "SQLite database … is busy".
-	runNix(t, nix, store, e.offloadEnv, "nix-store", "--init")
+	// one of them can fail with "SQLite database … is busy" or, on Nix 2.8,
+	// "creating symlink … File exists" (testbed.Nix.InitStore).
+	nix.InitStore(t, store)
 	cmd := nix.Command(store, e.mounts, testbed.HookBinary(t), "daemon", "-config", e.config, "-drain", "30s", "-debug")
 	e.log = &syncBuffer{}
 	cmd.Stdout, cmd.Stderr = e.log, e.log

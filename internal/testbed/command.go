@@ -95,9 +95,10 @@ func NewStore(tb TB) string {
 // symlink gcroots/profiles, so of two processes opening a fresh store together one can
 // fail with "creating symlink from '/nix/var/nix/gcroots/profiles' to
 // '/nix/var/nix/profiles': File exists" (3 of 80 processes, four at a time, on the test
-// bed; Nix 2.26 and 2.34 make no such link). A real machine's store is initialised once,
-// by its installer. It also keeps the cost of creating the database out of whatever is
-// timed next.
+// bed; Nix 2.26 and 2.34 make no such link), and both create the database, which can
+// fail with "SQLite database '/nix/var/nix/db/db.sqlite' is busy". A real machine's
+// store is initialised once, by its installer. It also keeps the cost of creating the
+// database out of whatever is timed next.
 func (n Nix) InitStore(tb TB, storeDir string) {
 	tb.Helper()
 	if err := n.initStore(storeDir); err != nil {
