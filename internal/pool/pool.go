@@ -34,8 +34,9 @@
 //     detached, so one build's log never explains another's failure.
 //   - A session is retired after [Options.MaxUses] builds or when it is
 //     [Options.MaxAge] old: every path it reported valid with
-//     QueryValidPaths(lock=true), and every path it added, is a temporary
-//     GC root on the machine for as long as the remote process runs.
+//     QueryValidPaths(lock=true) or rooted with AddTempRoot (ssh-ng), and
+//     every path it added, is a temporary GC root on the machine for as
+//     long as the remote process runs.
 //   - After a Get (or Warm) the pool starts sessions in the background
 //     until [Options.Idle] are ready again, and replaces the ones it retires.
 //     A failed start, or a session that died, stops that until the next Get:
