@@ -727,6 +727,10 @@ func (s *Session) protoErr() error {
 // bytes; Put detaches the log.
 func (s *Session) SetLog(w io.Writer) { s.log.Set(w) }
 
+// SetActivities sends an ssh-ng machine's activities to f from now on
+// (see [engine.LogSwitch.SetActivities]); nil discards them.
+func (s *Session) SetActivities(f func(daemonproto.Message)) { s.log.SetActivities(f) }
+
 // StderrIsLog tells the session that stderr now carries the build's log:
 // only Nix's own "error:" lines explain a failure from now on (see
 // [transport.Session.StderrIsLog]). It lasts until Put.
