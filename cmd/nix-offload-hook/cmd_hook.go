@@ -43,6 +43,7 @@ import (
 	"github.com/nix-community/go-nix/pkg/derivation"
 
 	"github.com/nix-offload/nix-offload/internal/brokerapi"
+	"github.com/nix-offload/nix-offload/internal/daemonproto"
 	"github.com/nix-offload/nix-offload/internal/engine"
 	"github.com/nix-offload/nix-offload/internal/health"
 	"github.com/nix-offload/nix-offload/internal/hookproto"
@@ -343,6 +344,8 @@ func (h *hook) runEngine(ctx context.Context, req *hookproto.Request, drv *deriv
 	opts := h.buildOptions()
 	copying := &copyActivity{log: h.log}
 	defer copying.stop()
+	relay := hookproto.NewRelay(h.log)
+	defer relay.Close()
 	err = engine.Run(ctx, p, engine.Build{
 		Request: scheduler.Request{System: req.System, RequiredFeatures: req.RequiredFeatures},
 		Job: offload.Job{
@@ -353,8 +356,9 @@ func (h *hook) runEngine(ctx context.Context, req *hookproto.Request, drv *deriv
 			Options:       opts,
 			Substitute:    h.settings.Bool("builders-use-substitutes", false),
 		},
-		Local: local,
-		Log:   acc.log,
+		Local:      local,
+		Log:        acc.log,
+		Activities: relayActivities(relay),
 		Events: engine.Events{
 			Started: func(m string, n int) {
 				if n > 1 {
@@ -404,6 +408,20 @@ func (h *hook) buildOptions() serveproto.BuildOptions {
 		BuildTimeout:  h.settings.Seconds("timeout", 0),
 		MaxLogSize:    h.settings.Uint("max-build-log-size", 0),
 		KeepFailed:    h.settings.Bool("keep-failed", false),
+	}
+}
+
+// relayActivities passes an ssh-ng machine's activities to r.
+func relayActivities(r *hookproto.Relay) func(daemonproto.Message) {
+	return func(m daemonproto.Message) {
+		switch m.Kind {
+		case daemonproto.StartActivity:
+			r.Start(m.ID, m.Level, m.Type, m.Text, m.Fields)
+		case daemonproto.Result:
+			r.Result(m.ID, m.Type, m.Fields)
+		case daemonproto.StopActivity:
+			r.Stop(m.ID)
+		}
 	}
 }
 

@@ -58,6 +58,56 @@ func TestHookSSHNGAllPairings(t *testing.T) {
 	}
 }
 
+// The machine's activities reach Nix as @nix JSON: a phase the remote
+// build sets (its builder's own setPhase message, which the remote Nix
+// turns into a result of its build activity) is in nix-build's
+// internal-json log, and from Nix 2.19 in the build's log file.
+func TestHookSSHNGActivities(t *testing.T) {
+	b := testbed.StartBuilder(t, testbed.Lookup(t, "2.34"), testbed.WithDaemonOnly())
+	for _, local := range []testbed.Nix{testbed.Lookup(t, "2.8"), testbed.Lookup(t, "2.34")} {
+		t.Run("local "+local.Version, func(t *testing.T) {
+			env := newOffloadEnv(t, sshNG, b)
+			store := testbed.NewStore(t)
+			phase := "remotePhase" + randomHex(4)
+			expr := env.writeExpr(t, fmt.Sprintf(`derivation { name = "phased"; system = "x86_64-linux"; builder = "/bin/sh";
+				args = ["-c" "echo '@nix {\"action\":\"setPhase\",\"phase\":\"%s\"}' >&2; echo in the phase; echo > $out"]; }`, phase))
+			out, errOut, err := nixBuild(t, local, store, env, "--log-format", "internal-json", "-v", expr)
+			if err != nil {
+				t.Fatalf("nix-build: %v\n%s", err, errOut)
+			}
+			var found bool
+			for _, line := range strings.Split(errOut, "\n") {
+				js, ok := strings.CutPrefix(line, "@nix ")
+				if !ok {
+					continue
+				}
+				var m struct {
+					Action string
+					Type   int
+					Fields []any
+				}
+				if err := json.Unmarshal([]byte(js), &m); err != nil {
+					t.Errorf("nix-build wrote invalid JSON %q: %v", line, err)
+				}
+				if m.Action == "result" && m.Type == 104 && len(m.Fields) == 1 && m.Fields[0] == phase {
+					found = true
+				}
+			}
+			if !found {
+				t.Errorf("no setPhase result %q from the machine in:\n%s", phase, errOut)
+			}
+			if local.Series() == "2.8" {
+				return // setPhase lines in the log file come with 2.19
+			}
+			drv := strings.TrimSpace(runNix(t, local, store, env, "nix-store", "-q", "--deriver", out))
+			if logText := runNix(t, local, store, env, "nix-store", "-l", drv); !strings.Contains(logText, `"phase":"`+phase+`"`) ||
+				!strings.Contains(logText, "in the phase") {
+				t.Errorf("nix-store -l %s: %q", drv, logText)
+			}
+		})
+	}
+}
+
 func TestHookSSHNGBuildFailure(t *testing.T) {
 	nix := testbed.Lookup(t, "2.34")
 	b := testbed.StartBuilder(t, nix, testbed.WithDaemonOnly())

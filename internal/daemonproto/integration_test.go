@@ -5,6 +5,8 @@ import (
 	"context"
 	"errors"
 	"io"
+	"os"
+	"path/filepath"
 	"runtime"
 	"slices"
 	"strings"
@@ -42,6 +44,8 @@ type daemon struct {
 	conn *Conn
 	log  *logRecorder
 	rec  *recorder // with -update
+	// store is the real daemon's store directory; "" in a replay.
+	store string
 }
 
 // startDaemon runs `nix-daemon --stdio args…` of nix on store and shakes
@@ -60,7 +64,7 @@ func startDaemon(t *testing.T, nix testbed.Nix, store string, args ...string) *d
 			t.Logf("nix-daemon stderr:\n%s", sess.Stderr())
 		}
 	})
-	d := &daemon{sess: sess, log: &logRecorder{}}
+	d := &daemon{sess: sess, log: &logRecorder{}, store: store}
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	var r io.Reader = sess.Stdout()
@@ -151,6 +155,32 @@ func integration(t *testing.T, d *daemon, nixVersion, system string) {
 		got, err = c.QueryValidPaths(ctx, []string{missing}, true)
 		if err != nil || len(got) != 0 {
 			t.Errorf("with substitute: %q, %v", got, err)
+		}
+	})
+
+	t.Run("AddTempRoot", func(t *testing.T) {
+		if err := c.AddTempRoots(ctx, []string{infoA.Path, missing}); err != nil {
+			t.Fatal(err)
+		}
+		if d.store == "" {
+			return // a replay: the bytes alone
+		}
+		// The daemon writes its temp roots to temproots/<its pid> (the
+		// store directory is its /nix), each
+		// path followed by a NUL, so that a GC elsewhere reads them.
+		files, err := filepath.Glob(filepath.Join(d.store, "var/nix/temproots/*"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		var found bool
+		for _, f := range files {
+			b, err := os.ReadFile(f)
+			if err == nil && bytes.Contains(b, []byte(infoA.Path+"\x00")) {
+				found = true
+			}
+		}
+		if !found {
+			t.Errorf("%s is in none of the daemon's temp roots %q", infoA.Path, files)
 		}
 	})
 

@@ -20,6 +20,7 @@ import (
 
 // Opcodes (WorkerOp in nix 2.8.0 src/libstore/worker-protocol.hh).
 const (
+	opAddTempRoot           = 11
 	opSetOptions            = 19
 	opQueryPathInfo         = 26
 	opQueryValidPaths       = 31
@@ -170,6 +171,73 @@ func (op *queryValidPathsOp) readReply(c *Conn, d *decoder) (err error) {
 		}
 	}
 	op.Valid = valid
+	return nil
+}
+
+// AddTempRoots makes paths temporary GC roots on the machine for as long
+// as this connection lasts: a garbage collection there leaves them alone.
+// It is what the serve protocol's QueryValidPaths with lock does for each
+// path. The daemon takes them from untrusted users too (it checks nothing
+// but the path), and a path need not be valid: root first, then ask
+// QueryValidPaths, and a path found valid stays so.
+//
+// The daemon protocol has one path per AddTempRoot, so the requests are
+// pipelined, [MaxTempRootBatch] at a time: one round trip per batch, and
+// the replies of a batch (16 bytes each) fit in a pipe the client does
+// not read while it writes.
+func (c *Conn) AddTempRoots(ctx context.Context, paths []string) error {
+	if err := checkPaths("AddTempRoot", "request", paths); err != nil {
+		return err
+	}
+	for batch := range slices.Chunk(paths, MaxTempRootBatch) {
+		if err := c.do(ctx, &addTempRootsOp{Paths: batch}); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// MaxTempRootBatch is the most AddTempRoot requests [Conn.AddTempRoots]
+// sends before it reads their replies.
+const MaxTempRootBatch = 1024
+
+// addTempRootsOp is opcode 11 (wopAddTempRoot; daemon: nix 2.8.0 and
+// 2.26.3 src/libstore/daemon.cc; 2.34.8 reads the path as a StorePath,
+// the same string on the wire), once per path.
+//
+//	request: string path
+//	reply:   log messages, u64 1
+type addTempRootsOp struct {
+	Paths []string
+}
+
+func (*addTempRootsOp) name() string { return "AddTempRoot" }
+
+// opcode is 0: writeRequest writes one per request.
+func (*addTempRootsOp) opcode() uint64 { return 0 }
+
+func (op *addTempRootsOp) writeRequest(c *Conn, e *wire.Writer) error {
+	for _, p := range op.Paths {
+		e.Uint64(opAddTempRoot)
+		e.String(p)
+	}
+	return nil
+}
+
+func (op *addTempRootsOp) readReply(c *Conn, d *decoder) error {
+	for i := range op.Paths {
+		if err := c.stderr(d); err != nil {
+			return err
+		}
+		field := fmt.Sprintf("result %d", i)
+		v, err := d.u64(field)
+		if err != nil {
+			return err
+		}
+		if v != 1 {
+			return d.protoErr(field, "got %d, want 1", v)
+		}
+	}
 	return nil
 }
 

@@ -93,8 +93,26 @@ func (s *sshSession) Close()                 { s.ts.Close() }
 // changes per build. It never fails, so the transport never drops it; a
 // target that fails is dropped instead.
 type LogSwitch struct {
-	mu sync.Mutex
-	w  io.Writer // guarded by mu
+	mu  sync.Mutex
+	w   io.Writer                 // guarded by mu
+	act func(daemonproto.Message) // guarded by mu
+}
+
+// SetActivities sends what follows of a daemon's activities (everything
+// [LogMessages] does not write) to f; nil: nowhere. f must not block.
+func (l *LogSwitch) SetActivities(f func(daemonproto.Message)) {
+	l.mu.Lock()
+	l.act = f
+	l.mu.Unlock()
+}
+
+// activity passes m to the SetActivities target.
+func (l *LogSwitch) activity(m daemonproto.Message) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.act != nil {
+		l.act(m)
+	}
 }
 
 func (l *LogSwitch) Write(p []byte) (int, error) {
@@ -113,6 +131,12 @@ func (l *LogSwitch) Set(w io.Writer) {
 	l.mu.Lock()
 	l.w = w
 	l.mu.Unlock()
+}
+
+// ActivitySession is a session whose machine reports activities (an
+// ssh-ng one): the engine sends them to Build.Activities while it builds.
+type ActivitySession interface {
+	SetActivities(f func(daemonproto.Message))
 }
 
 // DaemonSession is a Session on an ssh-ng machine: the daemon protocol
@@ -151,13 +175,18 @@ func OpenDaemon(ctx context.Context, client *sshconn.Client, command string, tim
 }
 
 // LogMessages returns a daemon log sink that writes to w what the
-// daemon says: its text as it is, build output one line each.
+// daemon says: its text as it is, build output one line each. The other
+// messages (activities and their other results) go to w's SetActivities
+// target if w is a *LogSwitch.
 func LogMessages(w io.Writer) func(daemonproto.Message) {
+	ls, _ := w.(*LogSwitch)
 	return func(m daemonproto.Message) {
 		if line, ok := m.LogLine(); ok {
 			io.WriteString(w, line+"\n")
 		} else if m.Kind == daemonproto.Next {
 			io.WriteString(w, m.Text)
+		} else if ls != nil {
+			ls.activity(m)
 		}
 	}
 }
@@ -173,9 +202,12 @@ type daemonSession struct {
 func (s *daemonSession) Conn() *serveproto.Conn        { return nil }
 func (s *daemonSession) DaemonConn() *daemonproto.Conn { return s.conn }
 func (s *daemonSession) SetLog(w io.Writer)            { s.log.Set(w) }
-func (s *daemonSession) StderrIsLog()                  { s.ts.StderrIsLog() }
-func (s *daemonSession) Lost() error                   { return s.client.Lost() }
-func (s *daemonSession) Close()                        { s.ts.Close() }
+func (s *daemonSession) SetActivities(f func(daemonproto.Message)) {
+	s.log.SetActivities(f)
+}
+func (s *daemonSession) StderrIsLog() { s.ts.StderrIsLog() }
+func (s *daemonSession) Lost() error  { return s.client.Lost() }
+func (s *daemonSession) Close()       { s.ts.Close() }
 
 // ErrWriter passes writes to W and keeps the first error W returned: a
 // copy from one machine into another that failed can then tell a failure

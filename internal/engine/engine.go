@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 
+	"github.com/nix-offload/nix-offload/internal/daemonproto"
 	"github.com/nix-offload/nix-offload/internal/nar"
 	"github.com/nix-offload/nix-offload/internal/offload"
 	"github.com/nix-offload/nix-offload/internal/scheduler"
@@ -79,8 +80,12 @@ type Build struct {
 	// Local is the local store; what it returns is marked as local here.
 	Local offload.Local
 	// Log receives the machine's stderr once the build command is out.
-	Log    io.Writer
-	Events Events
+	Log io.Writer
+	// Activities, if set, receives an ssh-ng machine's activities and
+	// their results other than log lines, from the protocol reader: it
+	// must not block (hookproto.Relay).
+	Activities func(daemonproto.Message)
+	Events     Events
 	// Transfers, if set, gives the upload table of the lease's machine.
 	Transfers func(Lease) offload.Transfers
 	// Clock is RealClock if nil.
@@ -131,6 +136,10 @@ func attempt(ctx context.Context, l Lease, b *Build) error {
 	defer gate.Close()
 	s.SetLog(gate)
 	defer s.SetLog(nil)
+	if as, ok := s.(ActivitySession); ok && b.Activities != nil {
+		as.SetActivities(b.Activities)
+		defer as.SetActivities(nil)
+	}
 
 	// Cancel the build when Nix's limits pass (plus grace), or when we are
 	// asked to stop: closing the session makes the machine stop the build.

@@ -142,8 +142,16 @@ func (l *Logger) Start(typ ActivityType, level Level, text string, fields ...any
 	if err != nil {
 		return 0, err
 	}
-	id := ActivityID(l.idBase + l.nextID.Add(1))
-	return id, l.write(struct {
+	id := l.newID()
+	return id, l.start(id, typ, level, text, fs)
+}
+
+// newID returns an activity id no other activity of this Logger has.
+func (l *Logger) newID() ActivityID { return ActivityID(l.idBase + l.nextID.Add(1)) }
+
+// start writes the start of activity id; typ, level and fs are checked.
+func (l *Logger) start(id ActivityID, typ ActivityType, level Level, text string, fs []any) error {
+	return l.write(struct {
 		Action string       `json:"action"`
 		ID     ActivityID   `json:"id"`
 		Level  Level        `json:"level"`

@@ -20,7 +20,10 @@ import (
 //
 //  1. SetOptions: max-silent-time, timeout, max-build-log-size and
 //     keep-failed of job.Options, and the substitute flag;
-//  2. QueryValidPaths of the inputs, with the substitute flag
+//  2. AddTempRoot of every input, so that none the machine has is
+//     collected before the build (Nix's own ssh-ng hook does not; the
+//     serve protocol's QueryValidPaths with lock does), QueryValidPaths
+//     of the inputs, with the substitute flag
 //     (builders-use-substitutes), and AddMultipleToStore of the missing
 //     ones, references first, each streamed from the local store;
 //  3. BuildDerivation with the BasicDerivation, or, when the daemon does
@@ -30,9 +33,9 @@ import (
 //     store, each NAR checked against its narHash and narSize.
 //
 // The daemon's log messages go where the Conn's Options.Log sends them.
-// ctx bounds every wait through the Conn's Options.Abort. job.Transfers
-// is not used: the daemon protocol has no GC lock on queried paths to
-// share. Returns a *BuildError when the build failed on the machine.
+// ctx bounds every wait through the Conn's Options.Abort. The temp roots
+// live as long as conn: a pooled session that stays warm keeps them until
+// it retires. job.Transfers is not used (see docs/design.md). Returns a *BuildError when the build failed on the machine.
 func RunDaemon(ctx context.Context, conn *daemonproto.Conn, local Local, job Job, ev Events) error {
 	if job.KeepOutputs {
 		return fmt.Errorf("'%s' is an ssh-ng machine, which cannot keep a graph's outputs yet (Job.KeepOutputs)", job.Machine)
@@ -133,6 +136,13 @@ func drvClosure(local Local, drvPath string) ([]string, error) {
 func sendInputsDaemon(ctx context.Context, conn *daemonproto.Conn, local Local, job Job, inputs []string, ev Events) error {
 	if len(inputs) == 0 {
 		return nil
+	}
+	// Root first, then ask: an input found valid stays valid until the
+	// connection ends, whatever a GC on the machine does meanwhile (the
+	// serve protocol's QueryValidPaths with lock). The daemon roots the
+	// paths AddMultipleToStore adds by itself.
+	if err := conn.AddTempRoots(ctx, inputs); err != nil {
+		return err
 	}
 	have, err := conn.QueryValidPaths(ctx, inputs, job.Substitute)
 	if err != nil {

@@ -67,9 +67,11 @@ func (l *lines) get() []string {
 
 func runDaemonOnTheBed(t *testing.T, nix testbed.Nix, untrusted bool) {
 	dir := testbed.NewStore(t)
+	var instantiateWith func(inputName, script string) (string, *offload.Job)
 	salt := strings.ReplaceAll(t.Name(), "/", "-")
-	instantiate := func(script string) (string, *offload.Job) {
-		expr := `let input = builtins.toFile "rundaemon-input" "hello from the input"; in derivation { name = "rundaemon"; ` +
+	instantiate := func(script string) (string, *offload.Job) { return instantiateWith("rundaemon-input", script) }
+	instantiateWith = func(inputName, script string) (string, *offload.Job) {
+		expr := `let input = builtins.toFile "` + inputName + `" "hello from the input"; in derivation { name = "rundaemon"; ` +
 			`system = "x86_64-linux"; builder = "/bin/sh"; args = [ "-c" ''` + script + `'' ]; salt = "` + salt + `"; }`
 		drvPath, stderr, err := bedRun(nix, dir, nil, "nix-instantiate", "-E", expr)
 		if err != nil {
@@ -107,7 +109,12 @@ func runDaemonOnTheBed(t *testing.T, nix testbed.Nix, untrusted bool) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { client.Close() })
+	var connectClosable func() (*daemonproto.Conn, *lines, func())
 	connect := func() (*daemonproto.Conn, *lines) {
+		c, l, _ := connectClosable()
+		return c, l
+	}
+	connectClosable = func() (*daemonproto.Conn, *lines, func()) {
 		sess, err := transport.SSH(client.Client, transport.DaemonCommand("", ""), transport.Options{Name: b.Name, Program: "nix-daemon --stdio"})
 		if err != nil {
 			t.Fatal(err)
@@ -122,7 +129,7 @@ func runDaemonOnTheBed(t *testing.T, nix testbed.Nix, untrusted bool) {
 		if want := map[bool]daemonproto.Trust{false: daemonproto.Trusted, true: daemonproto.NotTrusted}[untrusted]; c.Version().Minor() >= 35 && c.Trust() != want {
 			t.Fatalf("trust %v, want %v", c.Trust(), want)
 		}
-		return c, l
+		return c, l, func() { sess.Close() }
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
@@ -170,5 +177,57 @@ func runDaemonOnTheBed(t *testing.T, nix testbed.Nix, untrusted bool) {
 			t.Fatalf("got %v", err)
 		}
 		t.Logf("%v", err)
+	})
+
+	// An input the machine already has is a temp root of the build's
+	// connection: a GC on the machine between the upload and the build
+	// leaves it, and once the connection is gone a GC takes it.
+	t.Run("input kept against a GC", func(t *testing.T) {
+		builderStore := filepath.Join(b.Dir, "nix")
+		gc := func() {
+			t.Helper()
+			if _, stderr, err := bedRun(nix, builderStore, nil, "nix-store", "--gc"); err != nil {
+				t.Fatalf("nix-store --gc on the builder: %v: %s", err, stderr)
+			}
+		}
+		// One build uploads the input; its connection ends.
+		_, first := instantiateWith("rundaemon-gc-input", `read x < ${input}; echo "$x" > $out`)
+		first.Machine = b.Name
+		c, _, closeConn := connectClosable()
+		if err := offload.RunDaemon(ctx, c, store, *first, offload.Events{}); err != nil {
+			t.Fatal(err)
+		}
+		closeConn()
+		input := first.Inputs[0]
+		onBuilder := filepath.Join(builderStore, "store", filepath.Base(input))
+		if _, err := os.Stat(onBuilder); err != nil {
+			t.Fatalf("the input is not on the builder after the first build: %v", err)
+		}
+		// The next finds it there, and a GC runs before it builds.
+		_, job := instantiateWith("rundaemon-gc-input", `read x < ${input}; echo "again: $x" > $out`)
+		job.Machine = b.Name
+		c, _, closeConn = connectClosable()
+		var copied int
+		ev := offload.Events{Copying: func(n int, _ uint64) { copied = n }, Building: func() {
+			gc()
+			if _, err := os.Stat(onBuilder); err != nil {
+				t.Errorf("a GC on the builder took the input before the build: %v", err)
+			}
+		}}
+		if err := offload.RunDaemon(ctx, c, store, *job, ev); err != nil {
+			t.Fatal(err)
+		}
+		want := 0
+		if untrusted {
+			want = 1 // the new .drv
+		}
+		if copied != want {
+			t.Errorf("copied %d paths, want %d: the input was on the builder", copied, want)
+		}
+		closeConn()
+		gc()
+		if _, err := os.Stat(onBuilder); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("a GC after the connection ended kept the input (%v): the test shows nothing", err)
+		}
 	})
 }

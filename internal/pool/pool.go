@@ -34,8 +34,9 @@
 //     detached, so one build's log never explains another's failure.
 //   - A session is retired after [Options.MaxUses] builds or when it is
 //     [Options.MaxAge] old: every path it reported valid with
-//     QueryValidPaths(lock=true), and every path it added, is a temporary
-//     GC root on the machine for as long as the remote process runs.
+//     QueryValidPaths(lock=true) or rooted with AddTempRoot (ssh-ng), and
+//     every path it added, is a temporary GC root on the machine for as
+//     long as the remote process runs.
 //   - After a Get (or Warm) the pool starts sessions in the background
 //     until [Options.Idle] are ready again, and replaces the ones it retires.
 //     A failed start, or a session that died, stops that until the next Get:
@@ -725,6 +726,10 @@ func (s *Session) protoErr() error {
 // nothing more. Once SetLog returns, the previous target gets no more
 // bytes; Put detaches the log.
 func (s *Session) SetLog(w io.Writer) { s.log.Set(w) }
+
+// SetActivities sends an ssh-ng machine's activities to f from now on
+// (see [engine.LogSwitch.SetActivities]); nil discards them.
+func (s *Session) SetActivities(f func(daemonproto.Message)) { s.log.SetActivities(f) }
 
 // StderrIsLog tells the session that stderr now carries the build's log:
 // only Nix's own "error:" lines explain a failure from now on (see
