@@ -35,6 +35,8 @@
 //	protocol = "ssh"                        # "ssh": nix-store --serve; "ssh-ng": nix-daemon --stdio
 //	remote-program = ""                     # the remote nix-store / nix-daemon, if not on PATH
 //	enabled = true
+//	min-free-space = "10G"                  # no build while the store has less free; K/M/G/T or bytes
+//	max-load = 2.0                          # no new build above this load per core; 0 = no limit
 //	# user, ssh-key, known-hosts, connect-timeout and server-alive-interval may be set here
 //	# too, overriding [ssh]
 //

@@ -89,6 +89,13 @@ type Machine struct {
 	RemoteProgram string
 	Enabled       bool   // default true
 	Source        string // where it was defined, e.g. "/etc/nix/offload.toml:14" or "builders:2"
+	// MinFreeSpace is the free space, in bytes, the machine's store filesystem must have for
+	// it to get a build (min-free-space, e.g. "10G"); 0 = no minimum. The broker reads the free
+	// space live (internal/pool's Probe); a machine whose free space is unknown is not held back.
+	MinFreeSpace uint64
+	// MaxLoad is the load per core (1-minute load average ÷ cores) above which the machine gets
+	// no new build (max-load); 0 = no limit. Read live like MinFreeSpace.
+	MaxLoad float64
 }
 
 // Name is the machine's identity in logs, status and slot files: "user@host:port" with the parts
@@ -355,6 +362,41 @@ func checkParallelBuilds(n int64) string {
 		return fmt.Sprintf("must be at most %d, got %d", MaxParallelBuilds, n)
 	}
 	return ""
+}
+
+// checkMaxLoad checks a max-load value: a finite load per core, at least 0 (0: no limit).
+func checkMaxLoad(f float64) string {
+	switch {
+	case math.IsNaN(f) || math.IsInf(f, 0):
+		return fmt.Sprintf("must be a finite number, got %v", f)
+	case f < 0:
+		return fmt.Sprintf("must be 0 (no limit) or more, got %v", f)
+	}
+	return ""
+}
+
+// ParseSize reads a size such as "10G", "512M", "1.5T" or "4096": a number and an optional
+// binary unit (K, M, G, T, each ×1024; "KiB", "GB" and lower case are accepted too). It
+// returns a message for the user instead of an error.
+func ParseSize(s string) (uint64, string) {
+	t := strings.TrimSpace(s)
+	i := strings.IndexFunc(t, func(r rune) bool { return !(r >= '0' && r <= '9' || r == '.') })
+	num, unit := t, ""
+	if i >= 0 {
+		num, unit = t[:i], strings.ToUpper(strings.TrimSpace(t[i:]))
+	}
+	shift := map[string]uint{"": 0, "K": 10, "M": 20, "G": 30, "T": 40}
+	unit = strings.TrimSuffix(strings.TrimSuffix(unit, "B"), "I")
+	sh, okUnit := shift[unit]
+	f, err := strconv.ParseFloat(num, 64)
+	if num == "" || err != nil || !okUnit || math.IsInf(f, 0) || math.IsNaN(f) {
+		return 0, fmt.Sprintf(`must be a size such as "10G", "512M" or a number of bytes, got %q`, s)
+	}
+	v := f * float64(uint64(1)<<sh)
+	if v >= 1<<63 {
+		return 0, fmt.Sprintf("is too large: %q", s)
+	}
+	return uint64(v), ""
 }
 
 func checkSpeed(f float64) string {

@@ -120,7 +120,8 @@ var (
 	daemonKeys  = []string{"socket", "state-dir", "metrics", "machine-wait"}
 	sshKeys     = []string{"user", "ssh-key", "known-hosts", "connect-timeout", "server-alive-interval"}
 	machineKeys = []string{"host", "port", "user", "ssh-key", "host-key", "known-hosts", "connect-timeout", "server-alive-interval",
-		"systems", "parallel-builds", "speed", "features", "mandatory-features", "remote-store", "protocol", "remote-program", "enabled"}
+		"systems", "parallel-builds", "speed", "features", "mandatory-features", "remote-store", "protocol", "remote-program", "enabled",
+		"min-free-space", "max-load"}
 )
 
 // Parse parses and checks offload.toml text; name stands for the file in error messages and
@@ -461,6 +462,33 @@ func (p *tomlParser) machine(l loc, t map[string]any, def SSH) (m Machine, ok bo
 				p.errorf(kl, "is empty; leave it out for the default, or give the path of nix-store (ssh) or nix-daemon (ssh-ng)")
 			} else {
 				m.RemoteProgram = s
+			}
+		}
+	}
+	if kl, v, set := field("min-free-space"); set {
+		switch x := v.(type) {
+		case string:
+			if n, msg := ParseSize(x); msg != "" {
+				p.errorf(kl, "%s", msg)
+			} else {
+				m.MinFreeSpace = n
+			}
+		default:
+			if n, good := p.integer(kl, v); good {
+				if n < 0 {
+					p.errorf(kl, "must be 0 or more bytes, got %d", n)
+				} else {
+					m.MinFreeSpace = uint64(n)
+				}
+			}
+		}
+	}
+	if kl, v, set := field("max-load"); set {
+		if f, good := p.number(kl, v); good {
+			if msg := checkMaxLoad(f); msg != "" {
+				p.errorf(kl, "%s", msg)
+			} else {
+				m.MaxLoad = f
 			}
 		}
 	}

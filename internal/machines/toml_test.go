@@ -486,3 +486,56 @@ t:13: machine[1].enabled: must be true or false, got integer 1`
 		t.Errorf("error:\n%v\nwant:\n%s", err, want)
 	}
 }
+
+func TestParseMinFreeSpaceAndMaxLoad(t *testing.T) {
+	cfg, err := Parse("offload.toml", []byte(`
+[[machine]]
+host = "b1"
+systems = ["x86_64-linux"]
+min-free-space = "10G"
+max-load = 1.5
+
+[[machine]]
+host = "b2"
+systems = ["x86_64-linux"]
+min-free-space = 4096
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if m := cfg.Machines[0]; m.MinFreeSpace != 10<<30 || m.MaxLoad != 1.5 {
+		t.Errorf("b1: min-free-space %d, max-load %v; want %d, 1.5", m.MinFreeSpace, m.MaxLoad, uint64(10<<30))
+	}
+	if m := cfg.Machines[1]; m.MinFreeSpace != 4096 || m.MaxLoad != 0 {
+		t.Errorf("b2: min-free-space %d, max-load %v; want 4096, 0", m.MinFreeSpace, m.MaxLoad)
+	}
+
+	_, err = Parse("offload.toml", []byte(`
+[[machine]]
+host = "b1"
+systems = ["x86_64-linux"]
+min-free-space = "ten gigs"
+max-load = -1
+`))
+	for _, want := range []string{
+		`offload.toml:5: machine[1].min-free-space: must be a size such as "10G"`,
+		`offload.toml:6: machine[1].max-load: must be 0 (no limit) or more, got -1`,
+	} {
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("error %v\nlacks %q", err, want)
+		}
+	}
+}
+
+func TestParseSize(t *testing.T) {
+	for in, want := range map[string]uint64{"10G": 10 << 30, "512M": 512 << 20, "1.5K": 1536, "4096": 4096, "2GiB": 2 << 30, "1t": 1 << 40, "7 MB": 7 << 20} {
+		if got, msg := ParseSize(in); msg != "" || got != want {
+			t.Errorf("ParseSize(%q) = %d, %q; want %d", in, got, msg, want)
+		}
+	}
+	for _, in := range []string{"", "G", "10X", "-1G", "1e400", "NaN"} {
+		if _, msg := ParseSize(in); msg == "" {
+			t.Errorf("ParseSize(%q) accepted", in)
+		}
+	}
+}

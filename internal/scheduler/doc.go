@@ -20,9 +20,22 @@
 // # Choice
 //
 // Among the machines that match, are not down and have a free slot (load below
-// ParallelBuilds), [Decide] orders the candidates by load ÷ speed, then the higher speed, then
+// ParallelBuilds), [Place] orders the candidates by load ÷ speed, then the higher speed, then
 // the lower load, then the order of the configuration, as build-remote does. The caller tries
 // them in that order; the first whose slot it can take gets the build.
+//
+// Two things the caller may know come first (a [View]; [Decide] knows neither, as the hook
+// working alone does not):
+//
+//   - A machine whose store's filesystem has less free space than its min-free-space, or whose
+//     load per core is above its max-load, as it last said itself ([Live]), is not a candidate:
+//     it counts as busy, and the reason says why ("b1 store has 8.1 GiB free, min-free-space
+//     is 10 GiB"). What a machine did not say does not hold it back.
+//   - Among the candidates, the one that already holds (or is being sent) most of the build's
+//     input bytes goes first (View.Present). The bytes count weighted by the machine's share
+//     of free slots, so that a machine with everything does not take every build while others
+//     idle: with its slots half full, its bytes count half. Differences below 1 MiB do not
+//     count, and load ÷ speed decides.
 //
 // # Replies
 //

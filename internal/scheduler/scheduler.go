@@ -4,6 +4,7 @@ import (
 	"cmp"
 	"fmt"
 	"slices"
+	"strconv"
 	"strings"
 
 	"github.com/nix-offload/nix-offload/internal/machines"
@@ -100,11 +101,46 @@ func unmetMandatory(m machines.Machine, required []string) []string {
 	return out
 }
 
+// Live is what a machine said about itself when it was last asked (the broker reads it every
+// few seconds over the machine's warm connection; internal/pool's Probe). Each part counts only
+// when known: a machine that did not answer in the expected form is not held back by it.
+type Live struct {
+	HasLoad     bool
+	LoadPerCore float64 // 1-minute load average ÷ cores
+	HasFree     bool
+	FreeBytes   uint64 // free space of the filesystem that holds the store
+}
+
+// View is what the caller knows about the machines beyond their configuration, all by
+// [machines.Machine.Name]; every map may be nil, and a missing name means none or unknown.
+type View struct {
+	// Load counts the builds running on each machine from this host.
+	Load map[string]int
+	// Down holds the machines that failed recently and must be skipped, with the failure in words.
+	Down map[string]string
+	// Live is each machine's last answer about itself; see [Live].
+	Live map[string]Live
+	// Present is, for this request, the bytes of its inputs each machine holds already or is
+	// being sent (a hint from what the caller built or sent there; the build still asks the
+	// machine which paths it lacks).
+	Present map[string]uint64
+}
+
 // Decide answers req given the configured machines ms, the builds running on each machine from
 // this host (load, by [machines.Machine.Name]; a missing name means none) and the machines that
 // failed recently and must be skipped (down, by Name, with the failure in words). See the
-// package documentation for the rules.
+// package documentation for the rules. It is [Place] with nothing known live.
 func Decide(ms []machines.Machine, req Request, load map[string]int, down map[string]string) Decision {
+	return Place(ms, req, View{Load: load, Down: down})
+}
+
+// localityUnit is the step in which bytes present count for the order: machines whose
+// weighted bytes present differ by less than this are equal, and load ÷ speed decides.
+const localityUnit = 1 << 20
+
+// Place answers req given the configured machines ms and what the caller knows about them (v).
+// See the package documentation for the rules.
+func Place(ms []machines.Machine, req Request, v View) Decision {
 	if len(ms) == 0 {
 		return Decision{Verdict: DeclinePermanently, Reason: "no remote machines configured"}
 	}
@@ -121,11 +157,12 @@ func Decide(ms []machines.Machine, req Request, load map[string]int, down map[st
 		m     machines.Machine
 		load  int
 		speed float64
+		near  uint64 // bytes present, weighted by the share of free slots, in localityUnits
 	}
 	var (
 		capable, free []candidate
-		// unavailable describes each capable machine without a free slot, in config order:
-		// "b1 4/4" if busy, "b2 down: connection refused" if down.
+		// unavailable describes each capable machine that cannot take it now, in config order:
+		// "b1 4/4" if busy, "b2 down: connection refused" if down, "b3 store has …" if full.
 		unavailable  []string
 		nBusy, nDown int
 	)
@@ -133,9 +170,10 @@ func Decide(ms []machines.Machine, req Request, load map[string]int, down map[st
 		if !Matches(m, req) {
 			continue
 		}
-		c := candidate{m: m, load: max(load[m.Name()], 0), speed: speedOf(m)}
+		c := candidate{m: m, load: max(v.Load[m.Name()], 0), speed: speedOf(m)}
 		capable = append(capable, c)
-		switch why, isDown := down[m.Name()]; {
+		live := v.Live[m.Name()]
+		switch why, isDown := v.Down[m.Name()]; {
 		case isDown:
 			s := m.Name() + " down"
 			if why != "" {
@@ -147,7 +185,15 @@ func Decide(ms []machines.Machine, req Request, load map[string]int, down map[st
 			s := fmt.Sprintf("%s %d/%d", m.Name(), c.load, m.ParallelBuilds)
 			nBusy++
 			unavailable = append(unavailable, s)
+		case m.MinFreeSpace > 0 && live.HasFree && live.FreeBytes < m.MinFreeSpace:
+			nBusy++
+			unavailable = append(unavailable, m.Name()+" "+TooFull(live.FreeBytes, m.MinFreeSpace))
+		case m.MaxLoad > 0 && live.HasLoad && live.LoadPerCore > m.MaxLoad:
+			nBusy++
+			unavailable = append(unavailable, m.Name()+" "+TooBusy(live.LoadPerCore, m.MaxLoad))
 		default:
+			share := float64(m.ParallelBuilds-c.load) / float64(m.ParallelBuilds)
+			c.near = uint64(float64(v.Present[m.Name()])*share) / localityUnit
 			free = append(free, c)
 		}
 	}
@@ -158,9 +204,13 @@ func Decide(ms []machines.Machine, req Request, load map[string]int, down map[st
 	}
 
 	if len(free) > 0 {
-		// build-remote's order: lowest load ÷ speed, then the faster, then the less loaded; a
-		// stable sort keeps config order among equals, as build-remote's strict comparisons do.
+		// Most input bytes already there (weighed by free slots), then build-remote's order:
+		// lowest load ÷ speed, then the faster, then the less loaded; a stable sort keeps
+		// config order among equals, as build-remote's strict comparisons do.
 		slices.SortStableFunc(free, func(a, b candidate) int {
+			if c := cmp.Compare(b.near, a.near); c != 0 {
+				return c
+			}
 			if c := cmp.Compare(float64(a.load)/a.speed, float64(b.load)/b.speed); c != 0 {
 				return c
 			}
@@ -196,6 +246,33 @@ func Decide(ms []machines.Machine, req Request, load map[string]int, down map[st
 		return Decision{Verdict: Postpone, Reason: reason + "; waiting for one to come back, as this host cannot build it"}
 	}
 	return Decision{Verdict: Postpone, Reason: reason + "; waiting for a free slot, as this host cannot build it"}
+}
+
+// TooFull says why a machine with free bytes on its store's filesystem gets no build under
+// min-free-space minFree: "store has 8.1 GiB free, min-free-space is 10 GiB".
+func TooFull(free, minFree uint64) string {
+	return fmt.Sprintf("store has %s free, min-free-space is %s", Size(free), Size(minFree))
+}
+
+// TooBusy says why a machine with load per core gets no build under maxLoad:
+// "load 3.20 per core, max-load is 2".
+func TooBusy(load, maxLoad float64) string {
+	return fmt.Sprintf("load %.2f per core, max-load is %s", load, strconv.FormatFloat(maxLoad, 'f', -1, 64))
+}
+
+// Size formats bytes in binary units for people: "512 B", "8.1 GiB", "10 GiB".
+func Size(n uint64) string {
+	units := []string{"B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"}
+	f, i := float64(n), 0
+	for f >= 1024 && i < len(units)-1 {
+		f /= 1024
+		i++
+	}
+	if i == 0 {
+		return fmt.Sprintf("%d B", n)
+	}
+	s := strconv.FormatFloat(f, 'f', 1, 64)
+	return strings.TrimSuffix(s, ".0") + " " + units[i]
 }
 
 // speedOf returns m's speed factor, or 1 for a value Validate would reject, so that the load ÷

@@ -1,6 +1,7 @@
 package scheduler
 
 import (
+	"slices"
 	"testing"
 
 	"github.com/nix-offload/nix-offload/internal/machines"
@@ -403,6 +404,91 @@ func TestVerdictString(t *testing.T) {
 	} {
 		if got := v.String(); got != want {
 			t.Errorf("Verdict(%d).String() = %q, want %q", int(v), got, want)
+		}
+	}
+}
+
+func minFree(n uint64) func(*machines.Machine) {
+	return func(m *machines.Machine) { m.MinFreeSpace = n }
+}
+func maxLoad(f float64) func(*machines.Machine) { return func(m *machines.Machine) { m.MaxLoad = f } }
+
+func candidateNames(d Decision) []string {
+	var out []string
+	for _, m := range d.Candidates {
+		out = append(out, m.Name())
+	}
+	return out
+}
+
+func TestPlaceLocality(t *testing.T) {
+	ms := []machines.Machine{mach("a", x86, slots(4)), mach("b", x86, slots(4))}
+	const input = 32 << 20
+	tests := []struct {
+		name string
+		v    View
+		want []string
+	}{
+		{"nothing present: load ÷ speed", View{Load: map[string]int{"a": 1}}, []string{"b", "a"}},
+		{"input on b, b idle", View{Present: map[string]uint64{"b": input}}, []string{"b", "a"}},
+		// The fan-out of issue 18: the input was built on a; a takes the consumers while it has
+		// free slots, even though b is idle.
+		{"input on a, a 3/4", View{Load: map[string]int{"a": 3}, Present: map[string]uint64{"a": input}}, []string{"a", "b"}},
+		// Weighed against load: bytes count by the share of free slots, so 1 MiB on a machine
+		// with one slot of four free counts as nothing, and load decides.
+		{"little present on a busy machine", View{Load: map[string]int{"a": 3}, Present: map[string]uint64{"a": 1 << 20}}, []string{"b", "a"}},
+		{"more present wins", View{Present: map[string]uint64{"a": 8 << 20, "b": 16 << 20}}, []string{"b", "a"}},
+		{"under a MiB apart: config order", View{Present: map[string]uint64{"a": 100, "b": 900 << 10}}, []string{"a", "b"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			d := Place(ms, req(x86), tt.v)
+			if d.Verdict != Accept || !slices.Equal(candidateNames(d), tt.want) {
+				t.Errorf("got %v %v (%s), want accept %v", d.Verdict, candidateNames(d), d.Reason, tt.want)
+			}
+		})
+	}
+}
+
+func TestPlaceLiveLimits(t *testing.T) {
+	full := mach("a", x86, slots(4), minFree(10<<30))
+	busy := mach("b", x86, slots(4), maxLoad(2))
+	live := map[string]Live{
+		"a": {HasFree: true, FreeBytes: 8697308774, HasLoad: true, LoadPerCore: 0.1}, // 8.1 GiB
+		"b": {HasFree: true, FreeBytes: 1 << 40, HasLoad: true, LoadPerCore: 3.2},
+	}
+	d := Place([]machines.Machine{full, busy}, req(x86), View{Live: live})
+	want := "all 2 capable machines are busy (a store has 8.1 GiB free, min-free-space is 10 GiB, " +
+		"b load 3.20 per core, max-load is 2); building locally"
+	if d.Verdict != Decline || d.Reason != want {
+		t.Errorf("got %v %q\nwant decline %q", d.Verdict, d.Reason, want)
+	}
+
+	// Within the limits, or unknown, or no limit set: candidates.
+	for name, l := range map[string]map[string]Live{
+		"within":  {"a": {HasFree: true, FreeBytes: 10 << 30}, "b": {HasLoad: true, LoadPerCore: 2}},
+		"unknown": nil,
+		"partly":  {"a": {HasLoad: true, LoadPerCore: 50}, "b": {HasFree: true, FreeBytes: 0}},
+	} {
+		if d := Place([]machines.Machine{full, busy}, req(x86), View{Live: l}); len(d.Candidates) != 2 {
+			t.Errorf("%s: got %v %v (%s), want both machines", name, d.Verdict, candidateNames(d), d.Reason)
+		}
+	}
+	// A full machine is skipped for the other one, and a full machine with no other waits.
+	if d := Place([]machines.Machine{full, mach("c", x86)}, req(x86), View{Live: live}); !slices.Equal(candidateNames(d), []string{"c"}) {
+		t.Errorf("got %v, want [c]", candidateNames(d))
+	}
+	r := req(x86)
+	r.AmWilling = false
+	if d := Place([]machines.Machine{full}, r, View{Live: live}); d.Verdict != Postpone {
+		t.Errorf("got %v (%s), want postpone", d.Verdict, d.Reason)
+	}
+}
+
+func TestSize(t *testing.T) {
+	for n, want := range map[uint64]string{0: "0 B", 1023: "1023 B", 1024: "1 KiB", 10 << 30: "10 GiB", 8697308774: "8.1 GiB", 1536 << 20: "1.5 GiB"} {
+		if got := Size(n); got != want {
+			t.Errorf("Size(%d) = %q, want %q", n, got, want)
 		}
 	}
 }
