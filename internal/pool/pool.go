@@ -185,6 +185,7 @@ type Pool struct {
 
 	mu       sync.Mutex
 	closed   bool
+	probing  bool // a Probe's channel is open
 	tidying  bool // the tidy goroutine runs
 	refill   bool // keep Idle sessions ready: set by Get and Warm, cleared by a failure
 	conns    []*conn
