@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -63,7 +64,7 @@ func runStatus(ctx context.Context, args []string, stdout io.Writer) error {
 func printStatus(w io.Writer, st brokerapi.Status, now time.Time) {
 	fmt.Fprintf(w, "broker %s, up %s: %d running, %d queued\n\n", st.Version, now.Sub(st.Started).Round(time.Second), st.Running, st.Queued)
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(tw, "MACHINE\tSYSTEMS\tSLOTS\tHEALTH\tSESSIONS\tBUILDS\tFAILED\tSENT\tRECEIVED")
+	fmt.Fprintln(tw, "MACHINE\tSYSTEMS\tSLOTS\tHEALTH\tLOAD/CORE\tSTORE FREE\tSESSIONS\tBUILDS\tFAILED\tSENT\tRECEIVED")
 	for _, m := range st.Machines {
 		h := "up"
 		switch {
@@ -72,15 +73,44 @@ func printStatus(w io.Writer, st brokerapi.Status, now time.Time) {
 		case !m.Up:
 			h = fmt.Sprintf("down (retry in %s)", m.DownUntil.Sub(now).Round(time.Second))
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%d/%d\t%s\t%d busy, %d idle, %d conns\t%d\t%d\t%s\t%s\n",
-			m.Name, strings.Join(m.Systems, ","), m.SlotsUsed, m.Slots, h, m.InUse, m.Idle, m.Conns,
+		load, free := liveColumns(m)
+		fmt.Fprintf(tw, "%s\t%s\t%d/%d\t%s\t%s\t%s\t%d busy, %d idle, %d conns\t%d\t%d\t%s\t%s\n",
+			m.Name, strings.Join(m.Systems, ","), m.SlotsUsed, m.Slots, h, load, free, m.InUse, m.Idle, m.Conns,
 			m.Builds, m.Failed, humanBytes(m.BytesSent), humanBytes(m.BytesRecvd))
 	}
 	tw.Flush()
 	for _, m := range st.Machines {
+		if m.Held != "" {
+			fmt.Fprintf(w, "\n%s: no new builds: %s", m.Name, m.Held)
+		}
+		if m.State != nil && m.State.Error != "" {
+			fmt.Fprintf(w, "\n%s: load and free space unknown: %s", m.Name, m.State.Error)
+		}
 		if m.LastError != "" {
 			fmt.Fprintf(w, "\n%s: last error %s ago: %s", m.Name, now.Sub(m.LastErrAt).Round(time.Second), m.LastError)
 		}
 	}
 	fmt.Fprintln(w)
+}
+
+// liveColumns are the LOAD/CORE and STORE FREE cells of m: what it last said, with its
+// limits; "?" where it said nothing, "-" before it was first asked.
+func liveColumns(m brokerapi.MachineStatus) (load, free string) {
+	load, free = "-", "-"
+	if st := m.State; st != nil {
+		load, free = "?", "?"
+		if st.LoadPerCore != nil {
+			load = fmt.Sprintf("%.2f", *st.LoadPerCore)
+		}
+		if st.FreeBytes != nil {
+			free = humanBytes(*st.FreeBytes)
+		}
+	}
+	if m.MaxLoad > 0 {
+		load += fmt.Sprintf(" (max %s)", strconv.FormatFloat(m.MaxLoad, 'f', -1, 64))
+	}
+	if m.MinFreeSpace > 0 {
+		free += " (min " + humanBytes(m.MinFreeSpace) + ")"
+	}
+	return load, free
 }

@@ -110,6 +110,9 @@ type Options struct {
 	OpenLocal func() (*localstore.Store, error)
 	// Now is the clock of machine-wait and of Healthy; time.Now if nil.
 	Now func() time.Time
+	// StateEvery is how often each machine is asked about its load and free space over its
+	// warm connection (a Pool that is a Prober); 5 s if 0.
+	StateEvery time.Duration
 }
 
 // Broker is the scheduler and build runner of one host.
@@ -164,6 +167,10 @@ type machine struct {
 
 	builds, failed      atomic.Uint64
 	bytesSent, bytesRcv atomic.Uint64
+
+	// Under Broker.mu:
+	live liveState         // what it last said about itself (watchState)
+	has  map[string]uint64 // store paths this broker sent or built there → NAR bytes
 }
 
 // ticket is one build's claim: a slot on machine, or a place in the queue.
@@ -185,6 +192,10 @@ type ticket struct {
 	// then for one to come back.
 	failedAt time.Time
 	lastErr  string
+	// priority orders it in the queue: higher first (brokerapi.PriorityHook for hooks).
+	priority int
+	// hint is some of the paths the build needs on its machine, for placement (inputHint).
+	hint []string
 }
 
 // New starts a broker: it opens the machines' pools and the local store
@@ -198,6 +209,9 @@ func New(opt Options) *Broker {
 	}
 	if opt.Now == nil {
 		opt.Now = time.Now
+	}
+	if opt.StateEvery <= 0 {
+		opt.StateEvery = stateEvery
 	}
 	if opt.OpenLocal == nil {
 		opt.OpenLocal = func() (*localstore.Store, error) { return localstore.Open(localstore.Options{}) }
@@ -228,6 +242,12 @@ func New(opt Options) *Broker {
 		b.cfgMs = append(b.cfgMs, m)
 	}
 	b.mx = newBrokerMetrics(b, opt.Metrics)
+	for _, m := range b.machines {
+		if pr, ok := m.pool.(Prober); ok {
+			b.loops.Add(1)
+			go func() { defer b.loops.Done(); b.watchState(m, pr) }()
+		}
+	}
 	b.loops.Add(2)
 	go func() { defer b.loops.Done(); b.dispatcher() }()
 	go func() { defer b.loops.Done(); b.warm() }()
@@ -403,7 +423,8 @@ func (b *Broker) dispatchLocked() {
 		d := b.decideLocked(t)
 		switch d.Verdict {
 		case scheduler.Accept:
-			if b.grantFirstLocked(t, d.Candidates) != nil {
+			if m := b.grantFirstLocked(t, d.Candidates); m != nil {
+				b.logPlacement(t, m, b.presentLocked(t))
 				continue
 			}
 			kept = append(kept, t) // hooks working alone hold those slots
@@ -507,11 +528,7 @@ func (b *Broker) loadLocked() map[string]int {
 }
 
 func (b *Broker) decideLocked(t *ticket) scheduler.Decision {
-	down := b.health.Down()
-	for name, why := range t.exclude {
-		down[name] = why
-	}
-	return scheduler.Decide(b.cfgMs, t.req, b.loadLocked(), down)
+	return scheduler.Place(b.cfgMs, t.req, b.viewLocked(t))
 }
 
 func (b *Broker) grantLocked(t *ticket, m *machine) bool {
@@ -612,34 +629,40 @@ var (
 )
 
 // Try answers a hook's "try". An accepted build holds a ticket for owner:
-// a slot, or a place in the queue.
+// a slot, or a place in the queue, ahead of every submission's.
 func (b *Broker) Try(req brokerapi.TryRequest, owner *client) (brokerapi.TryResponse, error) {
+	return b.try(req, owner, brokerapi.PriorityHook)
+}
+
+// try is Try for a build of the given priority.
+func (b *Broker) try(req brokerapi.TryRequest, owner *client, priority int) (brokerapi.TryResponse, error) {
 	sreq := scheduler.Request{System: req.System, RequiredFeatures: req.RequiredFeatures, AmWilling: req.AmWilling}
+	hint := inputHint(req.DrvPath) // before the lock: it reads files
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if b.stopping {
 		return brokerapi.TryResponse{}, errStopping
 	}
 	t := b.newTicket(sreq, req.DrvPath, owner)
+	t.priority, t.hint = priority, hint
 	d := b.decideLocked(t)
 	var resp brokerapi.TryResponse
 	switch d.Verdict {
 	case scheduler.Accept:
 		if m := b.grantFirstLocked(t, d.Candidates); m != nil {
+			b.logPlacement(t, m, b.presentLocked(t))
 			resp = brokerapi.TryResponse{Verdict: brokerapi.Accept, Machine: m.name}
 			break
 		}
 		// Hooks working alone hold the free slots' files: wait for them.
-		t.queued = true
-		b.queue = append(b.queue, t)
+		b.enqueueLocked(t)
 		resp = brokerapi.TryResponse{Verdict: brokerapi.Accept, Queued: true, Reason: "the free slots are held by hooks working without the broker"}
 	case scheduler.Postpone:
 		if m := b.probeLocked(t); m != nil && b.grantLocked(t, m) {
 			resp = brokerapi.TryResponse{Verdict: brokerapi.Accept, Machine: m.name}
 			break
 		}
-		t.queued = true
-		b.queue = append(b.queue, t)
+		b.enqueueLocked(t)
 		resp = brokerapi.TryResponse{Verdict: brokerapi.Accept, Queued: true, Reason: d.Reason}
 	case scheduler.DeclinePermanently:
 		return brokerapi.TryResponse{Verdict: brokerapi.DeclinePermanently, Reason: d.Reason}, nil
@@ -674,8 +697,10 @@ func (b *Broker) Status() brokerapi.Status {
 	b.mu.Lock()
 	st := brokerapi.Status{Version: b.opt.Version, Started: b.started, Queued: len(b.queue), Running: len(b.builds)}
 	used := make(map[string]int, len(b.machines))
+	live := make(map[string]liveState, len(b.machines))
+	held := make(map[string]string, len(b.machines))
 	for _, m := range b.machines {
-		used[m.name] = m.used
+		used[m.name], live[m.name], held[m.name] = m.used, m.live, b.heldLocked(m)
 	}
 	b.mu.Unlock()
 	for _, m := range b.machines {
@@ -689,6 +714,7 @@ func (b *Broker) Status() brokerapi.Status {
 			Conns: ps.Conns, Idle: ps.Idle, InUse: ps.InUse,
 			Builds: m.builds.Load(), Failed: m.failed.Load(),
 			BytesSent: m.bytesSent.Load(), BytesRecvd: m.bytesRcv.Load(),
+			MinFreeSpace: m.cfg.MinFreeSpace, MaxLoad: m.cfg.MaxLoad, State: stateStatus(live[m.name]), Held: held[m.name],
 		})
 	}
 	return st

@@ -3,6 +3,7 @@ package broker
 import (
 	"time"
 
+	"github.com/nix-offload/nix-offload/internal/brokerapi"
 	"github.com/nix-offload/nix-offload/internal/machines"
 	"github.com/nix-offload/nix-offload/internal/metrics"
 )
@@ -65,6 +66,42 @@ func newBrokerMetrics(b *Broker, r *metrics.Registry) *brokerMetrics {
 		}
 		return out
 	}, "machine")
+	live := func(f func(brokerapi.MachineStatus) (float64, bool)) func() []metrics.Sample {
+		return func() []metrics.Sample {
+			var out []metrics.Sample
+			for _, ms := range b.Status().Machines {
+				if v, ok := f(ms); ok {
+					out = append(out, metrics.Sample{Labels: []string{ms.Name}, Value: v})
+				}
+			}
+			return out
+		}
+	}
+	r.GaugeFunc("nix_offload_machine_load_per_core", "The machine's 1-minute load average ÷ cores, as it last said; absent when unknown.",
+		live(func(ms brokerapi.MachineStatus) (float64, bool) {
+			if ms.State == nil || ms.State.LoadPerCore == nil {
+				return 0, false
+			}
+			return *ms.State.LoadPerCore, true
+		}), "machine")
+	r.GaugeFunc("nix_offload_machine_store_free_bytes", "Free bytes on the filesystem of the machine's store, as it last said; absent when unknown.",
+		live(func(ms brokerapi.MachineStatus) (float64, bool) {
+			if ms.State == nil || ms.State.FreeBytes == nil {
+				return 0, false
+			}
+			return float64(*ms.State.FreeBytes), true
+		}), "machine")
+	r.GaugeFunc("nix_offload_machine_max_load", "The machine's max-load (load per core); absent when not set.",
+		live(func(ms brokerapi.MachineStatus) (float64, bool) { return ms.MaxLoad, ms.MaxLoad > 0 }), "machine")
+	r.GaugeFunc("nix_offload_machine_min_free_bytes", "The machine's min-free-space in bytes; absent when not set.",
+		live(func(ms brokerapi.MachineStatus) (float64, bool) { return float64(ms.MinFreeSpace), ms.MinFreeSpace > 0 }), "machine")
+	r.GaugeFunc("nix_offload_machine_held", "1 if the machine takes no new build by its load or free space.",
+		live(func(ms brokerapi.MachineStatus) (float64, bool) {
+			if ms.Held != "" {
+				return 1, true
+			}
+			return 0, true
+		}), "machine")
 	r.GaugeFunc("nix_offload_queued_builds", "Builds waiting for a slot.", func() []metrics.Sample {
 		b.mu.Lock()
 		n := len(b.queue)

@@ -429,8 +429,7 @@ func (b *Broker) requeue(t *ticket, m *machine, why error, exclude bool) bool {
 	}) {
 		return false
 	}
-	t.queued = true
-	b.queue = append([]*ticket{t}, b.queue...)
+	b.requeueLocked(t)
 	b.dispatchLocked()
 	return true
 }
@@ -544,6 +543,10 @@ func (l *buildLocal) Dump(p string, w io.Writer) (nar.Stats, error) {
 	m := l.machine()
 	m.bytesSent.Add(uint64(st.Size))
 	l.bd.b.mx.sent(m.name, st.Size)
+	if err == nil {
+		// Sent whole; made valid there unless the build fails before it is: a hint.
+		l.bd.b.know(m, p, uint64(st.Size))
+	}
 	return st, err
 }
 
@@ -563,15 +566,21 @@ func (l *buildLocal) AddOutputs(infos []serveproto.PathInfo, fetch func(path str
 	if err != nil {
 		return &engine.LocalError{Err: err}
 	}
+	m := l.machine()
 	bd.b.mu.Lock()
 	bd.b.releaseLocked(bd.t)
+	if m != nil {
+		for _, in := range infos {
+			m.knowLocked(in.Path, in.NarSize)
+		}
+	}
 	bd.b.mu.Unlock()
 
 	ho := &handoff{outputs: missing, fetch: fetch, imported: make(chan error, 1)}
 	bd.mu.Lock()
 	bd.ho = ho
 	bd.mu.Unlock()
-	bd.end(brokerapi.Event{Type: brokerapi.EventOutputs, Build: bd.t.id, Machine: l.machine().name, Outputs: apiInfos(missing)})
+	bd.end(brokerapi.Event{Type: brokerapi.EventOutputs, Build: bd.t.id, Machine: m.name, Outputs: apiInfos(missing)})
 	select {
 	case err := <-ho.imported:
 		if err != nil {

@@ -356,7 +356,8 @@ func (b *Broker) startBuild(req brokerapi.BuildRequest, c *client) (*build, int,
 	} else {
 		// A submission: decide as for a hook whose local side cannot build.
 		sreq := scheduler.Request{System: drv.Platform, RequiredFeatures: offload.RequiredFeatures(drv)}
-		resp, err := b.Try(brokerapi.TryRequest{DrvPath: req.DrvPath, System: sreq.System, RequiredFeatures: sreq.RequiredFeatures}, c)
+		priority := min(max(req.Priority, 0), brokerapi.MaxPriority)
+		resp, err := b.try(brokerapi.TryRequest{DrvPath: req.DrvPath, System: sreq.System, RequiredFeatures: sreq.RequiredFeatures}, c, priority)
 		if err != nil {
 			return nil, http.StatusServiceUnavailable, err
 		}

@@ -110,6 +110,13 @@ type BuildRequest struct {
 	// (outputs of earlier KeepOutputs builds): the broker streams each one
 	// from that machine into the build's machine when it lacks it.
 	Held []HeldPath `json:"held,omitempty"`
+	// Priority orders a submission among the builds waiting for a slot: higher first, in
+	// arrival order among equals, from 0 (the default) to MaxPriority. A queue runner sets it
+	// within a graph to the length of the longest path of builds that still depend on this
+	// one (or the number of dependents when nothing better is known), so that long chains
+	// start first. Builds that came through /v1/try (hooks: a user waits) always rank at
+	// PriorityHook, above every submission. Ignored with a Reservation.
+	Priority int `json:"priority,omitempty"`
 }
 
 // HeldPath is a store path that stays on the machine that built it.
@@ -117,6 +124,12 @@ type HeldPath struct {
 	Machine string `json:"machine"`
 	PathInfo
 }
+
+// The range of BuildRequest.Priority, and the rank of hook builds above it.
+const (
+	MaxPriority  = 999_999
+	PriorityHook = MaxPriority + 1
+)
 
 // Event types of a build's stream, in the order they can come.
 const (
@@ -222,4 +235,23 @@ type MachineStatus struct {
 	Failed     uint64    `json:"failed"`
 	BytesSent  uint64    `json:"bytesSent"`
 	BytesRecvd uint64    `json:"bytesReceived"`
+	// The machine's limits (offload.toml's min-free-space in bytes and max-load per core;
+	// 0: none) and what it last said about itself over its warm connection.
+	MinFreeSpace uint64     `json:"minFreeSpace,omitempty"`
+	MaxLoad      float64    `json:"maxLoad,omitempty"`
+	State        *LiveState `json:"state,omitempty"`
+	// Held says why the machine gets no new build although it has a free slot, e.g.
+	// "store has 8.1 GiB free, min-free-space is 10 GiB"; "" when it takes builds.
+	Held string `json:"held,omitempty"`
+}
+
+// LiveState is what a machine said about itself when the broker last asked (every few
+// seconds). Each value is absent when the machine did not say; Error says why nothing came.
+type LiveState struct {
+	At          time.Time `json:"at"`
+	Error       string    `json:"error,omitempty"`
+	LoadPerCore *float64  `json:"loadPerCore,omitempty"` // 1-minute load average ÷ cores
+	Cores       int       `json:"cores,omitempty"`
+	Pressure    *float64  `json:"cpuPressure,omitempty"` // PSI cpu "some" avg10, %
+	FreeBytes   *uint64   `json:"freeBytes,omitempty"`   // free on the store's filesystem
 }
