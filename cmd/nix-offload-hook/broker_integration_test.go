@@ -54,12 +54,21 @@ func newBrokerEnv(t *testing.T, nix testbed.Nix, store string, slots int, builde
 // table (as newOffloadEnv's extra).
 func newBrokerEnvWith(t *testing.T, nix testbed.Nix, store string, slots int, extra string, builders ...*testbed.Builder) *brokerEnv {
 	t.Helper()
+	return newBrokerEnvEdit(t, nix, store, slots, extra, nil, builders...)
+}
+
+// newBrokerEnvEdit is newBrokerEnvWith with a last change to the config's text (nil: none).
+func newBrokerEnvEdit(t *testing.T, nix testbed.Nix, store string, slots int, extra string, edit func(string) string, builders ...*testbed.Builder) *brokerEnv {
+	t.Helper()
 	env := newOffloadEnv(t, extra, builders...)
 	cfg, err := os.ReadFile(env.config)
 	if err != nil {
 		t.Fatal(err)
 	}
 	text := strings.ReplaceAll(string(cfg), "parallel-builds = 4\n", fmt.Sprintf("parallel-builds = %d\n", slots))
+	if edit != nil {
+		text = edit(text)
+	}
 	if err := os.WriteFile(env.config, []byte(text), 0o644); err != nil {
 		t.Fatal(err)
 	}

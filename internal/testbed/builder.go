@@ -50,6 +50,7 @@ type Builder struct {
 	sshdPort int         //
 	proxy    *DelayProxy // in front of sshd with WithRTT or WithRate; nil after Stop
 	proxyLk  net.Listener
+	loadavg  string // WithLoadavg: what the host's /proc/loadavg reads; "": the kernel's
 
 	mu      sync.Mutex
 	tb      TB
@@ -141,6 +142,14 @@ func (b *Builder) LinkStats() LinkStats {
 		return LinkStats{}
 	}
 	return b.proxy.Stats()
+}
+
+// WithLoadavg makes the host's /proc/loadavg read text (e.g. "64.00 64.00 64.00 3/200 999")
+// instead of the kernel's, for a builder that is busy although every builder of the test bed
+// shares one kernel. The file is bind-mounted over /proc/loadavg in the host's mount
+// namespace only; sshd's sessions, and so the machine's state probe, read it.
+func WithLoadavg(text string) BuilderOption {
+	return func(b *Builder) { b.loadavg = strings.TrimSuffix(text, "\n") + "\n" }
 }
 
 var builderSeq atomic.Int64
@@ -410,6 +419,12 @@ func (b *Builder) startLocked() error {
 		// Hiding /root would hide Dir too if it lay there.
 		hideHome:   !strings.HasPrefix(b.Dir+"/", "/root/") || b.Nix.chroot(),
 		storeTmpfs: b.nixTmpfs,
+	}
+	if b.loadavg != "" {
+		spec.loadavg = filepath.Join(b.Dir, "loadavg")
+		if err := os.WriteFile(spec.loadavg, []byte(b.loadavg), 0o644); err != nil {
+			return err
+		}
 	}
 	if b.net != nil {
 		spec.netns = b.net.nsPath()

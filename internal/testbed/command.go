@@ -194,6 +194,9 @@ type nsSpec struct {
 	storeTmpfs int64
 	// netns, if set, is a network namespace file (/run/netns/NAME) the command enters.
 	netns string
+	// loadavg, if set, is a host file bind-mounted over /proc/loadavg (a path in mounts, or
+	// under one, for a chroot).
+	loadavg string
 }
 
 // check reports arguments the script cannot handle.
@@ -271,6 +274,9 @@ func (s nsSpec) script() string {
 		line("%s -t tmpfs -o mode=0700 testbed-home %s", mount, q(r+"/root"))
 	}
 	if r == "" {
+		if s.loadavg != "" {
+			line("%s --bind %s /proc/loadavg", mount, q(s.loadavg))
+		}
 		line(`exec %s"$@"`, enter)
 		return b.String()
 	}
@@ -283,6 +289,9 @@ func (s nsSpec) script() string {
 		line("if [ -d %s ]; then %s -p %s; else %s -p %s; [ -e %s ] || %s %s; fi",
 			q(m), mkdir, t, mkdir, q(r+filepath.Dir(m)), t, q(mustTool("touch")), t)
 		line("%s --bind %s %s", mount, q(m), t)
+	}
+	if s.loadavg != "" {
+		line("%s --bind %s %s", mount, q(s.loadavg), q(r+"/proc/loadavg"))
 	}
 	// chroot(8) changes to the new /; go back to the caller's directory inside.
 	line(`exec %s%s %s /bin/sh -c 'cd "$1" || { echo "testbed: working directory $1 is not visible inside the Nix root (add it to mounts)" >&2; exit 125; }; shift; exec "$@"' testbed "$PWD" "$@"`,
