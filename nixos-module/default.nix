@@ -121,6 +121,18 @@ let
         default = true;
         description = "Whether builds go to this machine (TOML `enabled`).";
       };
+      minFreeSpace = mkOption {
+        type = types.nullOr (types.either types.str types.ints.unsigned);
+        default = null;
+        example = "10G";
+        description = "No build goes to the machine while its store's filesystem has less free space than this, read live by the broker: a size such as \"10G\" or a number of bytes (TOML `min-free-space`); null: no minimum.";
+      };
+      maxLoad = mkOption {
+        type = types.nullOr (types.either types.ints.unsigned types.float);
+        default = null;
+        example = 2.0;
+        description = "No new build goes to the machine while its load per core (1-minute load average ÷ cores, read live by the broker) is above this (TOML `max-load`); null: no limit.";
+      };
     };
   };
 
@@ -165,6 +177,8 @@ let
       mandatoryFeatures = m.mandatoryFeatures;
       remoteStore = null;
       enabled = true;
+      minFreeSpace = null;
+      maxLoad = null;
       source = "nix.buildMachines entry ${toString i} (${m.hostName})";
       badHostKey = m.publicHostKey != null && hostKey == null;
       fixHint = "in nix.buildMachines, or set services.nix-offload.useNixBuildMachines = false and list the machines in services.nix-offload.machines";
@@ -203,6 +217,8 @@ let
       features = if m.features == [ ] then null else m.features;
       "mandatory-features" = if m.mandatoryFeatures == [ ] then null else m.mandatoryFeatures;
       "remote-store" = m.remoteStore;
+      "min-free-space" = m.minFreeSpace;
+      "max-load" = m.maxLoad;
     };
 
   # The name the hook gives a machine ("user@host:port", host without case), which must be

@@ -59,6 +59,8 @@ let
     "mandatory-features"
     "remote-store"
     "enabled"
+    "min-free-space"
+    "max-load"
     "machine"
   ];
 

@@ -490,6 +490,8 @@ type configMachine struct {
 	RemoteStore       string   `json:"remoteStore,omitempty"`
 	Enabled           bool     `json:"enabled"`
 	Source            string   `json:"source,omitempty"`
+	MinFreeSpace      uint64   `json:"minFreeSpace,omitempty"` // bytes
+	MaxLoad           float64  `json:"maxLoad,omitempty"`      // per core
 }
 
 // printConfigSummary is `check -config-only`: the configuration has been
@@ -506,7 +508,7 @@ func printConfigSummary(w io.Writer, cfg *machines.Config, ms []machines.Machine
 				HostKey: m.HostKey, KnownHosts: m.KnownHosts, Systems: m.Systems,
 				ParallelBuilds: m.ParallelBuilds, Speed: m.Speed, Features: m.Features,
 				MandatoryFeatures: m.MandatoryFeatures, RemoteStore: m.RemoteStore,
-				Enabled: m.Enabled, Source: m.Source,
+				Enabled: m.Enabled, Source: m.Source, MinFreeSpace: m.MinFreeSpace, MaxLoad: m.MaxLoad,
 			}); err != nil {
 				return err
 			}

@@ -298,6 +298,8 @@ features = ["kvm"]
 mandatory-features = ["kvm"]
 remote-store = "/mnt/store"
 enabled = false
+min-free-space = "10G"
+max-load = 2.5
 
 [[machine]]
 host = "2001:db8::7"
@@ -313,7 +315,7 @@ enabled = true
 	if code != exitOK || len(ms) != 2 {
 		t.Fatalf("check -config-only: exit %d\n%s%s", code, out, errOut)
 	}
-	if m := ms[0]; m.Enabled || m.RemoteStore != "/mnt/store" || m.Port != 2201 || !slices.Equal(m.KnownHosts, []string{"/etc/ssh/ssh_known_hosts"}) {
+	if m := ms[0]; m.Enabled || m.RemoteStore != "/mnt/store" || m.Port != 2201 || m.MinFreeSpace != 10<<30 || m.MaxLoad != 2.5 || !slices.Equal(m.KnownHosts, []string{"/etc/ssh/ssh_known_hosts"}) {
 		t.Errorf("machine 1 as the hook reads it: %+v", m)
 	}
 	if got := string(c.BuildHook); got != `["`+testHookPath+`"]` {

@@ -128,6 +128,8 @@ in
           mandatoryFeatures = [ "kvm" ];
           remoteStore = "/mnt/store";
           enabled = false;
+          minFreeSpace = "10G";
+          maxLoad = 2.5;
         }
         {
           host = "2001:db8::7";
