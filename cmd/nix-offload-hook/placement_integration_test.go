@@ -1,12 +1,17 @@
 package main
 
 import (
+	"context"
 	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/nix-offload/nix-offload/internal/brokerapi"
+	"github.com/nix-offload/nix-offload/internal/localstore"
 	"github.com/nix-offload/nix-offload/internal/testbed"
 )
 
@@ -132,5 +137,76 @@ func TestBrokerAvoidsFullAndBusyMachines(t *testing.T) {
 		if m := machineStatus(st, b); m.Builds != 0 || m.BytesSent != 0 {
 			t.Errorf("%s got %d builds, %d bytes, want none (held: %s)", m.Name, m.Builds, m.BytesSent, m.Held)
 		}
+	}
+}
+
+// A hook's build overtakes the graph builds queued before it: with one slot held by a
+// submission waiting for a gate, three more submissions queue, then a hook's build; once the
+// gate opens, the hook's build runs next.
+func TestBrokerHookOvertakesSubmissions(t *testing.T) {
+	nix := testbed.Lookup(t, "2.8")
+	b := testbed.StartBuilder(t, nix)
+	store := testbed.NewStore(t)
+	env := newBrokerEnv(t, nix, store, 1, b)
+	gate, order := filepath.Join(b.Dir, "gate"), filepath.Join(b.Dir, "order")
+	mk := func(name, wait string) string {
+		return fmt.Sprintf(`derivation { name = %q; salt = %q; system = "x86_64-linux"; builder = "/bin/sh";
+			args = [ "-c" "%secho %s >> %s; echo %s > $out" ]; }`, name, randomHex(8), wait, name, order, name)
+	}
+	waitGate := fmt.Sprintf("while [ ! -e %s ]; do /bin/sleep 0.1; done; ", gate)
+	subs := []string{"gated", "graph1", "graph2", "graph3"}
+	var drvs []string
+	for i, name := range subs {
+		w := ""
+		if i == 0 {
+			w = waitGate
+		}
+		drvs = append(drvs, strings.TrimSpace(runNix(t, nix, store, env.offloadEnv, "nix-instantiate", env.writeExpr(t, mk(name, w)))))
+	}
+	hookExpr := env.writeExpr(t, mk("hook", ""))
+
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	stores := make(chan *localstore.Store, 1)
+	s, err := localstore.Open(localstore.Options{
+		RealStoreDir: filepath.Join(store, "store"),
+		Command:      func(argv ...string) *exec.Cmd { return nix.Command(store, env.mounts, argv...) },
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	stores <- s
+	errs := make(chan error, len(drvs)+1)
+	for i, drv := range drvs {
+		go func() { _, err := submit(ctx, env.socket, drv, -1, stores); errs <- err }()
+		if i == 0 {
+			testbed.WaitFor(t, 30*time.Second, "the gated build to take the slot", func() bool { return slotsUsed(env.status(t)) == 1 })
+		} else {
+			testbed.WaitFor(t, 30*time.Second, "the submission to queue", func() bool { return env.status(t).Queued == i })
+		}
+	}
+	go func() {
+		_, errOut, err := nixBuild(t, nix, store, env.offloadEnv, hookExpr)
+		if err != nil {
+			err = fmt.Errorf("nix-build: %v\n%s", err, errOut)
+		}
+		errs <- err
+	}()
+	testbed.WaitFor(t, 30*time.Second, "the hook's build to queue", func() bool { return env.status(t).Queued == len(drvs) })
+	if err := os.WriteFile(gate, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	for range len(drvs) + 1 {
+		if err := <-errs; err != nil {
+			t.Error(err)
+		}
+	}
+	got, err := os.ReadFile(order)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := "gated\nhook\ngraph1\ngraph2\ngraph3\n"; string(got) != want {
+		t.Errorf("builds ran in the order\n%swant\n%s", got, want)
 	}
 }
