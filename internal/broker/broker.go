@@ -6,13 +6,22 @@
 // # Slots and the queue
 //
 // A build holds a ticket. A ticket either holds a slot on one machine or
-// waits in one FIFO queue. The scheduler's rules decide (internal/scheduler):
+// waits in one queue, ordered by priority (hooks' builds above every
+// submission, submissions by their BuildRequest.Priority), then arrival. The scheduler's rules decide (internal/scheduler):
 // where Nix's own hook would answer "postpone" (every capable machine busy
 // or down, and the local side cannot build), the broker accepts and queues
 // instead, so the build starts the moment a slot frees instead of after
 // build-poll-interval. When no slot is free anywhere, freeing nothing costs
 // nothing: the dispatcher stops at once, so an event costs O(1) however
 // long the queue is.
+//
+// # Placement
+//
+// Among the machines that can take a build now, the scheduler prefers the
+// one that holds most of the build's input bytes, as far as this broker
+// knows from what it sent or built there (place.go), and skips machines
+// over their min-free-space or max-load by what they said when last asked
+// over their warm connection (every Options.StateEvery).
 //
 // # Health
 //

@@ -41,6 +41,11 @@ var slotLockWait = 10 * time.Second
 // host's health file has on backoff, and opens one serve session per
 // attempt with [Connect]. A machine that cannot be reached is recorded in
 // the health file, for every process of the host, and skipped.
+//
+// It places by load ÷ speed alone ([scheduler.Decide]): a hook process has
+// no memory of where inputs went, and no warm connection to read a
+// machine's load and free space on without another round trip before each
+// build, so min-free-space and max-load are the broker's (internal/broker).
 type Alone struct {
 	Machines []machines.Machine
 	Slots    *slots.Dir
