@@ -71,7 +71,7 @@ func newBrokerMetrics(b *Broker, r *metrics.Registry) *brokerMetrics {
 			var out []metrics.Sample
 			for _, ms := range b.Status().Machines {
 				if v, ok := f(ms); ok {
-					out = append(out, metrics.Sample{Labels: []string{ms.Name}, Value: v})
+					out = append(out, metrics.Sample{Labels: []string{m.label(ms.Name)}, Value: v})
 				}
 			}
 			return out
