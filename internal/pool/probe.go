@@ -46,6 +46,9 @@ func (p *Pool) Probe(ctx context.Context, timeout time.Duration) (probe.State, e
 		p.mu.Unlock()
 		return probe.State{}, ErrNoConn
 	}
+	// An empty connection keeps the time it emptied: a probe every few seconds must not keep
+	// a connection that builds no longer use from being closed.
+	wasEmpty, emptySince := c.sessions == 0, c.emptySince
 	c.sessions++
 	p.probing = true
 	p.wg.Add(1)
@@ -63,6 +66,9 @@ func (p *Pool) Probe(ctx context.Context, timeout time.Duration) (probe.State, e
 			p.mu.Lock()
 			p.probing = false
 			p.releaseConnLocked(c)
+			if wasEmpty && c.sessions == 0 {
+				c.emptySince = emptySince
+			}
 			p.dispatchLocked()
 			p.mu.Unlock()
 		}()

@@ -67,3 +67,22 @@ func TestProbeForcedCommand(t *testing.T) {
 		t.Errorf("after the probe: %+v", st)
 	}
 }
+
+// Probes every few moments do not keep a connection that no session uses from being closed.
+func TestProbeKeepsNoEmptyConnection(t *testing.T) {
+	e := startBed(t, testbed.Lookup(t, "2.34"), Options{Idle: -1})
+	e.p.tick, e.p.trim = 20*time.Millisecond, 300*time.Millisecond
+	e.p.Put(get(t, e.p), false)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	probed := 0
+	testbed.WaitFor(t, 10*time.Second, "the empty connection to be closed", func() bool {
+		if _, err := e.p.Probe(ctx, 5*time.Second); err == nil {
+			probed++
+		}
+		return e.p.Stats().Conns == 0
+	})
+	if probed == 0 {
+		t.Errorf("no probe answered while the connection was open")
+	}
+}

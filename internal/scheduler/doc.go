@@ -67,4 +67,5 @@
 //	no machine supports system "aarch64-linux" (configured: x86_64-linux on b1, b2)
 //	requires features {kvm} that no machine supports
 //	all 2 capable machines are busy (b1 4/4, b2 4/4); building locally
+//	all 2 capable machines are busy (b1 store has 8.1 GiB free, min-free-space is 10 GiB, b2 load 3.20 per core, max-load is 2); building locally
 package scheduler
