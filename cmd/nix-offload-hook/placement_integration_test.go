@@ -91,6 +91,11 @@ func TestBrokerFanOutSendsNothing(t *testing.T) {
 	if sent != 0 {
 		t.Errorf("%d bytes sent to the machines, want 0: the consumers should run where the input was built", sent)
 	}
+	for _, line := range strings.Split(env.log.String(), "\n") {
+		if strings.Contains(line, "placed build") {
+			t.Log(line)
+		}
+	}
 	if !strings.Contains(env.log.String(), "holds 32 MiB of its inputs") {
 		t.Errorf("the broker's debug log does not say why it chose the machine:\n%s", lastBytes(env.log.String(), 4000))
 	}

@@ -203,8 +203,10 @@ type ticket struct {
 	lastErr  string
 	// priority orders it in the queue: higher first (brokerapi.PriorityHook for hooks).
 	priority int
-	// hint is some of the paths the build needs on its machine, for placement (inputHint).
-	hint []string
+	// hint is some of the paths the build needs on its machine, for placement (inputHint),
+	// and sizes their NAR sizes where the local store knows them.
+	hint  []string
+	sizes map[string]uint64
 }
 
 // New starts a broker: it opens the machines' pools and the local store
@@ -432,8 +434,9 @@ func (b *Broker) dispatchLocked() {
 		d := b.decideLocked(t)
 		switch d.Verdict {
 		case scheduler.Accept:
+			present := b.presentLocked(t)
 			if m := b.grantFirstLocked(t, d.Candidates); m != nil {
-				b.logPlacement(t, m, b.presentLocked(t))
+				b.logPlacement(t, m, present)
 				continue
 			}
 			kept = append(kept, t) // hooks working alone hold those slots
@@ -562,6 +565,10 @@ func (b *Broker) grantLocked(t *ticket, m *machine) bool {
 	}
 	m.used++
 	t.machine = m
+	// Its inputs are on their way there: later builds that need them count them as present.
+	for p, n := range t.sizes {
+		m.knowLocked(p, n)
+	}
 	if t.queued {
 		t.queued = false
 		t.wake()
@@ -646,20 +653,23 @@ func (b *Broker) Try(req brokerapi.TryRequest, owner *client) (brokerapi.TryResp
 // try is Try for a build of the given priority.
 func (b *Broker) try(req brokerapi.TryRequest, owner *client, priority int) (brokerapi.TryResponse, error) {
 	sreq := scheduler.Request{System: req.System, RequiredFeatures: req.RequiredFeatures, AmWilling: req.AmWilling}
-	hint := inputHint(req.DrvPath) // before the lock: it reads files
+	// Before the lock: these read files and ask the local store.
+	hint := inputHint(req.DrvPath)
+	sizes := b.inputSizes(hint)
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if b.stopping {
 		return brokerapi.TryResponse{}, errStopping
 	}
 	t := b.newTicket(sreq, req.DrvPath, owner)
-	t.priority, t.hint = priority, hint
+	t.priority, t.hint, t.sizes = priority, hint, sizes
 	d := b.decideLocked(t)
 	var resp brokerapi.TryResponse
 	switch d.Verdict {
 	case scheduler.Accept:
+		present := b.presentLocked(t)
 		if m := b.grantFirstLocked(t, d.Candidates); m != nil {
-			b.logPlacement(t, m, b.presentLocked(t))
+			b.logPlacement(t, m, present)
 			resp = brokerapi.TryResponse{Verdict: brokerapi.Accept, Machine: m.name}
 			break
 		}

@@ -166,6 +166,24 @@ func inputHint(drvPath string) []string {
 	return hint
 }
 
+// inputSizes asks the local store for the NAR size of each hinted path; nil when it cannot
+// say (a path is not valid locally, no local store): placement then knows only what it
+// recorded on the machines.
+func (b *Broker) inputSizes(hint []string) map[string]uint64 {
+	if len(hint) == 0 {
+		return nil
+	}
+	infos, err := b.local.pathInfos(hint)
+	if err != nil {
+		return nil
+	}
+	sizes := make(map[string]uint64, len(infos))
+	for _, in := range infos {
+		sizes[in.Path] = in.NarSize
+	}
+	return sizes
+}
+
 // presentLocked is, for each machine, the bytes of t's hinted inputs this broker knows are there.
 func (b *Broker) presentLocked(t *ticket) map[string]uint64 {
 	if len(t.hint) == 0 {
@@ -200,9 +218,18 @@ func (b *Broker) viewLocked(t *ticket) scheduler.View {
 // logPlacement says, at debug level, where t goes and what of its inputs is where.
 func (b *Broker) logPlacement(t *ticket, m *machine, present map[string]uint64) {
 	if ce := b.log.Check(zap.DebugLevel, "placed build"); ce != nil {
-		ce.Write(zap.String("drv", t.drvPath), zap.String("machine", m.name), zap.Int("priority", t.priority),
-			zap.Uint64("input_bytes_there", present[m.name]), zap.Any("input_bytes_known_by_machine", present),
-			zap.String("why", placementWhy(m, present)))
+		var total uint64
+		for _, n := range t.sizes {
+			total += n
+		}
+		fields := []zap.Field{zap.String("drv", t.drvPath), zap.String("machine", m.name), zap.Int("priority", t.priority),
+			zap.Uint64("input_bytes_there", present[m.name]), zap.Any("input_bytes_by_machine", present),
+			zap.String("why", placementWhy(m, present))}
+		if total > 0 {
+			fields = append(fields, zap.Uint64("input_bytes", total),
+				zap.Uint64("input_bytes_to_send_at_most", total-min(total, present[m.name])))
+		}
+		ce.Write(fields...)
 	}
 }
 

@@ -136,4 +136,19 @@ func TestInputsPullTheBuild(t *testing.T) {
 	if d := b.decideLocked(tk); len(d.Candidates) != 2 || d.Candidates[0].Host != "b" {
 		t.Errorf("without the input: candidates %v, want b first (fewer builds)", d.Candidates)
 	}
+
+	// Being sent counts as there: a build granted b with an input of known size pulls the next
+	// build that needs it to b too.
+	other := "/nix/store/22222222222222222222222222222222-other"
+	first := b.newTicket(scheduler.Request{System: "x86_64-linux"}, "/nix/store/d.drv", nil)
+	first.hint, first.sizes = []string{other}, map[string]uint64{other: 16 << 20}
+	if !b.grantLocked(first, b.byName["root@b"]) {
+		t.Fatal("no slot on b")
+	}
+	next := b.newTicket(scheduler.Request{System: "x86_64-linux"}, "/nix/store/e.drv", nil)
+	next.hint = []string{other}
+	if d := b.decideLocked(next); len(d.Candidates) != 2 || d.Candidates[0].Host != "b" {
+		t.Errorf("input on its way to b: candidates %v, want b first", d.Candidates)
+	}
+	b.releaseLocked(first)
 }
