@@ -7,7 +7,8 @@
 //
 // A build holds a ticket. A ticket either holds a slot on one machine or
 // waits in one queue, ordered by priority (hooks' builds above every
-// submission, submissions by their BuildRequest.Priority), then arrival. The scheduler's rules decide (internal/scheduler):
+// submission, submissions by their BuildRequest.Priority), then arrival.
+// The scheduler's rules decide (internal/scheduler):
 // where Nix's own hook would answer "postpone" (every capable machine busy
 // or down, and the local side cannot build), the broker accepts and queues
 // instead, so the build starts the moment a slot frees instead of after

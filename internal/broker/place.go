@@ -93,14 +93,7 @@ func liveOf(ls liveState) scheduler.Live {
 
 // heldLocked says why m takes no new build by its live state, or "".
 func (b *Broker) heldLocked(m *machine) string {
-	l := liveOf(m.live)
-	switch {
-	case m.cfg.MinFreeSpace > 0 && l.HasFree && l.FreeBytes < m.cfg.MinFreeSpace:
-		return scheduler.TooFull(l.FreeBytes, m.cfg.MinFreeSpace)
-	case m.cfg.MaxLoad > 0 && l.HasLoad && l.LoadPerCore > m.cfg.MaxLoad:
-		return scheduler.TooBusy(l.LoadPerCore, m.cfg.MaxLoad)
-	}
-	return ""
+	return scheduler.Held(m.cfg, liveOf(m.live))
 }
 
 // stateStatus is m's live state for the status page.

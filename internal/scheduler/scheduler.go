@@ -185,12 +185,9 @@ func Place(ms []machines.Machine, req Request, v View) Decision {
 			s := fmt.Sprintf("%s %d/%d", m.Name(), c.load, m.ParallelBuilds)
 			nBusy++
 			unavailable = append(unavailable, s)
-		case m.MinFreeSpace > 0 && live.HasFree && live.FreeBytes < m.MinFreeSpace:
+		case Held(m, live) != "":
 			nBusy++
-			unavailable = append(unavailable, m.Name()+" "+TooFull(live.FreeBytes, m.MinFreeSpace))
-		case m.MaxLoad > 0 && live.HasLoad && live.LoadPerCore > m.MaxLoad:
-			nBusy++
-			unavailable = append(unavailable, m.Name()+" "+TooBusy(live.LoadPerCore, m.MaxLoad))
+			unavailable = append(unavailable, m.Name()+" "+Held(m, live))
 		default:
 			share := float64(m.ParallelBuilds-c.load) / float64(m.ParallelBuilds)
 			c.near = uint64(float64(v.Present[m.Name()])*share) / localityUnit
@@ -248,15 +245,27 @@ func Place(ms []machines.Machine, req Request, v View) Decision {
 	return Decision{Verdict: Postpone, Reason: reason + "; waiting for a free slot, as this host cannot build it"}
 }
 
-// TooFull says why a machine with free bytes on its store's filesystem gets no build under
+// Held says why m gets no new build by what it last said about itself (min-free-space,
+// max-load), or "" when nothing holds it back; what it did not say holds nothing back.
+func Held(m machines.Machine, l Live) string {
+	switch {
+	case m.MinFreeSpace > 0 && l.HasFree && l.FreeBytes < m.MinFreeSpace:
+		return tooFull(l.FreeBytes, m.MinFreeSpace)
+	case m.MaxLoad > 0 && l.HasLoad && l.LoadPerCore > m.MaxLoad:
+		return tooBusy(l.LoadPerCore, m.MaxLoad)
+	}
+	return ""
+}
+
+// tooFull says why a machine with free bytes on its store's filesystem gets no build under
 // min-free-space minFree: "store has 8.1 GiB free, min-free-space is 10 GiB".
-func TooFull(free, minFree uint64) string {
+func tooFull(free, minFree uint64) string {
 	return fmt.Sprintf("store has %s free, min-free-space is %s", Size(free), Size(minFree))
 }
 
-// TooBusy says why a machine with load per core gets no build under maxLoad:
+// tooBusy says why a machine with load per core gets no build under maxLoad:
 // "load 3.20 per core, max-load is 2".
-func TooBusy(load, maxLoad float64) string {
+func tooBusy(load, maxLoad float64) string {
 	return fmt.Sprintf("load %.2f per core, max-load is %s", load, strconv.FormatFloat(maxLoad, 'f', -1, 64))
 }
 
