@@ -435,7 +435,7 @@ type copyActivity struct {
 func (c *copyActivity) start(machine string, paths int, bytes uint64) {
 	c.stop()
 	c.act, _ = c.log.Start(hookproto.ActCopyPaths, hookproto.LvlInfo,
-		fmt.Sprintf("copying %d paths (%s) to '%s'", paths, humanBytes(bytes), machine))
+		fmt.Sprintf("copying %d paths (%s) to '%s'", paths, machines.FormatSize(bytes), machine))
 }
 
 func (c *copyActivity) stop() {
@@ -460,16 +460,4 @@ func readDerivation(path string) (*derivation.Derivation, error) {
 		return nil, fmt.Errorf("%s: %w", path, err)
 	}
 	return d, nil
-}
-
-func humanBytes(n uint64) string {
-	switch {
-	case n >= 1<<30:
-		return fmt.Sprintf("%.1f GiB", float64(n)/(1<<30))
-	case n >= 1<<20:
-		return fmt.Sprintf("%.1f MiB", float64(n)/(1<<20))
-	case n >= 1<<10:
-		return fmt.Sprintf("%.1f KiB", float64(n)/(1<<10))
-	}
-	return fmt.Sprintf("%d B", n)
 }

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/nix-offload/nix-offload/internal/brokerapi"
+	"github.com/nix-offload/nix-offload/internal/machines"
 )
 
 // runStatus prints the broker's state.
@@ -76,7 +77,7 @@ func printStatus(w io.Writer, st brokerapi.Status, now time.Time) {
 		load, free := liveColumns(m)
 		fmt.Fprintf(tw, "%s\t%s\t%d/%d\t%s\t%s\t%s\t%d busy, %d idle, %d conns\t%d\t%d\t%s\t%s\n",
 			m.Name, strings.Join(m.Systems, ","), m.SlotsUsed, m.Slots, h, load, free, m.InUse, m.Idle, m.Conns,
-			m.Builds, m.Failed, humanBytes(m.BytesSent), humanBytes(m.BytesRecvd))
+			m.Builds, m.Failed, machines.FormatSize(m.BytesSent), machines.FormatSize(m.BytesRecvd))
 	}
 	tw.Flush()
 	for _, m := range st.Machines {
@@ -103,14 +104,14 @@ func liveColumns(m brokerapi.MachineStatus) (load, free string) {
 			load = fmt.Sprintf("%.2f", *st.LoadPerCore)
 		}
 		if st.FreeBytes != nil {
-			free = humanBytes(*st.FreeBytes)
+			free = machines.FormatSize(*st.FreeBytes)
 		}
 	}
 	if m.MaxLoad > 0 {
 		load += fmt.Sprintf(" (max %s)", strconv.FormatFloat(m.MaxLoad, 'f', -1, 64))
 	}
 	if m.MinFreeSpace > 0 {
-		free += " (min " + humanBytes(m.MinFreeSpace) + ")"
+		free += " (min " + machines.FormatSize(m.MinFreeSpace) + ")"
 	}
 	return load, free
 }

@@ -9,6 +9,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/nix-offload/nix-offload/internal/brokerapi"
+	"github.com/nix-offload/nix-offload/internal/machines"
 	"github.com/nix-offload/nix-offload/internal/pool"
 	"github.com/nix-offload/nix-offload/internal/probe"
 	"github.com/nix-offload/nix-offload/internal/scheduler"
@@ -228,7 +229,7 @@ func (b *Broker) logPlacement(t *ticket, m *machine, present map[string]uint64) 
 
 func placementWhy(m *machine, present map[string]uint64) string {
 	if present[m.name] > 0 {
-		return "holds " + scheduler.Size(present[m.name]) + " of its inputs; the rest is asked for and sent"
+		return "holds " + machines.FormatSize(present[m.name]) + " of its inputs; the rest is asked for and sent"
 	}
 	if len(present) > 0 {
 		return "the machines holding its inputs are busy, or hold too little to count; load ÷ speed decides"

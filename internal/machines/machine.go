@@ -399,6 +399,21 @@ func ParseSize(s string) (uint64, string) {
 	return uint64(v), ""
 }
 
+// FormatSize formats bytes in binary units for people, as ParseSize reads them back: "512 B", "8.1 GiB", "10 GiB".
+func FormatSize(n uint64) string {
+	units := []string{"B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"}
+	f, i := float64(n), 0
+	for f >= 1024 && i < len(units)-1 {
+		f /= 1024
+		i++
+	}
+	if i == 0 {
+		return fmt.Sprintf("%d B", n)
+	}
+	s := strconv.FormatFloat(f, 'f', 1, 64)
+	return strings.TrimSuffix(s, ".0") + " " + units[i]
+}
+
 func checkSpeed(f float64) string {
 	switch {
 	case math.IsNaN(f) || math.IsInf(f, 0):

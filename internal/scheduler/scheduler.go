@@ -260,28 +260,13 @@ func Held(m machines.Machine, l Live) string {
 // tooFull says why a machine with free bytes on its store's filesystem gets no build under
 // min-free-space minFree: "store has 8.1 GiB free, min-free-space is 10 GiB".
 func tooFull(free, minFree uint64) string {
-	return fmt.Sprintf("store has %s free, min-free-space is %s", Size(free), Size(minFree))
+	return fmt.Sprintf("store has %s free, min-free-space is %s", machines.FormatSize(free), machines.FormatSize(minFree))
 }
 
 // tooBusy says why a machine with load per core gets no build under maxLoad:
 // "load 3.20 per core, max-load is 2".
 func tooBusy(load, maxLoad float64) string {
 	return fmt.Sprintf("load %.2f per core, max-load is %s", load, strconv.FormatFloat(maxLoad, 'f', -1, 64))
-}
-
-// Size formats bytes in binary units for people: "512 B", "8.1 GiB", "10 GiB".
-func Size(n uint64) string {
-	units := []string{"B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"}
-	f, i := float64(n), 0
-	for f >= 1024 && i < len(units)-1 {
-		f /= 1024
-		i++
-	}
-	if i == 0 {
-		return fmt.Sprintf("%d B", n)
-	}
-	s := strconv.FormatFloat(f, 'f', 1, 64)
-	return strings.TrimSuffix(s, ".0") + " " + units[i]
 }
 
 // speedOf returns m's speed factor, or 1 for a value Validate would reject, so that the load ÷

@@ -484,11 +484,3 @@ func TestPlaceLiveLimits(t *testing.T) {
 		t.Errorf("got %v (%s), want postpone", d.Verdict, d.Reason)
 	}
 }
-
-func TestSize(t *testing.T) {
-	for n, want := range map[uint64]string{0: "0 B", 1023: "1023 B", 1024: "1 KiB", 10 << 30: "10 GiB", 8697308774: "8.1 GiB", 1536 << 20: "1.5 GiB"} {
-		if got := Size(n); got != want {
-			t.Errorf("Size(%d) = %q, want %q", n, got, want)
-		}
-	}
-}
