@@ -2,19 +2,16 @@ package broker
 
 import (
 	"context"
-	"errors"
-	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/nix-offload/nix-offload/internal/brokerapi"
-	"github.com/nix-offload/nix-offload/internal/health"
-	"github.com/nix-offload/nix-offload/internal/localstore"
 	"github.com/nix-offload/nix-offload/internal/machines"
 	"github.com/nix-offload/nix-offload/internal/probe"
 	"github.com/nix-offload/nix-offload/internal/scheduler"
+	"github.com/nix-offload/nix-offload/internal/testbed"
 )
 
 // A hook's build overtakes the submissions waiting for a slot; submissions wait by priority,
@@ -48,7 +45,7 @@ func TestQueueOrderByPriority(t *testing.T) {
 		t.Fatalf("queue %v, want %v", order, want)
 	}
 	b.cancelTicket(running.Reservation, errCancelled)
-	waitFor(t, "the hook's build to get the slot", func() bool {
+	testbed.WaitFor(t, 5*time.Second, "the hook's build to get the slot", func() bool {
 		b.mu.Lock()
 		defer b.mu.Unlock()
 		tk := b.tickets[hook.Reservation]
@@ -74,25 +71,17 @@ func (f fakeProber) Probe(ctx context.Context, _ time.Duration) (probe.State, er
 
 // A machine whose store is nearly full gets no build while it says so, and the status says why.
 func TestFullMachineHeld(t *testing.T) {
-	h, err := health.Open(filepath.Join(t.TempDir(), "health.json"))
-	if err != nil {
-		t.Fatal(err)
-	}
 	full := testMachine("full", 4, "x86_64-linux")
 	full.MinFreeSpace = 10 << 30
 	answers := make(chan probe.State)
-	b := New(Options{
-		Config: &machines.Config{Machines: []machines.Machine{full}},
-		Health: h,
-		NewPool: func(machines.Machine, func(error)) Pool {
-			return fakeProber{st: answers}
-		},
-		OpenLocal:  func() (*localstore.Store, error) { return nil, errors.New("no local store in this test") },
+	b := New(testOptions(t, Options{
+		Config:     &machines.Config{Machines: []machines.Machine{full}},
+		NewPool:    func(machines.Machine, func(error)) Pool { return fakeProber{st: answers} },
 		StateEvery: 10 * time.Millisecond,
-	})
+	}))
 	t.Cleanup(b.Close)
 	answers <- probe.State{HasFree: true, FreeBytes: 8697308774, HasLoad: true, Load1: 0.5, Cores: 2}
-	waitFor(t, "the first probe's answer", func() bool { return b.Status().Machines[0].State != nil })
+	testbed.WaitFor(t, 5*time.Second, "the first probe's answer", func() bool { return b.Status().Machines[0].State != nil })
 	c := newClient(b)
 	if r := try(t, b, c, "/nix/store/a.drv", true); r.Verdict != brokerapi.Decline ||
 		!strings.Contains(r.Reason, "full store has 8.1 GiB free, min-free-space is 10 GiB") {
@@ -109,7 +98,7 @@ func TestFullMachineHeld(t *testing.T) {
 		t.Fatalf("unwilling try on a full machine: %+v", queued)
 	}
 	answers <- probe.State{HasFree: true, FreeBytes: 20 << 30}
-	waitFor(t, "the queued build to get the machine once it has room", func() bool {
+	testbed.WaitFor(t, 5*time.Second, "the queued build to get the machine once it has room", func() bool {
 		b.mu.Lock()
 		defer b.mu.Unlock()
 		tk := b.tickets[queued.Reservation]
