@@ -648,15 +648,21 @@ var (
 // Try answers a hook's "try". An accepted build holds a ticket for owner:
 // a slot, or a place in the queue, ahead of every submission's.
 func (b *Broker) Try(req brokerapi.TryRequest, owner *client) (brokerapi.TryResponse, error) {
-	return b.try(req, owner, brokerapi.PriorityHook)
+	return b.try(req, owner, brokerapi.PriorityHook, nil)
 }
 
-// try is Try for a build of the given priority.
-func (b *Broker) try(req brokerapi.TryRequest, owner *client, priority int) (brokerapi.TryResponse, error) {
+// try is Try for a build of the given priority, whose inputs include held (a graph's outputs
+// that stay on the machines that built them).
+func (b *Broker) try(req brokerapi.TryRequest, owner *client, priority int, held []brokerapi.HeldPath) (brokerapi.TryResponse, error) {
 	sreq := scheduler.Request{System: req.System, RequiredFeatures: req.RequiredFeatures, AmWilling: req.AmWilling}
 	// Before the lock: these read files and ask the local store.
 	hint := inputHint(req.DrvPath)
-	sizes := b.inputSizes(hint)
+	for _, h := range held {
+		if !slices.Contains(hint, h.Path) {
+			hint = append(hint, h.Path)
+		}
+	}
+	sizes := b.inputSizes(hint, held)
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if b.stopping {
@@ -664,6 +670,11 @@ func (b *Broker) try(req brokerapi.TryRequest, owner *client, priority int) (bro
 	}
 	t := b.newTicket(sreq, req.DrvPath, owner)
 	t.priority, t.hint, t.sizes = priority, hint, sizes
+	for _, h := range held {
+		if m := b.byName[h.Machine]; m != nil {
+			m.knowLocked(h.Path, h.NarSize)
+		}
+	}
 	d := b.decideLocked(t)
 	var resp brokerapi.TryResponse
 	switch d.Verdict {

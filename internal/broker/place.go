@@ -160,20 +160,31 @@ func inputHint(drvPath string) []string {
 	return hint
 }
 
-// inputSizes asks the local store for the NAR size of each hinted path; nil when it cannot
-// say (a path is not valid locally, no local store): placement then knows only what it
-// recorded on the machines.
-func (b *Broker) inputSizes(hint []string) map[string]uint64 {
+// inputSizes is the NAR size of each hinted path: from held for the paths a machine holds
+// (a graph's kept outputs, not valid locally), from the local store for the others. A path
+// whose size is unknown (no local store, not valid there) counts for nothing.
+func (b *Broker) inputSizes(hint []string, held []brokerapi.HeldPath) map[string]uint64 {
 	if len(hint) == 0 {
 		return nil
 	}
-	infos, err := b.local.pathInfos(hint)
-	if err != nil {
-		return nil
+	sizes := make(map[string]uint64, len(hint))
+	for _, h := range held {
+		if slices.Contains(hint, h.Path) {
+			sizes[h.Path] = h.NarSize
+		}
 	}
-	sizes := make(map[string]uint64, len(infos))
-	for _, in := range infos {
-		sizes[in.Path] = in.NarSize
+	var local []string
+	for _, p := range hint {
+		if _, ok := sizes[p]; !ok {
+			local = append(local, p)
+		}
+	}
+	if len(local) > 0 {
+		if infos, err := b.local.pathInfos(local); err == nil {
+			for _, in := range infos {
+				sizes[in.Path] = in.NarSize
+			}
+		}
 	}
 	return sizes
 }

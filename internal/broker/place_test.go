@@ -22,7 +22,7 @@ func TestQueueOrderByPriority(t *testing.T) {
 	running := try(t, b, c, "/nix/store/running.drv", false)
 	submit := func(drv string, priority int) {
 		t.Helper()
-		r, err := b.try(brokerapi.TryRequest{DrvPath: drv, System: "x86_64-linux"}, c, priority)
+		r, err := b.try(brokerapi.TryRequest{DrvPath: drv, System: "x86_64-linux"}, c, priority, nil)
 		if err != nil || !r.Queued {
 			t.Fatalf("%s: %+v, %v", drv, r, err)
 		}
@@ -140,4 +140,21 @@ func TestInputsPullTheBuild(t *testing.T) {
 		t.Errorf("input on its way to b: candidates %v, want b first", d.Candidates)
 	}
 	b.releaseLocked(first)
+}
+
+// A graph's input that stays on the machine that built it (held) pulls the build there.
+func TestHeldInputPullsTheBuild(t *testing.T) {
+	b := newTestBroker(t, testMachine("a", 4, "x86_64-linux"), testMachine("b", 4, "x86_64-linux"))
+	c := newClient(b)
+	try(t, b, c, "/nix/store/other.drv", false) // on a: config order
+	held := []brokerapi.HeldPath{{Machine: "root@a", PathInfo: brokerapi.PathInfo{
+		Path: "/nix/store/00000000000000000000000000000000-kept", NarSize: 32 << 20}}}
+	r, err := b.try(brokerapi.TryRequest{DrvPath: "/nix/store/c.drv", System: "x86_64-linux"}, c, 0, held)
+	if err != nil || r.Machine != "root@a" {
+		t.Errorf("got %+v, %v; want root@a, which holds the input", r, err)
+	}
+	r, err = b.try(brokerapi.TryRequest{DrvPath: "/nix/store/d.drv", System: "x86_64-linux"}, c, 0, nil)
+	if err != nil || r.Machine != "root@b" {
+		t.Errorf("without held inputs: got %+v, %v; want root@b, the less loaded", r, err)
+	}
 }

@@ -357,7 +357,7 @@ func (b *Broker) startBuild(req brokerapi.BuildRequest, c *client) (*build, int,
 		// A submission: decide as for a hook whose local side cannot build.
 		sreq := scheduler.Request{System: drv.Platform, RequiredFeatures: offload.RequiredFeatures(drv)}
 		priority := min(max(req.Priority, 0), brokerapi.MaxPriority)
-		resp, err := b.try(brokerapi.TryRequest{DrvPath: req.DrvPath, System: sreq.System, RequiredFeatures: sreq.RequiredFeatures}, c, priority)
+		resp, err := b.try(brokerapi.TryRequest{DrvPath: req.DrvPath, System: sreq.System, RequiredFeatures: sreq.RequiredFeatures}, c, priority, req.Held)
 		if err != nil {
 			return nil, http.StatusServiceUnavailable, err
 		}
