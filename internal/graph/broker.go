@@ -34,6 +34,7 @@ func (r *Remote) buildThroughBroker(ctx context.Context, n *Node, inputs []strin
 			Substitute:    r.Substitute,
 		},
 		KeepOutputs: true,
+		Priority:    min(n.Rank, brokerapi.MaxPriority),
 	}
 	for _, p := range inputs {
 		if h, ok := r.lookup(p); ok {

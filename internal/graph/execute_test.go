@@ -254,3 +254,17 @@ func TestExecuteCancelStopsEverything(t *testing.T) {
 		}
 	}
 }
+
+// Rank is the longest path of builds above a node: the broker starts long chains first.
+func TestLoadRanksByLongestRemainingPath(t *testing.T) {
+	// root needs chain2 and leaf; chain2 needs chain1, which needs chain0.
+	s := fakeStore{deps: map[string][]string{
+		"root": {"chain2", "leaf"}, "chain2": {"chain1"}, "chain1": {"chain0"}, "chain0": {}, "leaf": {},
+	}}
+	p := load(t, s, "root")
+	for name, want := range map[string]int{"root": 0, "chain2": 1, "leaf": 1, "chain1": 2, "chain0": 3} {
+		if got := p.Nodes[drvPath(name)].Rank; got != want {
+			t.Errorf("%s: rank %d, want %d", name, got, want)
+		}
+	}
+}

@@ -17,6 +17,10 @@ type Node struct {
 	Deps []string
 	// Valid: every output is valid locally; nothing is built.
 	Valid bool
+	// Rank is the length of the longest path of builds in the plan that depend on this one
+	// (0 for a root): the broker starts the higher ranks first (BuildRequest.Priority), so
+	// that long chains do not wait behind leaves.
+	Rank int
 
 	inputs map[string]*Node // the input derivations, when not Valid
 }
@@ -103,7 +107,30 @@ func Load(roots []string, read func(drvPath string) (*derivation.Derivation, err
 		}
 		sort.Strings(n.Deps)
 	}
+	p.rank()
 	return p, nil
+}
+
+// rank sets each node's Rank: the number of builds on the longest path of nodes that depend
+// on it, up to a root (a root, or a node nothing in the plan needs, is 0).
+func (p *Plan) rank() {
+	dependents := p.Dependents()
+	done := map[string]bool{}
+	var visit func(d string) int
+	visit = func(d string) int {
+		n := p.Nodes[d]
+		if done[d] {
+			return n.Rank
+		}
+		done[d] = true // a derivation graph has no cycles; this also ends one
+		for _, up := range dependents[d] {
+			n.Rank = max(n.Rank, visit(up)+1)
+		}
+		return n.Rank
+	}
+	for d := range p.Nodes {
+		visit(d)
+	}
 }
 
 // Dependents returns, for each node, the nodes that depend on it directly.
