@@ -238,25 +238,8 @@ func fetchOutputsDaemon(ctx context.Context, conn *daemonproto.Conn, local Local
 		byPath[p] = info
 		infos = append(infos, info)
 	}
-	if ev.Fetching != nil {
-		var total uint64
-		for _, i := range infos {
-			total += i.NarSize
-		}
-		ev.Fetching(len(infos), total)
-	}
-	if err := local.AddOutputs(infos, func(path string, w io.Writer) error {
+	return bringHome(local, infos, paths, ev, func(path string, w io.Writer) error {
 		_, err := conn.NarFromPath(ctx, byPath[path], w)
 		return err
-	}); err != nil {
-		return err
-	}
-	valid, err := local.Valid(paths)
-	if err != nil {
-		return err
-	}
-	if lost := without(paths, valid); len(lost) > 0 {
-		return fmt.Errorf("outputs not valid after import: %s", strings.Join(lost, ", "))
-	}
-	return nil
+	})
 }

@@ -251,6 +251,16 @@ func fetchOutputs(conn *serveproto.Conn, local Local, job Job, res *serveproto.B
 	for i, info := range infos {
 		paths[i] = info.Path
 	}
+	return bringHome(local, infos, paths, ev, func(path string, w io.Writer) error {
+		_, err := conn.DumpStorePath(path, w)
+		return err
+	})
+}
+
+// bringHome has the local store fetch and register the outputs whose
+// metadata the machine gave (whichever protocol it speaks), then checks that
+// every one of paths is valid here.
+func bringHome(local Local, infos []serveproto.PathInfo, paths []string, ev Events, fetch func(path string, w io.Writer) error) error {
 	if ev.Fetching != nil {
 		var total uint64
 		for _, i := range infos {
@@ -258,10 +268,7 @@ func fetchOutputs(conn *serveproto.Conn, local Local, job Job, res *serveproto.B
 		}
 		ev.Fetching(len(infos), total)
 	}
-	if err := local.AddOutputs(infos, func(path string, w io.Writer) error {
-		_, err := conn.DumpStorePath(path, w)
-		return err
-	}); err != nil {
+	if err := local.AddOutputs(infos, fetch); err != nil {
 		return err
 	}
 	valid, err := local.Valid(paths)
