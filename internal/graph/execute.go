@@ -168,7 +168,8 @@ func (x *executor) build(ctx context.Context, n *Node, finished chan<- done) {
 }
 
 // ready returns the undecided, not running nodes whose deps are built,
-// in a stable order.
+// the longest remaining path first (Rank), then by path: when slots are
+// short, the derivations that hold up the most work start first.
 func (x *executor) ready() []*Node {
 	var out []*Node
 	for _, n := range x.plan.Nodes {
@@ -184,7 +185,12 @@ func (x *executor) ready() []*Node {
 			out = append(out, n)
 		}
 	}
-	sort.Slice(out, func(i, j int) bool { return out[i].DrvPath < out[j].DrvPath })
+	sort.Slice(out, func(i, j int) bool {
+		if out[i].Rank != out[j].Rank {
+			return out[i].Rank > out[j].Rank
+		}
+		return out[i].DrvPath < out[j].DrvPath
+	})
 	return out
 }
 

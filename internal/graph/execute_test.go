@@ -198,18 +198,19 @@ func TestExecuteRunsReadyDerivationsAtOnce(t *testing.T) {
 
 func TestExecuteFirstFailureStopsWhatHasNotStarted(t *testing.T) {
 	s := fakeStore{deps: map[string][]string{"root": {"a", "z"}, "a": {}, "z": {"y"}, "y": {}}}
-	b := &fakeBuilder{fail: map[string]bool{"a": true}}
+	b := &fakeBuilder{fail: map[string]bool{"y": true}}
 	res := Execute(context.Background(), load(t, s, "root"), b, Options{MaxRunning: 1})
 	got := statuses(res)
-	// a runs first (sorted), fails; y was not started, root depends on a.
-	if got["a"] != "PermanentFailure" || got["root"] != "DependencyFailed" || got["y"] != "MiscFailure" || got["z"] != "MiscFailure" {
+	// y runs first (the longest path: z and root wait on it) and fails; a
+	// was not started; z and root depend on y.
+	if got["y"] != "PermanentFailure" || got["z"] != "DependencyFailed" || got["root"] != "DependencyFailed" || got["a"] != "MiscFailure" {
 		t.Errorf("statuses %v", got)
 	}
-	if !strings.Contains(res[drvPath("y")].Err.Error(), "-keep-going") {
-		t.Errorf("y's error %q does not say why it did not start", res[drvPath("y")].Err)
+	if r := res[drvPath("a")]; r == nil || r.Err == nil || !strings.Contains(r.Err.Error(), "-keep-going") {
+		t.Errorf("a's result %+v does not say why it did not start", r)
 	}
-	if !strings.Contains(res[drvPath("a")].Err.Error(), "exit code 1") {
-		t.Errorf("a's error %q lacks the machine's message", res[drvPath("a")].Err)
+	if r := res[drvPath("y")]; r == nil || r.Err == nil || !strings.Contains(r.Err.Error(), "exit code 1") {
+		t.Errorf("y's result %+v lacks the machine's message", r)
 	}
 }
 
@@ -266,5 +267,22 @@ func TestLoadRanksByLongestRemainingPath(t *testing.T) {
 		if got := p.Nodes[drvPath(name)].Rank; got != want {
 			t.Errorf("%s: rank %d, want %d", name, got, want)
 		}
+	}
+}
+
+// With one slot, the ready derivation with the longest path of work behind
+// it starts first, although another sorts before it by name.
+func TestExecuteStartsTheLongestPathFirst(t *testing.T) {
+	// "aleaf" sorts first by path, but "zchain0" has two builds behind it.
+	s := fakeStore{deps: map[string][]string{
+		"root": {"zchain1", "aleaf"}, "zchain1": {"zchain0"}, "zchain0": {}, "aleaf": {},
+	}}
+	b := &fakeBuilder{}
+	res := Execute(context.Background(), load(t, s, "root"), b, Options{MaxRunning: 1})
+	if res[drvPath("root")].Status != serveproto.Built {
+		t.Fatalf("root: %v", res[drvPath("root")].Status)
+	}
+	if len(b.order) == 0 || b.order[0] != "zchain0" {
+		t.Errorf("build order %v, want zchain0 (rank 2) before aleaf (rank 1)", b.order)
 	}
 }
