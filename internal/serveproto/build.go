@@ -162,6 +162,23 @@ type BuildResult struct {
 //
 // To cancel the build, close the transport's stdin (see [Conn.Close]).
 func (c *Conn) BuildDerivation(drvPath string, drv BasicDerivation, opts BuildOptions) (*BuildResult, error) {
+	return call(c, "BuildDerivation", func() (*Reply[*BuildResult], error) { return c.SendBuildDerivation(drvPath, drv, opts) })
+}
+
+// SendBuildDerivation is [Conn.BuildDerivation] sent ahead: requests sent
+// after it are handled when the build is over, and its reply is read in
+// its turn. A failed build is still a BuildResult, in step.
+func (c *Conn) SendBuildDerivation(drvPath string, drv BasicDerivation, opts BuildOptions) (*Reply[*BuildResult], error) {
+	op, err := newBuildDerivation(c, drvPath, drv, opts)
+	if err != nil {
+		return nil, err
+	}
+	return sendFor(c, op, func() *BuildResult { return &op.Result })
+}
+
+// newBuildDerivation checks a BuildDerivation's arguments and makes its
+// operation.
+func newBuildDerivation(c *Conn, drvPath string, drv BasicDerivation, opts BuildOptions) (*buildDerivationOp, error) {
 	const opName = "BuildDerivation"
 	if err := checkDrvPath(opName, drvPath); err != nil {
 		return nil, err
@@ -183,11 +200,7 @@ func (c *Conn) BuildDerivation(drvPath string, drv BasicDerivation, opts BuildOp
 	if err != nil {
 		return nil, err
 	}
-	op := &buildDerivationOp{DrvPath: drvPath, Drv: drv, Opts: wo, minor: c.minor()}
-	if err := c.do(op); err != nil {
-		return nil, err
-	}
-	return &op.Result, nil
+	return &buildDerivationOp{DrvPath: drvPath, Drv: drv, Opts: wo, minor: c.minor()}, nil
 }
 
 func checkDrvPath(op, p string) error {

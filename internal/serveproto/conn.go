@@ -9,6 +9,8 @@ import (
 	"fmt"
 	"io"
 	"math"
+	"slices"
+	"strings"
 	"sync/atomic"
 	"time"
 
@@ -63,15 +65,26 @@ type Options struct {
 // fails with anything but an argument error or a [*BuildPathsError], the
 // stream may be out of step, so the Conn is broken: every later call
 // returns the same error at once.
+//
+// Requests can also be sent ahead of their replies (pipelined): the Send
+// methods ([Conn.SendBuildDerivation], …) write a request and return a
+// handle whose Read reads its reply later. The server answers one command
+// after the other on one stream, so replies are read in the order the
+// requests were sent; reading one out of turn is an error that reads
+// nothing. Any failure while a reply is read breaks the Conn, and with it
+// every reply still pending. While replies are pending, the plain methods
+// refuse to run and [Conn.Err] reports them, so a Conn given up with
+// replies unread is never taken for one in step.
 type Conn struct {
 	rr  *recordingReader // the transport's reader, to tell a dead stream from a bad NAR
 	r   *bufio.Reader
 	w   *bufio.Writer
 	opt Options
 
-	server Version
-	err    error // sticky: the error that broke the Conn
-	closed atomic.Bool
+	server  Version
+	err     error       // sticky: the error that broke the Conn
+	pending []operation // requests sent whose replies are unread, oldest first
+	closed  atomic.Bool
 }
 
 // HandshakeWithin is [Handshake] bounded by timeout and by ctx. A machine
@@ -195,14 +208,66 @@ func (c *Conn) ServerVersion() Version { return c.server }
 // use the smaller of both versions themselves.
 func (c *Conn) minor() int { return min(c.server.Minor(), Version(ClientVersion).Minor()) }
 
-// Err returns the error that broke the Conn, [ErrClosed] after Close, or
-// nil while the Conn is usable.
+// Err returns the error that broke the Conn, [ErrClosed] after Close, a
+// [*PendingError] while replies of pipelined requests are unread, or nil
+// while the Conn is usable.
 func (c *Conn) Err() error {
+	if err := c.broken(); err != nil {
+		return err
+	}
+	if len(c.pending) > 0 {
+		return c.pendingErr("")
+	}
+	return nil
+}
+
+// broken is the error that ends every use of the Conn, or nil.
+func (c *Conn) broken() error {
 	if c.err != nil {
 		return c.err
 	}
 	if c.closed.Load() {
 		return ErrClosed
+	}
+	return nil
+}
+
+// PendingError says that replies of requests sent ahead are still unread:
+// the next bytes on the stream are theirs.
+type PendingError struct {
+	Op      string // the operation that could not run, or ""
+	Pending []string
+}
+
+func (e *PendingError) Error() string {
+	what := fmt.Sprintf("%d replies unread (%s)", len(e.Pending), strings.Join(e.Pending, ", "))
+	if e.Op == "" {
+		return "serveproto: " + what
+	}
+	return fmt.Sprintf("serveproto: %s: %s", e.Op, what)
+}
+
+func (c *Conn) pendingErr(op string) error {
+	names := make([]string, len(c.pending))
+	for i, p := range c.pending {
+		names[i] = p.name()
+	}
+	return &PendingError{Op: op, Pending: names}
+}
+
+// Flush sends the requests written by the Send methods that are still in
+// the buffer. Reading a reply flushes too; Flush is for letting the
+// server start while the caller does something else first.
+func (c *Conn) Flush() error {
+	if err := c.broken(); err != nil {
+		return err
+	}
+	if err := c.w.Flush(); err != nil {
+		name := "request"
+		if len(c.pending) > 0 {
+			name = c.pending[len(c.pending)-1].name()
+		}
+		return c.fail(&StreamError{Op: name, Writing: true, Err: err})
 	}
 	return nil
 }
@@ -251,20 +316,32 @@ type operation interface {
 }
 
 // do runs one operation and keeps the Conn's state: on failure the Conn is
-// broken, and stream errors pass through Options.Explain.
+// broken, and stream errors pass through Options.Explain. It refuses to
+// run while replies of pipelined requests are unread.
 func (c *Conn) do(op operation) error {
 	if err := c.Err(); err != nil {
+		if errors.As(err, new(*PendingError)) {
+			return c.pendingErr(op.name())
+		}
+		return err
+	}
+	if err := c.send(op); err != nil {
+		return err
+	}
+	return c.receive(op)
+}
+
+// send writes op's request into the buffer, unflushed, and queues op for
+// its reply. A request that could not be written whole breaks the Conn.
+func (c *Conn) send(op operation) error {
+	if err := c.broken(); err != nil {
 		return err
 	}
 	e := wire.NewWriter(c.w)
 	if cmd := op.command(); cmd != 0 {
 		e.Uint64(uint64(cmd))
 	}
-	err := op.writeRequest(e)
-	if err == nil {
-		err = e.Flush()
-	}
-	if err != nil {
+	if err := op.writeRequest(e); err != nil || e.Err() != nil {
 		if e.Err() != nil {
 			// The transport writer failed, whatever the NAR copy
 			// reported on top of it.
@@ -272,6 +349,27 @@ func (c *Conn) do(op operation) error {
 		}
 		return c.fail(err)
 	}
+	c.pending = append(c.pending, op)
+	return nil
+}
+
+// receive flushes what is buffered and reads the reply of op, which must
+// be the oldest one pending.
+func (c *Conn) receive(op operation) error {
+	if err := c.broken(); err != nil {
+		return err
+	}
+	i := slices.Index(c.pending, op)
+	switch {
+	case i < 0:
+		return fmt.Errorf("serveproto: %s: no such reply pending (read twice?)", op.name())
+	case i > 0:
+		return fmt.Errorf("serveproto: %s: reply read out of turn: %w", op.name(), c.pendingErr(""))
+	}
+	if err := c.w.Flush(); err != nil {
+		return c.fail(&StreamError{Op: op.name(), Writing: true, Err: err})
+	}
+	c.pending = c.pending[1:]
 	if err := op.readReply(&decoder{r: c.r, op: op.name()}); err != nil {
 		return c.fail(err)
 	}
@@ -286,7 +384,49 @@ func (c *Conn) fail(err error) error {
 		}
 	}
 	c.err = err
+	c.pending = nil // their replies can no longer be read
 	return err
+}
+
+// Reply is the reply to a request sent ahead by one of the Send methods.
+type Reply[T any] struct {
+	c      *Conn
+	op     operation
+	result func() T
+}
+
+// Read reads the reply, flushing what was sent before if it is still
+// buffered. Replies are read in the order their requests were sent.
+func (r *Reply[T]) Read() (T, error) {
+	if err := r.c.receive(r.op); err != nil {
+		var zero T
+		return zero, err
+	}
+	return r.result(), nil
+}
+
+// call runs a Send method and reads its reply at once: the plain methods.
+// It refuses to run while other replies are pending.
+func call[T any](c *Conn, name string, send func() (*Reply[T], error)) (T, error) {
+	var zero T
+	if err := c.Err(); err != nil {
+		if errors.As(err, new(*PendingError)) {
+			return zero, c.pendingErr(name)
+		}
+		return zero, err
+	}
+	r, err := send()
+	if err != nil {
+		return zero, err
+	}
+	return r.Read()
+}
+
+func sendFor[T any](c *Conn, op operation, result func() T) (*Reply[T], error) {
+	if err := c.send(op); err != nil {
+		return nil, err
+	}
+	return &Reply[T]{c: c, op: op, result: result}, nil
 }
 
 // checkPaths validates store paths given by the caller, before anything is

@@ -46,14 +46,18 @@ type PathInfo struct {
 // first tries to substitute missing paths from its own substituters.
 // Both flags need --write on the server and are ignored without it.
 func (c *Conn) QueryValidPaths(paths []string, lock, substitute bool) ([]string, error) {
+	return call(c, "QueryValidPaths", func() (*Reply[[]string], error) { return c.SendQueryValidPaths(paths, lock, substitute) })
+}
+
+// SendQueryValidPaths is [Conn.QueryValidPaths] sent ahead: its reply is
+// read later, after those of the requests sent before it. The server
+// handles the request (and takes the locks) before any sent after it.
+func (c *Conn) SendQueryValidPaths(paths []string, lock, substitute bool) (*Reply[[]string], error) {
 	if err := checkPaths("QueryValidPaths", "request", paths); err != nil {
 		return nil, err
 	}
 	op := &queryValidPathsOp{Lock: lock, Substitute: substitute, Paths: paths}
-	if err := c.do(op); err != nil {
-		return nil, err
-	}
-	return op.Valid, nil
+	return sendFor(c, op, func() []string { return op.Valid })
 }
 
 // queryValidPathsOp is command 1 (cmdQueryValidPaths; server: nix 2.8.0
@@ -87,14 +91,18 @@ func (op *queryValidPathsOp) readReply(d *decoder) (err error) {
 // valid there, in sorted order; invalid paths are left out. Against a server
 // older than 2.4, NarHash, CA and Sigs are empty.
 func (c *Conn) QueryPathInfos(paths []string) ([]PathInfo, error) {
+	return call(c, "QueryPathInfos", func() (*Reply[[]PathInfo], error) { return c.SendQueryPathInfos(paths) })
+}
+
+// SendQueryPathInfos is [Conn.QueryPathInfos] sent ahead. Paths that are
+// not valid when the server gets to it are left out of the reply, so it
+// is safe to send after a build whose outcome is not known yet.
+func (c *Conn) SendQueryPathInfos(paths []string) (*Reply[[]PathInfo], error) {
 	if err := checkPaths("QueryPathInfos", "request", paths); err != nil {
 		return nil, err
 	}
 	op := &queryPathInfosOp{Paths: paths, minor: c.minor()}
-	if err := c.do(op); err != nil {
-		return nil, err
-	}
-	return op.Infos, nil
+	return sendFor(c, op, func() []PathInfo { return op.Infos })
 }
 
 // queryPathInfosOp is command 2 (cmdQueryPathInfos; server: nix 2.8.0
@@ -245,6 +253,41 @@ func (c *Conn) DumpStorePath(path string, w io.Writer) (nar.Stats, error) {
 		return nar.Stats{}, err
 	}
 	return op.Stats, nil
+}
+
+// DumpReply is the NAR a [Conn.SendDumpStorePath] asked for.
+type DumpReply struct {
+	c  *Conn
+	op *dumpStorePathOp
+}
+
+// Path is the store path asked for.
+func (r *DumpReply) Path() string { return r.op.Path }
+
+// ReadTo reads the NAR into w, as [Conn.DumpStorePath] does, in its turn
+// among the pending replies. io.Discard skips a NAR no longer wanted and
+// keeps the stream in step.
+func (r *DumpReply) ReadTo(w io.Writer) (nar.Stats, error) {
+	r.op.w = w
+	if err := r.c.receive(r.op); err != nil {
+		return nar.Stats{}, err
+	}
+	return r.op.Stats, nil
+}
+
+// SendDumpStorePath is [Conn.DumpStorePath] sent ahead. The server exits
+// when the path is not valid by the time it gets to the request, which
+// ends the session: send it after a build only when losing the session on
+// a failed build is acceptable.
+func (c *Conn) SendDumpStorePath(path string) (*DumpReply, error) {
+	if err := checkPaths("DumpStorePath", "request", []string{path}); err != nil {
+		return nil, err
+	}
+	op := &dumpStorePathOp{Path: path, rr: c.rr}
+	if err := c.send(op); err != nil {
+		return nil, err
+	}
+	return &DumpReply{c: c, op: op}, nil
 }
 
 // dumpStorePathOp is command 3 (cmdDumpStorePath; server: nix 2.8.0
