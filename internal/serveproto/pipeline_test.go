@@ -31,8 +31,8 @@ func newPipelineCase(t *testing.T) pipelineCase {
 		u(1, 1, 0).list(pathA). // QueryValidPaths lock, no substitute
 		u(8).s(drvPath).u(1).s("out", outPath, "", "").list(pathA).s("x86_64-linux", "/bin/sh").
 		list("-c", "cp -r $in $out").u(1).s("out", outPath).u(0, 0, 0, 0, 0, 0). // BuildDerivation, 2.7 options
-		u(2).list(outPath). // QueryPathInfos
-		u(3).s(outPath).    // DumpStorePath
+		u(2).list(outPath).                                                      // QueryPathInfos
+		u(3).s(outPath).                                                         // DumpStorePath
 		b()
 	return pipelineCase{drv: drv, requests: requests, narBytes: narBytes}
 }
