@@ -6,13 +6,24 @@ import (
 )
 
 // uploads is one machine's table of paths being sent to it, so that a path
-// several builds need is sent once while the others wait for it, and the
-// bound on parallel upload streams to the machine.
+// several builds need is sent once while the others wait for it, the bound
+// on parallel upload streams to the machine, and the paths this broker
+// knows are valid there.
 type uploads struct {
 	mu       sync.Mutex
 	inflight map[string]*flight
 	streams  chan struct{}
+	// valid holds the paths seen valid on the machine during this broker's
+	// life: sent whole and accepted, found by a query, or built there. A
+	// build whose inputs are all in it checks them in its build's flight
+	// instead of asking first (offload.Transfers.Known). Unlike the
+	// machine's locality table (machine.has), it holds nothing that is
+	// only on its way.
+	valid map[string]struct{}
 }
+
+// maxValidPaths bounds uploads.valid: past it, the table starts over.
+const maxValidPaths = 100_000
 
 type flight struct {
 	done    chan struct{}
@@ -65,6 +76,39 @@ func (u *uploads) claim(ctx context.Context, path string) (upload bool, done fun
 	}
 }
 
+// known reports whether every one of paths is in the valid table.
+func (u *uploads) known(paths []string) bool {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	for _, p := range paths {
+		if _, ok := u.valid[p]; !ok {
+			return false
+		}
+	}
+	return true
+}
+
+// present adds paths to the valid table.
+func (u *uploads) present(paths []string) {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if u.valid == nil || len(u.valid)+len(paths) > maxValidPaths {
+		u.valid = map[string]struct{}{}
+	}
+	for _, p := range paths {
+		u.valid[p] = struct{}{}
+	}
+}
+
+// forget takes paths found not valid out of the valid table.
+func (u *uploads) forget(paths []string) {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	for _, p := range paths {
+		delete(u.valid, p)
+	}
+}
+
 // waiting returns how many claims wait for the upload of path in flight.
 func (u *uploads) waiting(path string) int {
 	u.mu.Lock()
@@ -83,7 +127,13 @@ type transfers struct {
 }
 
 func (t transfers) Locked(paths []string) (locked, rest []string) { return t.sess.Locked(paths) }
-func (t transfers) MarkLocked(paths []string)                     { t.sess.MarkLocked(paths) }
+func (t transfers) MarkLocked(paths []string) {
+	t.sess.MarkLocked(paths)
+	t.up.present(paths)
+}
+func (t transfers) Known(paths []string) bool { return t.up.known(paths) }
+func (t transfers) Present(paths []string)    { t.up.present(paths) }
+func (t transfers) Forget(paths []string)     { t.up.forget(paths) }
 func (t transfers) Claim(ctx context.Context, path string) (bool, func(error), error) {
 	return t.up.claim(ctx, path)
 }

@@ -84,3 +84,28 @@ func TestUploadsBoundStreams(t *testing.T) {
 	}
 	d2(nil)
 }
+
+// The machine's valid table knows a path once it was seen valid there
+// (sent and accepted, found by a query, built there), not while it is on
+// its way, and forgets it when it is found gone.
+func TestUploadsKnowWhatIsValid(t *testing.T) {
+	u := newUploads(1)
+	tr := transfers{sess: nil, up: u}
+	const a, b = "/nix/store/a", "/nix/store/b"
+	_, done, err := u.claim(context.Background(), a)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if tr.Known([]string{a}) {
+		t.Error("a path on its way is known")
+	}
+	done(nil)
+	tr.Present([]string{a, b})
+	if !tr.Known([]string{a, b}) {
+		t.Error("paths built there are not known")
+	}
+	tr.Forget([]string{b})
+	if tr.Known([]string{a, b}) || !tr.Known([]string{a}) {
+		t.Error("a path found gone is still known, or forgetting it forgot another")
+	}
+}

@@ -92,8 +92,25 @@ func (e *BuildError) TimedOut() bool { return e.Status == serveproto.TimedOut }
 // Run builds job over conn. ctx cancellation is the caller's business: close
 // the session behind conn to stop a running build (see transport). Run
 // returns a *BuildError when the build itself failed on the machine.
+//
+// Requests whose answers the next one does not need go out together (see
+// [serveproto.Conn]): the build, the query for its outputs and, unless
+// the outputs stay on the machine, their NARs, so a build whose inputs
+// are there costs one round trip. Inputs that Job.Transfers knows to be
+// on the machine are checked (and locked) in the same flight, ahead of
+// the build; if one turns out to be gone, the build fails for want of it
+// and Run sends it and builds again. When a build fails, the NAR requests
+// already sent leave the session out of use (the machine exits on the
+// first one): a session after a failed build is not reused.
 func Run(ctx context.Context, conn *serveproto.Conn, local Local, job Job, ev Events) error {
-	if err := sendInputs(ctx, conn, local, job, ev); err != nil {
+	return run(ctx, conn, local, job, ev, true)
+}
+
+// run is Run; with trustKnown false every input is asked for before the
+// build (after a stale hint).
+func run(ctx context.Context, conn *serveproto.Conn, local Local, job Job, ev Events, trustKnown bool) error {
+	unchecked, err := sendInputs(ctx, conn, local, job, ev, trustKnown)
+	if err != nil {
 		if ctx.Err() != nil {
 			// The caller closed the session: the read or write that
 			// failed says only "file already closed".
@@ -111,18 +128,33 @@ func Run(ctx context.Context, conn *serveproto.Conn, local Local, job Job, ev Ev
 	if ev.Building != nil {
 		ev.Building()
 	}
-	res, err := conn.BuildDerivation(job.DrvPath, drv, job.Options)
+	fl, err := sendBuild(conn, job, drv, unchecked)
+	if err == nil {
+		err = fl.readBuild()
+	}
 	if err != nil {
 		if ctxErr := ctx.Err(); ctxErr != nil {
 			return fmt.Errorf("build of '%s' on '%s' stopped: %w", job.DrvPath, job.Machine, context.Cause(ctx))
 		}
 		return fmt.Errorf("build of '%s' on '%s': %w", job.DrvPath, job.Machine, err)
 	}
+	res := fl.res
 	if !res.Status.Success() {
+		if len(fl.gone) > 0 && fl.infos != nil {
+			// The build failed for want of inputs this side believed
+			// were there: the stream is in step (no NAR was asked for),
+			// so send them and build again.
+			if _, err := fl.infos.Read(); err == nil {
+				return run(ctx, conn, local, job, ev, false)
+			}
+		}
 		return &BuildError{DrvPath: job.DrvPath, Machine: job.Machine, Status: res.Status, Msg: res.ErrorMsg}
 	}
+	infos, err := fl.outputInfos(conn, job)
+	if err == nil && job.Transfers != nil {
+		job.Transfers.Present(fl.paths)
+	}
 	if job.KeepOutputs {
-		infos, err := outputInfos(conn, job, res)
 		if err != nil {
 			return fmt.Errorf("outputs of '%s' on '%s': %w", job.DrvPath, job.Machine, err)
 		}
@@ -131,7 +163,10 @@ func Run(ctx context.Context, conn *serveproto.Conn, local Local, job Job, ev Ev
 		}
 		return nil
 	}
-	if err := fetchOutputs(conn, local, job, res, ev); err != nil {
+	if err == nil {
+		err = fl.fetchOutputs(conn, local, infos, ev)
+	}
+	if err != nil {
 		if ctx.Err() != nil {
 			return fmt.Errorf("copying outputs of '%s' from '%s' stopped: %w", job.DrvPath, job.Machine, context.Cause(ctx))
 		}
@@ -140,32 +175,194 @@ func Run(ctx context.Context, conn *serveproto.Conn, local Local, job Job, ev Ev
 	return nil
 }
 
+// buildFlight is a build's requests, sent together, and their replies.
+type buildFlight struct {
+	conn    *serveproto.Conn
+	job     Job
+	check   *serveproto.Reply[[]string] // the unchecked inputs, locked; nil if none
+	toCheck []string
+	gone    []string // unchecked inputs the machine did not have
+	build   *serveproto.Reply[*serveproto.BuildResult]
+	res     *serveproto.BuildResult
+	paths   []string                                 // the wanted outputs, if known before the build
+	infos   *serveproto.Reply[[]serveproto.PathInfo] // nil unless paths are known
+	dumps   []*serveproto.DumpReply                  // NARs asked for, in the order of paths
+}
+
+// sendBuild sends the build and what can go with it: first a locking
+// query for the inputs not asked for yet (unchecked), then the build, the
+// query for the outputs when their paths are known, and their NARs when
+// they come home and nothing is unchecked.
+func sendBuild(conn *serveproto.Conn, job Job, drv serveproto.BasicDerivation, unchecked []string) (*buildFlight, error) {
+	fl := &buildFlight{conn: conn, job: job, toCheck: unchecked}
+	var err error
+	if len(unchecked) > 0 {
+		if fl.check, err = conn.SendQueryValidPaths(unchecked, true, job.Substitute); err != nil {
+			return nil, err
+		}
+	}
+	if fl.build, err = conn.SendBuildDerivation(job.DrvPath, drv, job.Options); err != nil {
+		return nil, err
+	}
+	paths, err := outputPaths(job, nil)
+	if err != nil {
+		// A floating content-addressed output: the build result says
+		// where it is.
+		return fl, nil
+	}
+	fl.paths = paths
+	if fl.infos, err = conn.SendQueryPathInfos(paths); err != nil {
+		return nil, err
+	}
+	if fl.check == nil {
+		err = fl.sendDumps()
+	}
+	return fl, err
+}
+
+// sendDumps asks for the outputs' NARs, unless they stay on the machine.
+func (fl *buildFlight) sendDumps() error {
+	conn := fl.conn
+	if fl.job.KeepOutputs || fl.paths == nil {
+		return nil
+	}
+	for _, p := range fl.paths {
+		d, err := conn.SendDumpStorePath(p)
+		if err != nil {
+			return err
+		}
+		fl.dumps = append(fl.dumps, d)
+	}
+	return conn.Flush()
+}
+
+// readBuild reads the input check, if any, and the build's result. With
+// every input there, the NARs are asked for before the build ends.
+func (fl *buildFlight) readBuild() error {
+	if fl.check != nil {
+		have, err := fl.check.Read()
+		if err != nil {
+			return err
+		}
+		if tr := fl.job.Transfers; tr != nil {
+			tr.MarkLocked(have)
+			if fl.gone = without(fl.toCheck, have); len(fl.gone) > 0 {
+				tr.Forget(fl.gone)
+			}
+		}
+		if len(fl.gone) == 0 {
+			if err := fl.sendDumps(); err != nil {
+				return err
+			}
+		}
+	}
+	res, err := fl.build.Read()
+	fl.res = res
+	return err
+}
+
+// outputInfos reads the wanted outputs' metadata, or asks for it now when
+// the output paths came with the result.
+func (fl *buildFlight) outputInfos(conn *serveproto.Conn, job Job) ([]serveproto.PathInfo, error) {
+	var infos []serveproto.PathInfo
+	var err error
+	if fl.infos != nil {
+		infos, err = fl.infos.Read()
+	} else {
+		if fl.paths, err = outputPaths(job, fl.res); err != nil {
+			return nil, err
+		}
+		// Nix hands the hook only outputs that are not valid here, and
+		// AddOutputs skips any that are: no local query first.
+		infos, err = conn.QueryPathInfos(fl.paths)
+	}
+	if err != nil {
+		return nil, err
+	}
+	if got := len(infos); got != len(fl.paths) {
+		return nil, fmt.Errorf("the machine reports %d of %d outputs valid after building", got, len(fl.paths))
+	}
+	return infos, nil
+}
+
+// fetchOutputs has the local store fetch and register the outputs, from
+// the NARs already asked for where it takes them in that order. A NAR it
+// does not take is read past, so that the session stays in step.
+func (fl *buildFlight) fetchOutputs(conn *serveproto.Conn, local Local, infos []serveproto.PathInfo, ev Events) error {
+	skip := func(ds []*serveproto.DumpReply) error {
+		for _, d := range ds {
+			if _, err := d.ReadTo(io.Discard); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
+	err := bringHome(local, infos, fl.paths, ev, func(path string, w io.Writer) error {
+		i := slices.IndexFunc(fl.dumps, func(d *serveproto.DumpReply) bool { return d.Path() == path })
+		if i < 0 {
+			// Not asked for, or asked for and read past: ask now.
+			if err := skip(fl.dumps); err != nil {
+				return err
+			}
+			fl.dumps = nil
+			_, err := conn.DumpStorePath(path, w)
+			return err
+		}
+		if err := skip(fl.dumps[:i]); err != nil {
+			return err
+		}
+		d := fl.dumps[i]
+		fl.dumps = fl.dumps[i+1:]
+		_, err := d.ReadTo(w)
+		return err
+	})
+	if err != nil {
+		return err
+	}
+	// Outputs valid here already were not fetched.
+	err = skip(fl.dumps)
+	fl.dumps = nil
+	return err
+}
+
 // sendInputs asks the machine which inputs it lacks and sends those,
-// references first, each streamed from the local store.
-func sendInputs(ctx context.Context, conn *serveproto.Conn, local Local, job Job, ev Events) error {
+// references first, each streamed from the local store. Inputs that
+// job.Transfers knows are there (with trustKnown) are not asked for: it
+// returns them, to be checked in the build's flight.
+func sendInputs(ctx context.Context, conn *serveproto.Conn, local Local, job Job, ev Events, trustKnown bool) (unchecked []string, err error) {
 	inputs := inputSrcs(job)
 	if len(inputs) == 0 {
-		return nil
+		return nil, nil
 	}
 	tr := job.Transfers
 	if tr != nil {
 		_, inputs = tr.Locked(inputs)
 		if len(inputs) == 0 {
-			return nil
+			return nil, nil
+		}
+		if trustKnown && tr.Known(inputs) {
+			return inputs, nil
 		}
 	}
 	// lock: the machine keeps them as temporary GC roots while we build.
 	have, err := conn.QueryValidPaths(inputs, true, job.Substitute)
 	if err != nil {
-		return err
-	}
-	if tr != nil {
-		tr.MarkLocked(have)
+		return nil, err
 	}
 	missing := without(inputs, have)
-	if len(missing) == 0 {
-		return nil
+	if tr != nil {
+		tr.MarkLocked(have)
+		tr.Forget(missing)
 	}
+	if len(missing) == 0 {
+		return nil, nil
+	}
+	return nil, upload(ctx, conn, local, job, ev, missing)
+}
+
+// upload sends the missing inputs.
+func upload(ctx context.Context, conn *serveproto.Conn, local Local, job Job, ev Events, missing []string) error {
+	tr := job.Transfers
 	infos, err := local.PathInfos(missing)
 	if err != nil {
 		return err
@@ -209,7 +406,7 @@ func sendInputs(ctx context.Context, conn *serveproto.Conn, local Local, job Job
 	}
 	// Another session sent these: lock them for this one too, and make
 	// sure they arrived.
-	have, err = conn.QueryValidPaths(sentElsewhere, true, false)
+	have, err := conn.QueryValidPaths(sentElsewhere, true, false)
 	if err != nil {
 		return err
 	}
@@ -240,23 +437,6 @@ func sendOne(conn *serveproto.Conn, local Local, info serveproto.PathInfo) error
 	return nil
 }
 
-// fetchOutputs asks the machine for the wanted outputs' metadata and has
-// the local store fetch and register them.
-func fetchOutputs(conn *serveproto.Conn, local Local, job Job, res *serveproto.BuildResult, ev Events) error {
-	infos, err := outputInfos(conn, job, res)
-	if err != nil {
-		return err
-	}
-	paths := make([]string, len(infos))
-	for i, info := range infos {
-		paths[i] = info.Path
-	}
-	return bringHome(local, infos, paths, ev, func(path string, w io.Writer) error {
-		_, err := conn.DumpStorePath(path, w)
-		return err
-	})
-}
-
 // bringHome has the local store fetch and register the outputs whose
 // metadata the machine gave (whichever protocol it speaks), then checks that
 // every one of paths is valid here.
@@ -281,27 +461,9 @@ func bringHome(local Local, infos []serveproto.PathInfo, paths []string, ev Even
 	return nil
 }
 
-// outputInfos asks the machine for the wanted outputs' metadata.
-func outputInfos(conn *serveproto.Conn, job Job, res *serveproto.BuildResult) ([]serveproto.PathInfo, error) {
-	paths, err := outputPaths(job, res)
-	if err != nil {
-		return nil, err
-	}
-	// Nix hands the hook only outputs that are not valid here, and
-	// AddOutputs skips any that are: no local query first.
-	infos, err := conn.QueryPathInfos(paths)
-	if err != nil {
-		return nil, err
-	}
-	if got := len(infos); got != len(paths) {
-		return nil, fmt.Errorf("the machine reports %d of %d outputs valid after building", got, len(paths))
-	}
-	return infos, nil
-}
-
 // outputPaths returns the store paths of the wanted outputs (all if none
 // is named): from the derivation, or for floating content-addressed ones
-// from the build result.
+// from the build result (res nil: not known yet, an error).
 func outputPaths(job Job, res *serveproto.BuildResult) ([]string, error) {
 	names := job.WantedOutputs
 	if len(names) == 0 {
@@ -316,7 +478,7 @@ func outputPaths(job Job, res *serveproto.BuildResult) ([]string, error) {
 		if o, ok := job.Drv.Outputs[n]; ok {
 			p = o.Path
 		}
-		if p == "" {
+		if p == "" && res != nil {
 			p = res.BuiltOutputs[n]
 		}
 		if p == "" {

@@ -12,6 +12,18 @@ type Transfers interface {
 	// MarkLocked records paths the session found valid with a locking
 	// query, or added itself.
 	MarkLocked(paths []string)
+	// Known reports whether every one of paths is valid on the machine as
+	// far as this process knows: it sent them, built them or found them
+	// there, though this session has not locked them. A belief can be
+	// stale (a garbage collection on the machine): Run then checks and
+	// locks them in the same flight as the build, and recovers if one is
+	// gone.
+	Known(paths []string) bool
+	// Present records paths found valid on the machine without being
+	// locked by the session: outputs it built.
+	Present(paths []string)
+	// Forget records paths found not valid on the machine.
+	Forget(paths []string)
 	// Claim is called before a path is sent. upload: the caller sends it and
 	// then calls done with the outcome. Otherwise another build on the same
 	// machine sent it while Claim waited, and done is nil. If that other
