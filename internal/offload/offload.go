@@ -150,9 +150,19 @@ func run(ctx context.Context, conn *serveproto.Conn, local Local, job Job, ev Ev
 		}
 		return &BuildError{DrvPath: job.DrvPath, Machine: job.Machine, Status: res.Status, Msg: res.ErrorMsg}
 	}
+	known := fl.infos != nil // the output paths were known before the build
 	infos, err := fl.outputInfos(conn, job)
-	if err == nil && job.Transfers != nil {
-		job.Transfers.Present(fl.paths)
+	if tr := job.Transfers; err == nil && tr != nil {
+		if known {
+			// The machine's build took temporary GC roots on them, for
+			// the session's life (nix 2.8.0 src/libstore/build/
+			// derivation-goal.cc haveDerivation; the same in 2.26 and
+			// 2.34): the next build on this session that needs them
+			// need not even check.
+			tr.MarkLocked(fl.paths)
+		} else {
+			tr.Present(fl.paths)
+		}
 	}
 	if job.KeepOutputs {
 		if err != nil {

@@ -10,7 +10,7 @@ type Transfers interface {
 	// valid and GC-locked on the machine (they need no query) and the rest.
 	Locked(paths []string) (locked, rest []string)
 	// MarkLocked records paths the session found valid with a locking
-	// query, or added itself.
+	// query, added itself, or built (outputs of known path).
 	MarkLocked(paths []string)
 	// Known reports whether every one of paths is valid on the machine as
 	// far as this process knows: it sent them, built them or found them
@@ -20,7 +20,7 @@ type Transfers interface {
 	// gone.
 	Known(paths []string) bool
 	// Present records paths found valid on the machine without being
-	// locked by the session: outputs it built.
+	// locked by the session: floating content-addressed outputs it built.
 	Present(paths []string)
 	// Forget records paths found not valid on the machine.
 	Forget(paths []string)

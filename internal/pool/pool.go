@@ -768,7 +768,7 @@ func (s *Session) Locked(paths []string) (locked, rest []string) {
 }
 
 // MarkLocked records paths that this session has seen valid with
-// QueryValidPaths(lock=true), or added itself: the remote process holds
+// QueryValidPaths(lock=true), added itself or built: the remote process holds
 // them as temporary GC roots for as long as it runs, so later builds on the
 // session need not query them again.
 func (s *Session) MarkLocked(paths []string) {
