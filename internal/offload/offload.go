@@ -140,12 +140,18 @@ func run(ctx context.Context, conn *serveproto.Conn, local Local, job Job, ev Ev
 	}
 	res := fl.res
 	if !res.Status.Success() {
-		if len(fl.gone) > 0 && fl.infos != nil {
+		if len(fl.gone) > 0 {
 			// The build failed for want of inputs this side believed
 			// were there: the stream is in step (no NAR was asked for),
 			// so send them and build again.
-			if _, err := fl.infos.Read(); err == nil {
-				return run(ctx, conn, local, job, ev, false)
+			var err error
+			if fl.infos != nil {
+				_, err = fl.infos.Read()
+			}
+			if err == nil {
+				again := ev
+				again.Building = nil // said once: the log is open already
+				return run(ctx, conn, local, job, again, false)
 			}
 		}
 		return &BuildError{DrvPath: job.DrvPath, Machine: job.Machine, Status: res.Status, Msg: res.ErrorMsg}
