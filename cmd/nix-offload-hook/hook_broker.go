@@ -95,6 +95,7 @@ func (h *hook) tryBroker(ctx context.Context, req *hookproto.Request) (done bool
 		DrvPath: req.DrvPath, System: req.System, RequiredFeatures: req.RequiredFeatures, AmWilling: req.AmWilling,
 	})
 	cancel()
+	h.sw.Mark("try")
 	if err != nil {
 		h.dropBroker(err)
 		return false, errNoBroker
@@ -120,6 +121,7 @@ func (h *hook) tryBroker(ctx context.Context, req *hookproto.Request) (done bool
 	if err := hookproto.Accept(h.out, machine); err != nil {
 		return true, err
 	}
+	h.sw.Mark("accept")
 	acc, err := h.readAccepted()
 	if err != nil {
 		return true, err
@@ -179,12 +181,14 @@ func (h *hook) buildThroughBroker(ctx context.Context, req *hookproto.Request, a
 		case brokerapi.EventCopying:
 			copying.start(ev.Machine, ev.Paths, ev.Bytes)
 		case brokerapi.EventBuilding:
+			h.sw.Mark("building")
 			copying.stop()
 		case brokerapi.EventLog:
 			acc.log.Write([]byte(ev.Text))
 		case brokerapi.EventRetrying:
 			h.log.Msg(hookproto.LvlWarn, fmt.Sprintf("nix-offload: lost '%s' while building '%s': %s; trying another machine", ev.Machine, req.DrvPath, ev.Reason))
 		case brokerapi.EventFetching:
+			h.sw.Mark("fetching")
 		case brokerapi.EventHandback:
 			h.log.Msg(hookproto.LvlInfo, fmt.Sprintf("nix-offload: the broker gave '%s' back: %s", req.DrvPath, ev.Reason))
 			h.broker.Close()
@@ -200,6 +204,7 @@ func (h *hook) buildThroughBroker(ctx context.Context, req *hookproto.Request, a
 			}
 			return err
 		case brokerapi.EventOutputs:
+			h.sw.Mark("outputs")
 			return h.importOutputs(ctx, ev)
 		}
 	}
@@ -211,7 +216,7 @@ func (h *hook) importOutputs(ctx context.Context, ev brokerapi.Event) error {
 	var err error
 	if len(ev.Outputs) > 0 {
 		var local *localstore.Store
-		if local, err = localstore.Open(localstore.Options{}); err == nil {
+		if local, err = localstore.Open(h.storeOptions()); err == nil {
 			infos := make([]serveproto.PathInfo, len(ev.Outputs))
 			for i, o := range ev.Outputs {
 				infos[i] = serveproto.PathInfo{Path: o.Path, Deriver: o.Deriver, NarHash: o.NarHash, NarSize: o.NarSize, References: o.References}
@@ -223,6 +228,7 @@ func (h *hook) importOutputs(ctx context.Context, ev brokerapi.Event) error {
 		}
 	}
 	resp, ierr := h.broker.Imported(ctx, ev.Build, err)
+	h.sw.Mark("imported")
 	switch {
 	case ierr != nil && err != nil:
 		return fmt.Errorf("making the outputs valid: %w", err)

@@ -45,6 +45,12 @@ type Options struct {
 	// NixStore). It must leave Stdin, Stdout and Stderr unset. Tests use it
 	// to run nix-store in a test bed namespace. exec.Command if nil.
 	Command func(argv ...string) *exec.Cmd
+
+	// Mark, if set, is told when each step of writing outputs ends:
+	// "staged", "restored" (once per output), "placed", "register-started"
+	// (the nix-store process runs), "registered" (it has exited). The hook
+	// passes its stopwatch (internal/stopwatch); nil records nothing.
+	Mark func(step string)
 }
 
 // Store is the local Nix store, as the build hook sees it.
@@ -86,6 +92,9 @@ func Open(opt Options) (*Store, error) {
 	}
 	if opt.Command == nil {
 		opt.Command = func(argv ...string) *exec.Cmd { return exec.Command(argv[0], argv[1:]...) }
+	}
+	if opt.Mark == nil {
+		opt.Mark = func(string) {}
 	}
 	return &Store{opt: opt, sessName: "local store"}, nil
 }
