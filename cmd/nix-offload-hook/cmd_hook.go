@@ -352,6 +352,7 @@ func (h *hook) runEngine(ctx context.Context, req *hookproto.Request, drv *deriv
 	if err != nil {
 		return err
 	}
+	local.StartRegistration() // its start-up overlaps the remote build
 	opts := h.buildOptions()
 	copying := &copyActivity{log: h.log}
 	defer copying.stop()
