@@ -475,6 +475,20 @@ func testEarlyRegistration(t *testing.T, local *bed, info serveproto.PathInfo, f
 		return started(t, pids)[0]
 	}
 
+	// registeredByASecond adds info with s, whose early process cannot
+	// take it: a second one must, and info is made invalid again after.
+	registeredByASecond := func(t *testing.T, s *Store, pids string) {
+		t.Helper()
+		if err := s.AddOutputs([]serveproto.PathInfo{info}, fetch); err != nil {
+			t.Fatal(err)
+		}
+		if n := len(started(t, pids)); n != 2 {
+			t.Errorf("%d registration processes started, want 2", n)
+		}
+		local.checkValid(t, info)
+		local.run(t, "nix-store", "--delete", info.Path)
+	}
+
 	t.Run("fetch fails", func(t *testing.T) {
 		s, pids := counting(t, nil)
 		s.StartRegistration()
@@ -528,15 +542,7 @@ func testEarlyRegistration(t *testing.T, local *bed, info serveproto.PathInfo, f
 		ch := make(chan *registration, 1)
 		ch <- r
 		s.pending = ch
-		if err := s.AddOutputs([]serveproto.PathInfo{info}, fetch); err != nil {
-			t.Fatal(err)
-		}
-		if n := len(started(t, pids)); n != 2 {
-			t.Errorf("%d registration processes started, want 2", n)
-		}
-		local.checkValid(t, info)
-		// For the next subtest: make it invalid again, as it was.
-		local.run(t, "nix-store", "--delete", info.Path)
+		registeredByASecond(t, s, pids)
 	})
 
 	t.Run("stdin closed early", func(t *testing.T) {
@@ -551,14 +557,7 @@ func testEarlyRegistration(t *testing.T, local *bed, info serveproto.PathInfo, f
 			_, err := os.Stat(marker)
 			return err == nil
 		})
-		if err := s.AddOutputs([]serveproto.PathInfo{info}, fetch); err != nil {
-			t.Fatal(err)
-		}
-		if n := len(started(t, pids)); n != 2 {
-			t.Errorf("%d registration processes started, want 2", n)
-		}
-		local.checkValid(t, info)
-		local.run(t, "nix-store", "--delete", info.Path)
+		registeredByASecond(t, s, pids)
 	})
 
 	t.Run("used", func(t *testing.T) {
