@@ -53,6 +53,7 @@ import (
 	"github.com/nix-offload/nix-offload/internal/scheduler"
 	"github.com/nix-offload/nix-offload/internal/serveproto"
 	"github.com/nix-offload/nix-offload/internal/slots"
+	"github.com/nix-offload/nix-offload/internal/stopwatch"
 )
 
 // Exit codes Nix ≤ 2.28 understands for hook builds.
@@ -87,8 +88,11 @@ func runHook(ctx context.Context, args []string) error {
 		in:  bufio.NewReader(os.Stdin),
 		out: os.Stderr,
 		log: hookproto.NewLogger(os.Stderr),
+		sw:  stopwatch.FromEnv(),
 	}
 	err := h.serve(ctx)
+	h.sw.Mark("exit")
+	h.sw.Write()
 	if err != nil {
 		// Said once, as @nix JSON, which Nix shows at any point of the
 		// conversation; main must not print it again.
@@ -108,6 +112,7 @@ type hook struct {
 	broker   *brokerapi.Client // nil: embedded mode
 	alone    *engine.Alone     // the placer without a broker; nil until needed
 	drvPath  string            // the request being answered, for messages
+	sw       *stopwatch.Watch  // the steps' times, when asked for; nil: not recorded
 
 	// The local store, opened by startLocal while a machine is dialled.
 	local     *localstore.Store
@@ -121,6 +126,7 @@ func (h *hook) serve(ctx context.Context) error {
 		return fmt.Errorf("reading settings from nix: %w", err)
 	}
 	h.settings = settings
+	h.sw.Mark("settings")
 	if buildersEmpty(settings) {
 		h.log.Msg(hookproto.LvlInfo, "nix-offload: Nix's builders setting is empty (--builders '' or `builders =` in nix.conf); building locally")
 		return hookproto.DeclinePermanently(h.out)
@@ -133,12 +139,14 @@ func (h *hook) serve(ctx context.Context) error {
 		return hookproto.DeclinePermanently(h.out)
 	}
 	h.cfg = cfg
+	h.sw.Mark("config")
 	if len(cfg.Machines) == 0 {
 		h.log.Msg(hookproto.LvlInfo, fmt.Sprintf("nix-offload: no remote machines configured in %s; building locally", cfg.Path))
 		return hookproto.DeclinePermanently(h.out)
 	}
 
 	h.broker = h.dialBroker(ctx)
+	h.sw.Mark("dial")
 	if h.broker != nil {
 		defer h.broker.Close()
 	} else if err := h.openAlone(); err != nil {
@@ -162,6 +170,8 @@ func (h *hook) serve(ctx context.Context) error {
 			return fmt.Errorf("reading a request from nix: %w", err)
 		}
 		h.drvPath = req.DrvPath
+		h.sw.Set("drv", req.DrvPath)
+		h.sw.Mark("request")
 		done, err := h.tryBroker(ctx, req)
 		if errors.Is(err, errNoBroker) {
 			done, err = h.try(ctx, req)
@@ -256,7 +266,7 @@ func (h *hook) startLocal() {
 	done := make(chan error, 1)
 	h.localDone = done
 	go func() {
-		local, err := localstore.Open(localstore.Options{})
+		local, err := localstore.Open(h.storeOptions())
 		if err == nil {
 			if err = local.Warm(); err != nil {
 				local.Close()
@@ -310,6 +320,7 @@ func (h *hook) build(ctx context.Context, req *hookproto.Request, lease engine.L
 		lease.Release(err)
 		return err
 	}
+	h.sw.Mark("accept")
 	acc, err := h.readAccepted()
 	if err != nil {
 		lease.Release(err)
@@ -341,6 +352,7 @@ func (h *hook) runEngine(ctx context.Context, req *hookproto.Request, drv *deriv
 	if err != nil {
 		return err
 	}
+	local.StartRegistration() // its start-up overlaps the remote build
 	opts := h.buildOptions()
 	copying := &copyActivity{log: h.log}
 	defer copying.stop()
@@ -398,7 +410,17 @@ func (h *hook) readAccepted() (*accepted, error) {
 	if err != nil {
 		return nil, err
 	}
+	h.sw.Mark("inputs")
 	return &accepted{inputs: inputs, wanted: wanted, log: hookproto.NewBuildLog(logFile, 8<<20)}, nil
+}
+
+// storeOptions are the options of the hook's local store.
+func (h *hook) storeOptions() localstore.Options {
+	var opt localstore.Options
+	if h.sw != nil {
+		opt.Mark = h.sw.Mark
+	}
+	return opt
 }
 
 // buildOptions are the settings of nix-daemon that shape a remote build.

@@ -95,6 +95,7 @@ func (h *hook) tryBroker(ctx context.Context, req *hookproto.Request) (done bool
 		DrvPath: req.DrvPath, System: req.System, RequiredFeatures: req.RequiredFeatures, AmWilling: req.AmWilling,
 	})
 	cancel()
+	h.sw.Mark("try")
 	if err != nil {
 		h.dropBroker(err)
 		return false, errNoBroker
@@ -120,13 +121,24 @@ func (h *hook) tryBroker(ctx context.Context, req *hookproto.Request) (done bool
 	if err := hookproto.Accept(h.out, machine); err != nil {
 		return true, err
 	}
+	h.sw.Mark("accept")
 	acc, err := h.readAccepted()
 	if err != nil {
 		return true, err
 	}
 	defer acc.log.Close(2 * time.Second)
-	err = h.buildThroughBroker(ctx, req, acc, resp)
+	// The store the outputs go to, with its registration process starting
+	// now: that start-up is most of what making them valid costs, and the
+	// remote build hides it. Opening the store starts nothing else.
+	local, err := localstore.Open(h.storeOptions())
+	if err != nil {
+		return true, err
+	}
+	defer local.Close()
+	local.StartRegistration()
+	err = h.buildThroughBroker(ctx, req, acc, resp, local)
 	if errors.Is(err, errNoBroker) {
+		local.Close() // alone, the engine uses a store of its own
 		return true, h.buildAcceptedAlone(ctx, req, acc)
 	}
 	return true, err
@@ -135,7 +147,7 @@ func (h *hook) tryBroker(ctx context.Context, req *hookproto.Request) (done bool
 // buildThroughBroker runs an accepted build in the broker. errNoBroker
 // means the broker went away or handed the build back before any output
 // was offered: the hook must build it by itself.
-func (h *hook) buildThroughBroker(ctx context.Context, req *hookproto.Request, acc *accepted, resp brokerapi.TryResponse) error {
+func (h *hook) buildThroughBroker(ctx context.Context, req *hookproto.Request, acc *accepted, resp brokerapi.TryResponse, local *localstore.Store) error {
 	opts := h.buildOptions()
 	stream, err := h.broker.Build(ctx, brokerapi.BuildRequest{
 		Reservation:   resp.Reservation,
@@ -179,12 +191,14 @@ func (h *hook) buildThroughBroker(ctx context.Context, req *hookproto.Request, a
 		case brokerapi.EventCopying:
 			copying.start(ev.Machine, ev.Paths, ev.Bytes)
 		case brokerapi.EventBuilding:
+			h.sw.Mark("building")
 			copying.stop()
 		case brokerapi.EventLog:
 			acc.log.Write([]byte(ev.Text))
 		case brokerapi.EventRetrying:
 			h.log.Msg(hookproto.LvlWarn, fmt.Sprintf("nix-offload: lost '%s' while building '%s': %s; trying another machine", ev.Machine, req.DrvPath, ev.Reason))
 		case brokerapi.EventFetching:
+			h.sw.Mark("fetching")
 		case brokerapi.EventHandback:
 			h.log.Msg(hookproto.LvlInfo, fmt.Sprintf("nix-offload: the broker gave '%s' back: %s", req.DrvPath, ev.Reason))
 			h.broker.Close()
@@ -200,29 +214,28 @@ func (h *hook) buildThroughBroker(ctx context.Context, req *hookproto.Request, a
 			}
 			return err
 		case brokerapi.EventOutputs:
-			return h.importOutputs(ctx, ev)
+			h.sw.Mark("outputs")
+			return h.importOutputs(ctx, ev, local)
 		}
 	}
 }
 
-// importOutputs makes the offered outputs valid, fetching each NAR from
-// the broker, and reports back.
-func (h *hook) importOutputs(ctx context.Context, ev brokerapi.Event) error {
+// importOutputs makes the offered outputs valid in local, fetching each
+// NAR from the broker, and reports back.
+func (h *hook) importOutputs(ctx context.Context, ev brokerapi.Event, local *localstore.Store) error {
 	var err error
 	if len(ev.Outputs) > 0 {
-		var local *localstore.Store
-		if local, err = localstore.Open(localstore.Options{}); err == nil {
-			infos := make([]serveproto.PathInfo, len(ev.Outputs))
-			for i, o := range ev.Outputs {
-				infos[i] = serveproto.PathInfo{Path: o.Path, Deriver: o.Deriver, NarHash: o.NarHash, NarSize: o.NarSize, References: o.References}
-			}
-			err = local.AddMissing(infos, func(path string, w io.Writer) error {
-				return h.broker.FetchNAR(ctx, ev.Build, path, w)
-			})
-			local.Close()
+		infos := make([]serveproto.PathInfo, len(ev.Outputs))
+		for i, o := range ev.Outputs {
+			infos[i] = serveproto.PathInfo{Path: o.Path, Deriver: o.Deriver, NarHash: o.NarHash, NarSize: o.NarSize, References: o.References}
 		}
+		err = local.AddMissing(infos, func(path string, w io.Writer) error {
+			return h.broker.FetchNAR(ctx, ev.Build, path, w)
+		})
 	}
+	local.Close() // a registration process nothing used registers nothing
 	resp, ierr := h.broker.Imported(ctx, ev.Build, err)
+	h.sw.Mark("imported")
 	switch {
 	case ierr != nil && err != nil:
 		return fmt.Errorf("making the outputs valid: %w", err)

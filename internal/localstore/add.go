@@ -9,9 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
-	"strconv"
 	"strings"
-	"time"
 
 	"github.com/nix-community/go-nix/pkg/nixhash"
 	"github.com/nix-offload/nix-offload/internal/nar"
@@ -23,10 +21,6 @@ import (
 // Nix's garbage collector and `nix-store --verify` leave it alone, and no
 // store path can collide with it.
 const tempPrefix = ".nix-offload-"
-
-// maxRegisterStderr bounds the stderr of `nix-store --register-validity`
-// kept for an error message.
-const maxRegisterStderr = 16 << 10
 
 // errNAREnded is what a fetch function gets if it writes past the end of
 // the NAR it was asked for.
@@ -144,11 +138,13 @@ func (s *Store) addChecked(todo []*output, fetch func(path string, w io.Writer) 
 		return fmt.Errorf("localstore: staging directory: %w", err)
 	}
 	defer os.RemoveAll(tmp)
+	s.opt.Mark("staged")
 	for _, o := range todo {
 		o.staged = filepath.Join(tmp, o.base)
 		if err := restoreOutput(o, fetch); err != nil {
 			return err
 		}
+		s.opt.Mark("restored")
 	}
 
 	// Every NAR is verified: put the trees at their names and register
@@ -160,6 +156,7 @@ func (s *Store) addChecked(todo []*output, fetch func(path string, w io.Writer) 
 		}
 		placed = append(placed, o)
 	}
+	s.opt.Mark("placed")
 	if err := s.register(placed); err != nil {
 		return errors.Join(err, s.removeUnregistered(placed))
 	}
@@ -345,38 +342,6 @@ func (s *Store) place(o *output) error {
 	return nil
 }
 
-// register runs one `nix-store --register-validity --hash-given` for outs
-// (nix 2.8.0 src/libstore/store-api.cc decodeValidPathInfo). Nix adds them
-// in one database transaction, checks that every reference is valid or in
-// the batch and that they form no cycle, and canonicalises their metadata
-// (mode 0444/0555, mtime 1, owner).
-func (s *Store) register(outs []*output) error {
-	var in strings.Builder
-	for _, o := range outs {
-		in.WriteString(o.path + "\n")
-		in.WriteString(o.hash + "\n")
-		in.WriteString(strconv.FormatInt(o.size, 10) + "\n")
-		in.WriteString(o.deriver + "\n")
-		in.WriteString(strconv.Itoa(len(o.refs)) + "\n")
-		for _, ref := range o.refs {
-			in.WriteString(ref + "\n")
-		}
-	}
-	cmd := s.opt.Command(s.opt.NixStore, "--register-validity", "--hash-given")
-	cmd.Stdin = strings.NewReader(in.String())
-	stderr := &tailBuffer{max: maxRegisterStderr}
-	cmd.Stdout, cmd.Stderr = io.Discard, stderr
-	cmd.WaitDelay = 5 * time.Second
-	if err := cmd.Run(); err != nil {
-		msg := strings.TrimSpace(stderr.String())
-		if msg == "" {
-			msg = "(no output)"
-		}
-		return fmt.Errorf("localstore: %s --register-validity: %w: %s", s.opt.NixStore, err, msg)
-	}
-	return nil
-}
-
 // removeUnregistered removes those of outs that are not valid. It asks a
 // new session, because a failed registration may still have committed: a
 // valid path is never removed, and if validity cannot be checked, nothing
@@ -406,19 +371,3 @@ func (s *Store) removeUnregistered(outs []*output) error {
 	}
 	return errors.Join(errs...)
 }
-
-// tailBuffer keeps the last max bytes written to it.
-type tailBuffer struct {
-	max int
-	buf []byte
-}
-
-func (t *tailBuffer) Write(p []byte) (int, error) {
-	t.buf = append(t.buf, p...)
-	if len(t.buf) > t.max {
-		t.buf = t.buf[len(t.buf)-t.max:]
-	}
-	return len(p), nil
-}
-
-func (t *tailBuffer) String() string { return string(t.buf) }

@@ -36,11 +36,22 @@
 // runs one `nix-store --register-validity --hash-given`, which writes the
 // paths' metadata (narHash, narSize, deriver, references) into the database
 // in one transaction and canonicalises their files (mode, mtime 1, owner).
-// With the locks held, on the test bed, AddOutputs of one or two small
-// outputs takes 0.14–0.19 s on an idle machine on Nix 2.8, 2.26 and 2.34
-// (see the integration test), fetching and two nix-store starts included.
 // It needs what the hook has: root, and a writable store (nix-daemon's
 // mount namespace).
+//
+// Nearly all that registration costs is nix-store starting: loading Nix's
+// libraries and configuration and opening the database take 12–20 ms on
+// the test bed (an empty `--register-validity` on Nix 2.8, 2.26 and 2.34),
+// the registration of a few outputs 1–2 ms. Nix's registerValidity reads
+// its input before it asks the store anything, so [Store.StartRegistration]
+// starts the process early (the hook does at `# accept`) and AddOutputs
+// gives it its input when the outputs are in place: the start-up overlaps
+// the remote build. Waiting for its input it holds only what any Nix
+// process with the store open holds. An empty input registers nothing, and
+// one cut inside a record fails before anything is registered (NixOS/nix
+// 2.8.0 src/libstore/store-api.cc decodeValidPathInfo: "missing input");
+// the input goes in one write, so the hook's death cannot cut it between
+// two records.
 //
 // # What AddOutputs guarantees
 //

@@ -190,12 +190,13 @@ func testIntegration(t *testing.T, nix testbed.Nix, system string) {
   b = mk "localstore-b" "echo ${a} > $out";
   m = derivation { name = "localstore-m"; system = %q; builder = "/bin/sh"; outputs = ["out" "dev"];
                    args = ["-c" "echo dev > $dev; echo $dev > $out"]; };
-in [ a b m.out m.dev ]`, system, system)
+  c = mk "localstore-c" "echo c > $out";
+in [ a b m.out m.dev c ]`, system, system)
 	built := strings.Fields(remote.run(t, "nix-build", "--no-out-link", "-E", expr))
-	if len(built) != 4 {
+	if len(built) != 5 {
 		t.Fatalf("nix-build printed %q", built)
 	}
-	a, b, mOut, mDev := built[0], built[1], built[2], built[3]
+	a, b, mOut, mDev, c := built[0], built[1], built[2], built[3], built[4]
 	missing := DefaultStoreDir + "/00000000000000000000000000000000-localstore-missing"
 
 	t.Run("read", func(t *testing.T) {
@@ -242,11 +243,11 @@ in [ a b m.out m.dev ]`, system, system)
 		return
 	}
 
-	infos, err := r.PathInfos([]string{a, b, mOut, mDev})
+	infos, err := r.PathInfos([]string{a, b, mOut, mDev, c})
 	if err != nil {
 		t.Fatal(err)
 	}
-	infoA, infoB, infoOut, infoDev := infos[0], infos[1], infos[2], infos[3]
+	infoA, infoB, infoOut, infoDev, infoC := infos[0], infos[1], infos[2], infos[3], infos[4]
 	nars := make(map[string][]byte)
 	for _, p := range built {
 		var buf bytes.Buffer
@@ -361,6 +362,10 @@ in [ a b m.out m.dev ]`, system, system)
 		}
 	})
 
+	t.Run("registration started early", func(t *testing.T) {
+		testEarlyRegistration(t, local, infoC, fromRemote, nars[c])
+	})
+
 	t.Run("outputs referring to each other", func(t *testing.T) {
 		if !slices.Equal(infoOut.References, []string{mDev}) {
 			t.Fatalf("out's references: %q, want [%s]", infoOut.References, mDev)
@@ -405,4 +410,167 @@ func checkNotValid(t *testing.T, op string, err error, paths ...string) {
 
 func sorted(paths ...string) []string {
 	return slices.Sorted(slices.Values(paths))
+}
+
+// testEarlyRegistration: a registration process started before the
+// outputs exist (Store.StartRegistration, as the hook does at `# accept`)
+// registers nothing of its own, whatever happens to the build, and is the
+// one that registers the outputs when they come. info is an output the
+// local store does not have yet, with its NAR.
+func testEarlyRegistration(t *testing.T, local *bed, info serveproto.PathInfo, fetch func(string, io.Writer) error, narBytes []byte) {
+	// inBed returns a new file name in the bed's /nix, as the commands
+	// see it and as this process does: the Debian roots hide our /tmp.
+	files := 0
+	inBed := func() (inside, here string) {
+		files++
+		name := fmt.Sprintf("early-%d", files)
+		return "/nix/" + name, filepath.Join(local.dir, name)
+	}
+	// counting opens a Store that writes the pid of every registration
+	// process it starts to pids, one a line.
+	counting := func(t *testing.T, first func(argv []string) []string) (*Store, string) {
+		inside, pids := inBed()
+		n := 0
+		return openStore(t, local.nix, local.dir, func(argv []string) []string {
+			if !slices.Contains(argv, "--register-validity") {
+				return argv
+			}
+			n++
+			if n == 1 && first != nil {
+				argv = first(argv)
+			}
+			// The pid of the shell that execs the command: nix-store's own.
+			return append([]string{"/bin/sh", "-c", `echo $$ >> "$0"; shift; exec "$@"`, inside, "-"}, argv...)
+		}), pids
+	}
+	started := func(t *testing.T, pids string) []int {
+		t.Helper()
+		data, _ := os.ReadFile(pids)
+		var out []int
+		for _, f := range strings.Fields(string(data)) {
+			var pid int
+			fmt.Sscan(f, &pid)
+			out = append(out, pid)
+		}
+		return out
+	}
+	gone := func(t *testing.T, pid int) {
+		t.Helper()
+		if err := syscall.Kill(pid, 0); !errors.Is(err, syscall.ESRCH) {
+			t.Errorf("registration process %d: kill(0): %v, want it gone", pid, err)
+		}
+	}
+	// waitStarted waits until the process StartRegistration starts is
+	// running and returns its pid.
+	waitStarted := func(t *testing.T, s *Store, pids string) int {
+		t.Helper()
+		r := s.takePending()
+		if r == nil {
+			t.Fatal("StartRegistration started nothing")
+		}
+		ch := make(chan *registration, 1)
+		ch <- r
+		s.pending = ch
+		testbed.WaitFor(t, 10*time.Second, "the registration process to write its pid", func() bool { return len(started(t, pids)) == 1 })
+		return started(t, pids)[0]
+	}
+
+	// registeredByASecond adds info with s, whose early process cannot
+	// take it: a second one must, and info is made invalid again after.
+	registeredByASecond := func(t *testing.T, s *Store, pids string) {
+		t.Helper()
+		if err := s.AddOutputs([]serveproto.PathInfo{info}, fetch); err != nil {
+			t.Fatal(err)
+		}
+		if n := len(started(t, pids)); n != 2 {
+			t.Errorf("%d registration processes started, want 2", n)
+		}
+		local.checkValid(t, info)
+		local.run(t, "nix-store", "--delete", info.Path)
+	}
+
+	t.Run("fetch fails", func(t *testing.T) {
+		s, pids := counting(t, nil)
+		s.StartRegistration()
+		pid := waitStarted(t, s, pids)
+		err := s.AddOutputs([]serveproto.PathInfo{info}, func(path string, w io.Writer) error {
+			w.Write(narBytes[:len(narBytes)/2])
+			return errors.New("connection to the machine lost")
+		})
+		if err == nil {
+			t.Fatal("a truncated NAR was accepted")
+		}
+		s.Close()
+		gone(t, pid)
+		if n := len(started(t, pids)); n != 1 {
+			t.Errorf("%d registration processes started, want the early one only", n)
+		}
+		local.checkClean(t, info.Path)
+	})
+
+	t.Run("this process dies", func(t *testing.T) {
+		// The process that started it is gone, so its stdin ends: it
+		// registers nothing, even with the tree in place.
+		s, pids := counting(t, nil)
+		s.StartRegistration()
+		pid := waitStarted(t, s, pids)
+		r := s.takePending()
+		if err := os.WriteFile(local.real(info.Path), []byte("c\n"), 0o444); err != nil {
+			t.Fatal(err)
+		}
+		defer os.Remove(local.real(info.Path))
+		r.in.Close() // what the kernel does when the hook dies
+		r.in = nil
+		if err := r.wait("nix-store"); err != nil {
+			t.Errorf("with no input: %v, want a clean exit", err)
+		}
+		gone(t, pid)
+		if valid, err := local.store.Valid([]string{info.Path}); err != nil || len(valid) != 0 {
+			t.Errorf("Valid: %q, %v; want it invalid", valid, err)
+		}
+	})
+
+	t.Run("died before use", func(t *testing.T) {
+		// The early process exits at once (it could not open the store, say):
+		// a new one registers the outputs.
+		s, pids := counting(t, func([]string) []string {
+			return []string{"/bin/sh", "-c", "echo error: injected: cannot open the store >&2; exit 1"}
+		})
+		s.StartRegistration()
+		r := s.takePending()
+		<-r.done
+		ch := make(chan *registration, 1)
+		ch <- r
+		s.pending = ch
+		registeredByASecond(t, s, pids)
+	})
+
+	t.Run("stdin closed early", func(t *testing.T) {
+		// Writing to it fails with EPIPE: it read none of the input, so a
+		// new one registers it.
+		markerInside, marker := inBed()
+		s, pids := counting(t, func([]string) []string {
+			return []string{"/bin/sh", "-c", `exec 0<&-; : > "$0"; sleep 1`, markerInside}
+		})
+		s.StartRegistration()
+		testbed.WaitFor(t, 10*time.Second, "the early process to close its stdin", func() bool {
+			_, err := os.Stat(marker)
+			return err == nil
+		})
+		registeredByASecond(t, s, pids)
+	})
+
+	t.Run("used", func(t *testing.T) {
+		s, pids := counting(t, nil)
+		s.StartRegistration()
+		pid := waitStarted(t, s, pids)
+		if err := s.AddOutputs([]serveproto.PathInfo{info}, fetch); err != nil {
+			t.Fatal(err)
+		}
+		gone(t, pid)
+		if got := started(t, pids); !slices.Equal(got, []int{pid}) {
+			t.Errorf("registration processes %v, want the early one (%d) only", got, pid)
+		}
+		local.checkValid(t, info)
+	})
 }

@@ -45,6 +45,13 @@ type Options struct {
 	// NixStore). It must leave Stdin, Stdout and Stderr unset. Tests use it
 	// to run nix-store in a test bed namespace. exec.Command if nil.
 	Command func(argv ...string) *exec.Cmd
+
+	// Mark, if set, is told when each step of writing outputs ends:
+	// "staged", "restored" (once per output), "placed", "register-started"
+	// (a nix-store process runs; see StartRegistration), "register-fed"
+	// (it has its input), "registered" (it has exited). The hook
+	// passes its stopwatch (internal/stopwatch); nil records nothing.
+	Mark func(step string)
 }
 
 // Store is the local Nix store, as the build hook sees it.
@@ -67,6 +74,9 @@ type Store struct {
 	// its Nix now caches them as invalid (see reset), so a write of one of
 	// them needs a fresh session. QueryValidPaths caches nothing.
 	missing map[string]bool
+	// pending brings the registration process StartRegistration started
+	// (nil if it could not start); nil if there is none.
+	pending chan *registration
 }
 
 // Open returns a Store for the local store that opt describes. It starts no
@@ -87,13 +97,21 @@ func Open(opt Options) (*Store, error) {
 	if opt.Command == nil {
 		opt.Command = func(argv ...string) *exec.Cmd { return exec.Command(argv[0], argv[1:]...) }
 	}
+	if opt.Mark == nil {
+		opt.Mark = func(string) {}
+	}
 	return &Store{opt: opt, sessName: "local store"}, nil
 }
 
-// Close ends the read session, if one is running. It is idempotent.
+// Close ends the read session, if one is running, and a registration
+// process that [Store.StartRegistration] started and nothing used: it
+// registers nothing. It is idempotent.
 func (s *Store) Close() error {
 	s.closed = true
 	s.reset()
+	if r := s.takePending(); r != nil {
+		r.abandon()
+	}
 	return nil
 }
 

@@ -36,8 +36,10 @@
 // With -rtt every builder is reached through a delay proxy (testbed.WithRTT:
 // half the RTT each way) and the bench reports the round trips per
 // derivation that the proxies counted during each build. With -logs DIR it
-// keeps every run's nix-build -v stderr, time-stamped, and the broker's
-// -debug log.
+// keeps every run's nix-build -v stderr, time-stamped, the broker's -debug
+// log and the step times of every hook of ours (NIX_OFFLOAD_HOOK_TIMES,
+// internal/stopwatch; go run ./internal/testbed/hooktimes DIR/*.jsonl sums
+// them up).
 //
 // It also records the hook's peak RSS in one trivial build (GNU time as a
 // wrapper, if /usr/bin/time exists) and the cost of a bare `ssh bN true` to a
@@ -75,6 +77,7 @@ import (
 	"time"
 
 	"github.com/nix-offload/nix-offload/internal/brokerapi"
+	"github.com/nix-offload/nix-offload/internal/stopwatch"
 	"github.com/nix-offload/nix-offload/internal/testbed"
 )
 
@@ -159,7 +162,7 @@ func main() {
 	rss := flag.Bool("rss", true, "also record the hook's peak RSS in one trivial build per Nix")
 	trace := flag.Bool("trace", false, "instead of the table: one build per Nix, workload and mode with nix-build -v, its stderr time-stamped")
 	rtt := flag.Duration("rtt", 0, "round-trip time to add to every builder link, through a delay proxy (testbed.WithRTT): half of it each way; 0: plain loopback")
-	logs := flag.String("logs", "", "keep every run's logs in this directory: nix-build -v's stderr time-stamped, and the broker's -debug log")
+	logs := flag.String("logs", "", "keep every run's logs in this directory: nix-build -v's stderr time-stamped, the broker's -debug log, and every hook's step times")
 	prefix := flag.String("hook-prefix", "", "run our hook as `PREFIX… HOOK args` (sh words, e.g. 'strace -f -tt -o /tmp/hook.strace'); the prefix must exist in the Nix's root")
 	flag.Parse()
 
@@ -331,6 +334,9 @@ func (b *bench) measure(nix testbed.Nix, w workload, mode string) (time.Duration
 			if brokerLog.Len() > 0 {
 				os.WriteFile(base+".broker.log", brokerLog.Bytes(), 0o644)
 			}
+			if times, err := os.ReadFile(filepath.Join(dir, "hook-times.jsonl")); err == nil {
+				os.WriteFile(base+".hook-times.jsonl", times, 0o644)
+			}
 		}()
 	}
 	// Every mode starts its clock on the same initialised store: Nix's first use of a
@@ -397,6 +403,10 @@ func (b *bench) measure(nix testbed.Nix, w workload, mode string) (time.Duration
 		mounts = append(mounts, filepath.Dir(b.cfg.hook))
 		args = append(args, "--max-jobs", "0", "--option", "build-hook", b.cfg.hook)
 		env = append(env, "NIX_OFFLOAD_CONFIG="+conf)
+		if b.cfg.logs != "" {
+			// Every hook appends the times of its steps (internal/stopwatch).
+			env = append(env, stopwatch.Env+"="+filepath.Join(dir, "hook-times.jsonl"))
+		}
 		if mode == "broker" {
 			br, err = b.startBroker(nix, store, mounts, conf, socket, len(builders))
 			if err != nil {
