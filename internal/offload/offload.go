@@ -122,7 +122,7 @@ func Run(ctx context.Context, conn *serveproto.Conn, local Local, job Job, ev Ev
 		return &BuildError{DrvPath: job.DrvPath, Machine: job.Machine, Status: res.Status, Msg: res.ErrorMsg}
 	}
 	if job.KeepOutputs {
-		infos, err := outputInfos(conn, job, res)
+		infos, err := outputInfos(job, res, conn.QueryPathInfos)
 		if err != nil {
 			return fmt.Errorf("outputs of '%s' on '%s': %w", job.DrvPath, job.Machine, err)
 		}
@@ -243,7 +243,7 @@ func sendOne(conn *serveproto.Conn, local Local, info serveproto.PathInfo) error
 // fetchOutputs asks the machine for the wanted outputs' metadata and has
 // the local store fetch and register them.
 func fetchOutputs(conn *serveproto.Conn, local Local, job Job, res *serveproto.BuildResult, ev Events) error {
-	infos, err := outputInfos(conn, job, res)
+	infos, err := outputInfos(job, res, conn.QueryPathInfos)
 	if err != nil {
 		return err
 	}
@@ -281,15 +281,16 @@ func bringHome(local Local, infos []serveproto.PathInfo, paths []string, ev Even
 	return nil
 }
 
-// outputInfos asks the machine for the wanted outputs' metadata.
-func outputInfos(conn *serveproto.Conn, job Job, res *serveproto.BuildResult) ([]serveproto.PathInfo, error) {
+// outputInfos asks the machine for the wanted outputs' metadata with
+// query (its protocol's QueryPathInfos: the valid ones of the paths).
+func outputInfos(job Job, res *serveproto.BuildResult, query func(paths []string) ([]serveproto.PathInfo, error)) ([]serveproto.PathInfo, error) {
 	paths, err := outputPaths(job, res)
 	if err != nil {
 		return nil, err
 	}
 	// Nix hands the hook only outputs that are not valid here, and
 	// AddOutputs skips any that are: no local query first.
-	infos, err := conn.QueryPathInfos(paths)
+	infos, err := query(paths)
 	if err != nil {
 		return nil, err
 	}
