@@ -77,6 +77,9 @@ func runBuild(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	if err != nil {
 		return err
 	}
+	if len(cfg.Machines) == 0 {
+		return &configError{fmt.Errorf("%s: no machines to build on", cfg.Path)}
+	}
 
 	local, err := localstore.Open(localstore.Options{})
 	if err != nil {
