@@ -424,3 +424,34 @@ func graphBuiltOn(t *testing.T, local testbed.Nix, store string, env offloadEnv,
 	}
 	return doc, names, root
 }
+
+// TestBuildFetchLaterSSHNG: with -fetch none the outputs stay on the
+// ssh-ng builder; run again, the command finds the root there (daemon
+// protocol QueryValidPaths and QueryPathInfo), builds nothing, and fetches
+// it with NarFromPath, valid here.
+func TestBuildFetchLaterSSHNG(t *testing.T) {
+	local := testbed.Lookup(t, "2.8")
+	b := testbed.StartBuilder(t, testbed.Lookup(t, "2.34"), testbed.WithDaemonOnly())
+	env := newOffloadEnv(t, sshNG, b)
+	store := testbed.NewStore(t)
+	expr := env.writeExpr(t, graphExpr(randomHex(8)))
+	if code, _, errOut := graphBuild(t, local, store, env, "-fetch", "none", expr); code != 0 {
+		t.Fatalf("first build: exit %d\n%s", code, errOut)
+	}
+	code, out, errOut := graphBuild(t, local, store, env, "-json", "-no-link", expr)
+	if code != 0 || strings.Contains(errOut, "building") {
+		t.Fatalf("second build: exit %d, want 0 and nothing built\n%s", code, errOut)
+	}
+	var doc buildDoc
+	if err := json.Unmarshal([]byte(out), &doc); err != nil {
+		t.Fatal(err)
+	}
+	if len(doc.Derivations) != 1 || doc.Derivations[0].Status != "AlreadyValid" || doc.Derivations[0].Machine != machineName(b) {
+		t.Fatalf("second build: %+v; want only the root, AlreadyValid on %s", doc.Derivations, machineName(b))
+	}
+	root := doc.Derivations[0].Outputs["out"]
+	runNix(t, local, store, env, "nix-store", "--verify-path", root)
+	if got := storeFile(t, store, root); got != graphRoot {
+		t.Errorf("root's output %q, want %q", got, graphRoot)
+	}
+}
