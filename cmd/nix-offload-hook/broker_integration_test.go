@@ -60,7 +60,13 @@ func newBrokerEnvWith(t *testing.T, nix testbed.Nix, store string, slots int, ex
 // newBrokerEnvEdit is newBrokerEnvWith with a last change to the config's text (nil: none).
 func newBrokerEnvEdit(t *testing.T, nix testbed.Nix, store string, slots int, extra string, edit func(string) string, builders ...*testbed.Builder) *brokerEnv {
 	t.Helper()
-	env := newOffloadEnv(t, extra, builders...)
+	return newBrokerEnvOn(t, nix, store, slots, newOffloadEnv(t, extra, builders...), edit)
+}
+
+// newBrokerEnvOn starts the broker on env's config, with parallel-builds
+// slots per builder and a last change to the config's text (nil: none).
+func newBrokerEnvOn(t *testing.T, nix testbed.Nix, store string, slots int, env offloadEnv, edit func(string) string) *brokerEnv {
+	t.Helper()
 	cfg, err := os.ReadFile(env.config)
 	if err != nil {
 		t.Fatal(err)

@@ -2,6 +2,7 @@ package main
 
 import (
 	"errors"
+	"strings"
 	"testing"
 	"time"
 
@@ -48,5 +49,15 @@ func TestBuildFailureExitCodes(t *testing.T) {
 		if got != c.want {
 			t.Errorf("%s: exit %d (%v), want %d", c.name, got, err, c.want)
 		}
+	}
+}
+
+// A configuration without machines is a configuration error, before any
+// store is opened: there is nowhere to build.
+func TestBuildWithoutMachines(t *testing.T) {
+	cfg := writeConfig(t, "[daemon]\n")
+	code, _, errOut := runCLI(t, "build", "-config", cfg, "/nix/store/00000000000000000000000000000000-x.drv")
+	if code != exitUsage || !strings.Contains(errOut, cfg+": no machines to build on") {
+		t.Errorf("exit %d, stderr %q; want %d and the file named", code, errOut, exitUsage)
 	}
 }

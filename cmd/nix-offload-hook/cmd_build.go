@@ -77,17 +77,8 @@ func runBuild(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	if err != nil {
 		return err
 	}
-	// Outputs stay on the machines, and only the serve protocol's machines
-	// can keep them for now.
-	cfg.Machines = slices.DeleteFunc(cfg.Machines, func(m machines.Machine) bool {
-		if m.ProtocolOrDefault() == machines.ProtocolSSH {
-			return false
-		}
-		fmt.Fprintf(stderr, "nix-offload-hook: not building on '%s': build uses ssh:// machines only so far\n", m.Name())
-		return true
-	})
 	if len(cfg.Machines) == 0 {
-		return &configError{fmt.Errorf("%s: no ssh:// machines to build on", cfg.Path)}
+		return &configError{fmt.Errorf("%s: no machines to build on", cfg.Path)}
 	}
 
 	local, err := localstore.Open(localstore.Options{})

@@ -30,6 +30,13 @@ type offloadEnv struct {
 
 func newOffloadEnv(t *testing.T, extra string, builders ...*testbed.Builder) offloadEnv {
 	t.Helper()
+	return newOffloadEnvEach(t, func(*testbed.Builder) string { return extra }, builders...)
+}
+
+// newOffloadEnvEach is newOffloadEnv with extra lines of each builder's
+// own in its table (a mixed ssh and ssh-ng pair).
+func newOffloadEnvEach(t *testing.T, extra func(*testbed.Builder) string, builders ...*testbed.Builder) offloadEnv {
+	t.Helper()
 	dir := t.TempDir()
 	var cfg strings.Builder
 	// A socket of the test's own: on the default one a broker of the machine could answer.
@@ -38,7 +45,7 @@ func newOffloadEnv(t *testing.T, extra string, builders ...*testbed.Builder) off
 	mounts := []string{dir, filepath.Dir(testbed.HookBinary(t))}
 	for _, b := range builders {
 		cfg.WriteString(machineTOML(b, true))
-		cfg.WriteString("parallel-builds = 4\n" + extra + "\n")
+		cfg.WriteString("parallel-builds = 4\n" + extra(b) + "\n")
 		mounts = append(mounts, filepath.Dir(b.ClientKey))
 	}
 	p := filepath.Join(dir, "offload.toml")

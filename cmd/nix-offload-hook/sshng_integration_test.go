@@ -285,3 +285,173 @@ func TestCheckSSHNG(t *testing.T) {
 		t.Errorf("table (exit %d) lacks the protocols or the untrusted machine's hint", code)
 	}
 }
+
+// TestBuildGraphSSHNG: `build` of TestBuildGraph's chain, wide layer and
+// diamond on a builder that allows only nix-daemon --stdio, alone and
+// through the broker: every derivation is built there and stays there but
+// the root, which comes home valid.
+func TestBuildGraphSSHNG(t *testing.T) {
+	local := testbed.Lookup(t, "2.8")
+	for _, version := range []string{"2.8", "2.26", "2.34"} {
+		t.Run("builder "+version, func(t *testing.T) {
+			b := testbed.StartBuilder(t, testbed.Lookup(t, version), testbed.WithDaemonOnly())
+			for _, viaBroker := range []bool{false, true} {
+				t.Run(map[bool]string{false: "alone", true: "broker"}[viaBroker], func(t *testing.T) {
+					store := testbed.NewStore(t)
+					env := newOffloadEnv(t, sshNG, b)
+					if viaBroker {
+						env = newBrokerEnvOn(t, local, store, 4, env, nil).offloadEnv
+					}
+					expr := env.writeExpr(t, graphDiamondExpr(randomHex(8)))
+					doc, names, root := graphBuiltOn(t, local, store, env, viaBroker, expr, func(string) *testbed.Builder { return b })
+					if got := strings.Fields(root); len(got) != 12 || got[5] != got[7] || !strings.HasPrefix(got[5], "base-") {
+						t.Errorf("root's output is %q: want the chain, l and r with one base, the leaves", got)
+					}
+					d := doc.Derivations[names["c1"]]
+					if log, _, err := runCmd(local.Command(store, env.mounts, "nix-store", "-l", d.DrvPath)); err != nil || !strings.Contains(log, "remote log line from c1") {
+						t.Errorf("nix-store -l %s: %v\n%s", d.DrvPath, err, log)
+					}
+				})
+			}
+		})
+	}
+}
+
+// crossExpr is a chain a → b → c whose links need a feature of one
+// machine or the other: on-ssh, on-ng, on-ssh.
+func crossExpr(salt string) string {
+	return fmt.Sprintf(`
+let
+  salt = %q;
+  mk = name: feature: deps: derivation {
+    inherit name salt;
+    system = "x86_64-linux";
+    requiredSystemFeatures = [ feature ];
+    builder = "/bin/sh";
+    args = [ "-c" ("echo remote log line from ${name}; x=${name}; "
+      + builtins.concatStringsSep "" (map (d: "read y < ${d}; x=\"$x $y\"; ") deps)
+      + "echo \"$x\" > $out") ];
+  };
+  a = mk "a" "on-ssh" [];
+  b = mk "b" "on-ng" [a];
+in mk "c" "on-ssh" [b]
+`, salt)
+}
+
+// TestBuildGraphAcrossProtocols: a chain whose links must go to an ssh
+// machine, then an ssh-ng one (nix-daemon --stdio only), then the ssh one
+// again, alone and through the broker: each intermediate crosses from the
+// machine that built it to the other through this host, in the holder's
+// protocol out and the builder's in, and never becomes valid here.
+func TestBuildGraphAcrossProtocols(t *testing.T) {
+	local := testbed.Lookup(t, "2.8")
+	ssh := testbed.StartBuilder(t, testbed.Lookup(t, "2.34"), testbed.WithNixConf("system-features = on-ssh"))
+	ng := testbed.StartBuilder(t, testbed.Lookup(t, "2.26"), testbed.WithDaemonOnly(), testbed.WithNixConf("system-features = on-ng"))
+	extra := func(b *testbed.Builder) string {
+		if b == ng {
+			return sshNG + "\nfeatures = [\"on-ng\"]"
+		}
+		return `features = ["on-ssh"]`
+	}
+	on := func(name string) *testbed.Builder {
+		return map[string]*testbed.Builder{"a": ssh, "b": ng, "c": ssh}[name]
+	}
+	for _, viaBroker := range []bool{false, true} {
+		t.Run(map[bool]string{false: "alone", true: "broker"}[viaBroker], func(t *testing.T) {
+			store := testbed.NewStore(t)
+			env := newOffloadEnvEach(t, extra, ssh, ng)
+			if viaBroker {
+				env = newBrokerEnvOn(t, local, store, 4, env, nil).offloadEnv
+			}
+			expr := env.writeExpr(t, crossExpr(randomHex(8)))
+			_, _, root := graphBuiltOn(t, local, store, env, viaBroker, expr, on)
+			if root != "c b a" {
+				t.Errorf("c's output is %q, want \"c b a\": each input as its machine built it", root)
+			}
+		})
+	}
+}
+
+// graphBuiltOn runs `build -json -no-link EXPR` and checks what every
+// graph test on ssh-ng machines expects: each derivation Built on the
+// machine on(name) names, which still holds its output; the root's output
+// home and valid, the others absent here. It returns the document, its
+// derivations by name, and the root's output's contents.
+func graphBuiltOn(t *testing.T, local testbed.Nix, store string, env offloadEnv, viaBroker bool, expr string,
+	on func(name string) *testbed.Builder) (buildDoc, map[string]int, string) {
+	t.Helper()
+	code, out, errOut := graphBuild(t, local, store, env, "-json", "-no-link", expr)
+	if code != 0 {
+		t.Fatalf("build exited %d\n%s", code, errOut)
+	}
+	if strings.Contains(errOut, "not building on") {
+		t.Errorf("build left a machine out:\n%s", errOut)
+	}
+	if viaBroker != strings.Contains(errOut, "building through the broker on "+env.socket) {
+		t.Errorf("through the broker: want %v\n%s", viaBroker, errOut)
+	}
+	var doc buildDoc
+	if err := json.Unmarshal([]byte(out), &doc); err != nil {
+		t.Fatalf("-json: %v\n%s", err, out)
+	}
+	if len(doc.Roots) != 1 {
+		t.Fatalf("-json has %d roots, want 1:\n%s", len(doc.Roots), out)
+	}
+	names := doc.byName(t)
+	var root string
+	for name, i := range names {
+		d := doc.Derivations[i]
+		b := on(name)
+		p := d.Outputs["out"]
+		if d.Status != "Built" || d.Machine != machineName(b) || p == "" {
+			t.Errorf("%s: %s on %q, outputs %v, error %q; want Built on %s", name, d.Status, d.Machine, d.Outputs, d.Error, machineName(b))
+			continue
+		}
+		if _, err := os.Stat(filepath.Join(b.Dir, "nix", strings.TrimPrefix(p, "/nix/"))); err != nil {
+			t.Errorf("%s: its output is not on %s: %v", name, b.Name, err)
+		}
+		if d.DrvPath == doc.Roots[0] {
+			runNix(t, local, store, env, "nix-store", "--verify-path", p)
+			root = storeFile(t, store, p)
+			continue
+		}
+		if _, err := os.Lstat(filepath.Join(store, "store", filepath.Base(p))); err == nil {
+			t.Errorf("intermediate %s came home: %s", name, p)
+		}
+		if d.Holders[p] != machineName(b) {
+			t.Errorf("intermediate %s: -json says %q holds it, want %s", name, d.Holders[p], machineName(b))
+		}
+	}
+	return doc, names, root
+}
+
+// TestBuildFetchLaterSSHNG: with -fetch none the outputs stay on the
+// ssh-ng builder; run again, the command finds the root there (daemon
+// protocol QueryValidPaths and QueryPathInfo), builds nothing, and fetches
+// it with NarFromPath, valid here.
+func TestBuildFetchLaterSSHNG(t *testing.T) {
+	local := testbed.Lookup(t, "2.8")
+	b := testbed.StartBuilder(t, testbed.Lookup(t, "2.34"), testbed.WithDaemonOnly())
+	env := newOffloadEnv(t, sshNG, b)
+	store := testbed.NewStore(t)
+	expr := env.writeExpr(t, graphExpr(randomHex(8)))
+	if code, _, errOut := graphBuild(t, local, store, env, "-fetch", "none", expr); code != 0 {
+		t.Fatalf("first build: exit %d\n%s", code, errOut)
+	}
+	code, out, errOut := graphBuild(t, local, store, env, "-json", "-no-link", expr)
+	if code != 0 || strings.Contains(errOut, "building") {
+		t.Fatalf("second build: exit %d, want 0 and nothing built\n%s", code, errOut)
+	}
+	var doc buildDoc
+	if err := json.Unmarshal([]byte(out), &doc); err != nil {
+		t.Fatal(err)
+	}
+	if len(doc.Derivations) != 1 || doc.Derivations[0].Status != "AlreadyValid" || doc.Derivations[0].Machine != machineName(b) {
+		t.Fatalf("second build: %+v; want only the root, AlreadyValid on %s", doc.Derivations, machineName(b))
+	}
+	root := doc.Derivations[0].Outputs["out"]
+	runNix(t, local, store, env, "nix-store", "--verify-path", root)
+	if got := storeFile(t, store, root); got != graphRoot {
+		t.Errorf("root's output %q, want %q", got, graphRoot)
+	}
+}

@@ -461,7 +461,7 @@ func (l *buildLocal) lost() string {
 }
 
 // dumpHeld streams held path h from its machine, on a session of that
-// machine's pool.
+// machine's pool (either protocol).
 func (l *buildLocal) dumpHeld(h brokerapi.HeldPath, w io.Writer) (nar.Stats, error) {
 	m := l.bd.b.byName[h.Machine]
 	if m == nil {
@@ -470,11 +470,9 @@ func (l *buildLocal) dumpHeld(h brokerapi.HeldPath, w io.Writer) (nar.Stats, err
 	sess, err := m.pool.Get(l.bd.ctx)
 	var st nar.Stats
 	werr := &engine.ErrWriter{W: w}
-	if err == nil && sess.Conn() == nil {
-		m.pool.Put(sess, true)
-		err = errors.New("not a serve-protocol (ssh://) machine")
-	} else if err == nil {
-		st, err = sess.Conn().DumpStorePath(h.Path, werr)
+	if err == nil {
+		info := serveproto.PathInfo{Path: h.Path, NarHash: h.NarHash, NarSize: h.NarSize}
+		st, err = engine.StoreOf(sess).Dump(l.bd.ctx, info, werr)
 		m.pool.Put(sess, err == nil)
 	}
 	if err != nil && werr.Err == nil {

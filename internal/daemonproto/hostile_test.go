@@ -98,6 +98,10 @@ func TestFakeHonest(t *testing.T) {
 			if err != nil || !ok || info.Deriver != drvPath {
 				t.Fatalf("%+v, %v, %v", info, ok, err)
 			}
+			infos, err := c.QueryPathInfos(ctx, []string{fakePath("nope"), out, infoA.Path})
+			if err != nil || len(infos) != 2 || infos[0].Path != out || infos[0].NarHash != info.NarHash || infos[1].Path != infoA.Path {
+				t.Fatalf("QueryPathInfos: %+v, %v (want %s and %s, the invalid one left out)", infos, err, out, infoA.Path)
+			}
 			var buf bytes.Buffer
 			if _, err := c.NarFromPath(ctx, info, &buf); err != nil {
 				t.Fatal(err)

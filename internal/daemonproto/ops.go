@@ -255,6 +255,23 @@ func (c *Conn) QueryPathInfo(ctx context.Context, path string) (info serveproto.
 	return op.Info, op.Valid, nil
 }
 
+// QueryPathInfos returns what the machine knows of those of paths that
+// are valid there, in their order, as the serve protocol's QueryPathInfos
+// does: one QueryPathInfo each, since the daemon protocol has no batch.
+func (c *Conn) QueryPathInfos(ctx context.Context, paths []string) ([]serveproto.PathInfo, error) {
+	var infos []serveproto.PathInfo
+	for _, p := range paths {
+		info, ok, err := c.QueryPathInfo(ctx, p)
+		if err != nil {
+			return nil, err
+		}
+		if ok {
+			infos = append(infos, info)
+		}
+	}
+	return infos, nil
+}
+
 // queryPathInfoOp is opcode 26 (wopQueryPathInfo; daemon: nix 2.34.8
 // src/libstore/daemon.cc; record: worker-protocol.cc
 // Serialise<UnkeyedValidPathInfo>).

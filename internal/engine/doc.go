@@ -23,7 +23,9 @@
 // the build runs with offload.Run; one of protocol ssh-ng gets a daemon
 // protocol session ([OpenDaemon], a [DaemonSession]) and the build runs with
 // offload.RunDaemon. Both placers open either kind; the log, limits and
-// retries are the same.
+// retries are the same. What a graph build reads from a machine that holds
+// a path (is it valid, its metadata, its NAR) goes through [StoreOf], one
+// [MachineStore] over either kind of session.
 //
 // # Retries
 //

@@ -288,9 +288,9 @@ func (r *Remote) confirm(ctx context.Context, inputs []string) error {
 	for _, m := range machines {
 		paths := byMachine[m]
 		var have []string
-		err := r.withReader(ctx, m, func(c *serveproto.Conn) error {
+		err := r.withReader(ctx, m, func(st engine.MachineStore) error {
 			var err error
-			have, err = c.QueryValidPaths(paths, true, false)
+			have, err = st.Valid(ctx, paths, true)
 			return err
 		})
 		for _, p := range paths {
@@ -324,9 +324,9 @@ type reader struct {
 	closeConn func()
 }
 
-// withReader runs f on machine m's reading session, opened on first use
-// and again after it broke.
-func (r *Remote) withReader(ctx context.Context, m string, f func(*serveproto.Conn) error) error {
+// withReader runs f on the store of machine m's reading session (either
+// protocol), opened on first use and again after it broke.
+func (r *Remote) withReader(ctx context.Context, m string, f func(engine.MachineStore) error) error {
 	r.mu.Lock()
 	if r.readers == nil {
 		r.readers = map[string]*reader{}
@@ -346,13 +346,9 @@ func (r *Remote) withReader(ctx context.Context, m string, f func(*serveproto.Co
 		}
 		rd.s, rd.closeConn = s, closeConn
 	}
-	if rd.s.Conn() == nil {
-		return fmt.Errorf("reading from '%s': not a serve-protocol (ssh://) machine", m)
-	}
-	stop := context.AfterFunc(ctx, rd.s.Close)
-	defer stop()
-	err := f(rd.s.Conn())
-	if err != nil && rd.s.Conn().Err() != nil {
+	st := engine.StoreOf(rd.s)
+	err := f(st)
+	if err != nil && st.Err() != nil {
 		rd.s.Close()
 		rd.closeConn()
 		rd.s = nil
@@ -403,8 +399,8 @@ func (r *Remote) Fetch(ctx context.Context, paths []string) error {
 	defer r.localMu.Unlock()
 	return r.Local.AddOutputs(infos, func(p string, w io.Writer) error {
 		h, _ := r.lookup(p)
-		return r.withReader(ctx, h.machine, func(c *serveproto.Conn) error {
-			_, err := c.DumpStorePath(p, w)
+		return r.withReader(ctx, h.machine, func(st engine.MachineStore) error {
+			_, err := st.Dump(ctx, h.info, w)
 			return err
 		})
 	})
@@ -432,12 +428,12 @@ func (r *Remote) Find(ctx context.Context, paths []string) []string {
 		asked++
 		go func() {
 			var infos []serveproto.PathInfo
-			r.withReader(ctx, m, func(c *serveproto.Conn) error {
-				have, err := c.QueryValidPaths(paths, false, false)
+			r.withReader(ctx, m, func(st engine.MachineStore) error {
+				have, err := st.Valid(ctx, paths, false)
 				if err != nil || len(have) == 0 {
 					return err
 				}
-				infos, err = c.QueryPathInfos(have)
+				infos, err = st.PathInfos(ctx, have)
 				return err
 			})
 			results <- found{m, infos}
@@ -549,9 +545,9 @@ func (l *buildLocal) Dump(p string, w io.Writer) (nar.Stats, error) {
 	}
 	var st nar.Stats
 	ew := &engine.ErrWriter{W: w}
-	err := l.r.withReader(context.Background(), h.machine, func(c *serveproto.Conn) error {
+	err := l.r.withReader(context.Background(), h.machine, func(ms engine.MachineStore) error {
 		var err error
-		st, err = c.DumpStorePath(p, ew)
+		st, err = ms.Dump(context.Background(), h.info, ew)
 		return err
 	})
 	if err != nil && ew.Err == nil {

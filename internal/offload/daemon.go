@@ -30,16 +30,15 @@ import (
 //     not trust the user and the derivation is input-addressed, the .drv
 //     closure uploaded and BuildPathsWithResults on it;
 //  4. QueryPathInfo and NarFromPath of the wanted outputs into the local
-//     store, each NAR checked against its narHash and narSize.
+//     store, each NAR checked against its narHash and narSize; with
+//     job.KeepOutputs, only QueryPathInfo, whose answers go to
+//     ev.Outputs, and the outputs stay on the machine.
 //
 // The daemon's log messages go where the Conn's Options.Log sends them.
 // ctx bounds every wait through the Conn's Options.Abort. The temp roots
 // live as long as conn: a pooled session that stays warm keeps them until
 // it retires. job.Transfers is not used (see docs/design.md). Returns a *BuildError when the build failed on the machine.
 func RunDaemon(ctx context.Context, conn *daemonproto.Conn, local Local, job Job, ev Events) error {
-	if job.KeepOutputs {
-		return fmt.Errorf("'%s' is an ssh-ng machine, which cannot keep a graph's outputs yet (Job.KeepOutputs)", job.Machine)
-	}
 	stopped := func(what string, err error) error {
 		if ctx.Err() != nil {
 			return fmt.Errorf("%s stopped: %w", what, context.Cause(ctx))
@@ -96,6 +95,16 @@ func RunDaemon(ctx context.Context, conn *daemonproto.Conn, local Local, job Job
 	}
 	if !res.Status.Success() {
 		return &BuildError{DrvPath: job.DrvPath, Machine: job.Machine, Status: res.Status, Msg: res.ErrorMsg}
+	}
+	if job.KeepOutputs {
+		infos, err := outputInfosDaemon(ctx, conn, job, &res.BuildResult)
+		if err != nil {
+			return stopped(fmt.Sprintf("outputs of '%s' on '%s'", job.DrvPath, job.Machine), err)
+		}
+		if ev.Outputs != nil {
+			ev.Outputs(infos)
+		}
+		return nil
 	}
 	if err := fetchOutputsDaemon(ctx, conn, local, job, &res.BuildResult, ev); err != nil {
 		return stopped(fmt.Sprintf("copying outputs of '%s' from '%s'", job.DrvPath, job.Machine), err)
@@ -221,25 +230,25 @@ var errUploadEnded = errors.New("upload ended")
 
 // fetchOutputsDaemon fetches the wanted outputs into the local store.
 func fetchOutputsDaemon(ctx context.Context, conn *daemonproto.Conn, local Local, job Job, res *serveproto.BuildResult, ev Events) error {
-	paths, err := outputPaths(job, res)
+	infos, err := outputInfosDaemon(ctx, conn, job, res)
 	if err != nil {
 		return err
 	}
+	paths := make([]string, len(infos))
 	byPath := map[string]serveproto.PathInfo{}
-	var infos []serveproto.PathInfo
-	for _, p := range paths {
-		info, ok, err := conn.QueryPathInfo(ctx, p)
-		if err != nil {
-			return err
-		}
-		if !ok {
-			return fmt.Errorf("the machine reports output %s not valid after building", p)
-		}
-		byPath[p] = info
-		infos = append(infos, info)
+	for i, info := range infos {
+		paths[i] = info.Path
+		byPath[info.Path] = info
 	}
 	return bringHome(local, infos, paths, ev, func(path string, w io.Writer) error {
 		_, err := conn.NarFromPath(ctx, byPath[path], w)
 		return err
+	})
+}
+
+// outputInfosDaemon is outputInfos over the daemon protocol.
+func outputInfosDaemon(ctx context.Context, conn *daemonproto.Conn, job Job, res *serveproto.BuildResult) ([]serveproto.PathInfo, error) {
+	return outputInfos(job, res, func(paths []string) ([]serveproto.PathInfo, error) {
+		return conn.QueryPathInfos(ctx, paths)
 	})
 }

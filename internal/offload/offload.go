@@ -477,6 +477,25 @@ func bringHome(local Local, infos []serveproto.PathInfo, paths []string, ev Even
 	return nil
 }
 
+// outputInfos asks the machine for the wanted outputs' metadata with
+// query (its protocol's QueryPathInfos: the valid ones of the paths).
+func outputInfos(job Job, res *serveproto.BuildResult, query func(paths []string) ([]serveproto.PathInfo, error)) ([]serveproto.PathInfo, error) {
+	paths, err := outputPaths(job, res)
+	if err != nil {
+		return nil, err
+	}
+	// Nix hands the hook only outputs that are not valid here, and
+	// AddOutputs skips any that are: no local query first.
+	infos, err := query(paths)
+	if err != nil {
+		return nil, err
+	}
+	if got := len(infos); got != len(paths) {
+		return nil, fmt.Errorf("the machine reports %d of %d outputs valid after building", got, len(paths))
+	}
+	return infos, nil
+}
+
 // outputPaths returns the store paths of the wanted outputs (all if none
 // is named): from the derivation, or for floating content-addressed ones
 // from the build result (res nil: not known yet, an error).

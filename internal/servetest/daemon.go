@@ -31,6 +31,7 @@ import (
 const (
 	WorkerOps                   Op = 0x1000
 	DaemonHello                 Op = WorkerOps // Nix version, trust and the first STDERR_LAST
+	WorkerAddTempRoot           Op = WorkerOps + 11
 	WorkerSetOptions            Op = WorkerOps + 19
 	WorkerQueryPathInfo         Op = WorkerOps + 26
 	WorkerQueryValidPaths       Op = WorkerOps + 31
@@ -41,7 +42,7 @@ const (
 )
 
 var workerOpNames = map[Op]string{
-	DaemonHello: "DaemonHello", WorkerSetOptions: "SetOptions", WorkerQueryPathInfo: "QueryPathInfo",
+	DaemonHello: "DaemonHello", WorkerAddTempRoot: "AddTempRoot", WorkerSetOptions: "SetOptions", WorkerQueryPathInfo: "QueryPathInfo",
 	WorkerQueryValidPaths: "QueryValidPaths", WorkerBuildDerivation: "BuildDerivation (worker)",
 	WorkerNarFromPath: "NarFromPath", WorkerAddMultipleToStore: "AddMultipleToStore",
 	WorkerBuildPathsWithResults: "BuildPathsWithResults",
@@ -200,6 +201,8 @@ func (ds *daemonSession) run() error {
 
 func (ds *daemonSession) command(op Op) error {
 	switch op {
+	case WorkerAddTempRoot:
+		return ds.addTempRoot()
 	case WorkerSetOptions:
 		return ds.setOptions()
 	case WorkerQueryValidPaths:
@@ -263,6 +266,17 @@ func (s *Server) SettingsSent() []DaemonSettings {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return slices.Clone(s.daemonSettings)
+}
+
+// addTempRoot takes the path, as Nix does whether it is valid or not
+// (nix 2.34.8 src/libstore/daemon.cc wopAddTempRoot), and answers 1.
+func (ds *daemonSession) addTempRoot() error {
+	p, err := ds.path("path")
+	if err != nil {
+		return err
+	}
+	ds.record(WorkerAddTempRoot, p)
+	return ds.reply(WorkerAddTempRoot, p, nil, new(Enc).U64(1).Bytes())
 }
 
 func (ds *daemonSession) queryValidPaths() error {
