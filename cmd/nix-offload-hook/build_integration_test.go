@@ -480,7 +480,7 @@ func TestBuildThroughBroker(t *testing.T) {
 	if code != 0 {
 		t.Fatalf("build exited %d\n%s", code, errOut)
 	}
-	if !strings.Contains(errOut, "building through the broker on "+env.socket) {
+	if !strings.Contains(errOut, "in the broker on "+env.socket) {
 		t.Errorf("stderr does not say the broker is used:\n%s", errOut)
 	}
 	var doc buildDoc
@@ -549,7 +549,7 @@ in derivation { name = "root"; inherit salt c1 waiter; system = "x86_64-linux"; 
 	testbed.KillCommand(env.cmd)
 	env.cmd.Wait()
 	var ee *exec.ExitError
-	if err := cmd.Wait(); !errors.As(err, &ee) || ee.ExitCode() != 1 || !strings.Contains(stderr.String(), "broker: the event stream of '") {
+	if err := cmd.Wait(); !errors.As(err, &ee) || ee.ExitCode() != 1 || !strings.Contains(stderr.String(), "broker: the stream of graph ") {
 		t.Fatalf("the build without its broker: %v, want exit 1 saying the broker went away\n%s", err, stderr.String())
 	}
 	first := stderr.String()

@@ -6,6 +6,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nix-offload/nix-offload/internal/brokerapi"
 	"github.com/nix-offload/nix-offload/internal/graph"
 	"github.com/nix-offload/nix-offload/internal/serveproto"
 )
@@ -33,11 +34,12 @@ func TestBuildFailureExitCodes(t *testing.T) {
 		{"only a machine failed", []*graph.Result{res(serveproto.MiscFailure, true), res(serveproto.MiscFailure, false)}, 1},
 		{"only not started", []*graph.Result{res(serveproto.MiscFailure, false)}, 0},
 	} {
-		m := map[string]*graph.Result{}
+		var report []brokerapi.GraphDerivation
 		for i, r := range c.results {
-			m[string(rune('a'+i))] = r
+			r.DrvPath = string(rune('a' + i))
+			report = append(report, graph.Report(r, func(string) string { return "" }))
 		}
-		err := buildFailure(m)
+		err := buildFailure(report)
 		got := 0
 		var xe *exitCodeError
 		switch {

@@ -11,39 +11,21 @@ import (
 	"errors"
 	"flag"
 	"fmt"
-	sshconfig "github.com/kevinburke/ssh_config"
 	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"slices"
 	"sort"
 	"strings"
 	"sync"
 	"time"
 
 	"github.com/nix-offload/nix-offload/internal/brokerapi"
-	"github.com/nix-offload/nix-offload/internal/engine"
 	"github.com/nix-offload/nix-offload/internal/graph"
 	"github.com/nix-offload/nix-offload/internal/localstore"
 	"github.com/nix-offload/nix-offload/internal/machines"
-	"github.com/nix-offload/nix-offload/internal/pool"
 	"github.com/nix-offload/nix-offload/internal/serveproto"
 )
-
-// The -fetch policies.
-const (
-	fetchRequested = "requested" // the requested outputs and their closures
-	fetchAll       = "all"       // every output built
-	fetchNone      = "none"      // nothing: outputs stay on the builders
-)
-
-// installable is one requested derivation and the outputs wanted of it
-// (all if empty).
-type installable struct {
-	drv     string
-	outputs []string
-}
 
 func runBuild(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs := flag.NewFlagSet("build", flag.ContinueOnError)
@@ -55,103 +37,239 @@ func runBuild(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	asJSON := fs.Bool("json", false, "print one JSON document with every derivation's result")
 	noLink := fs.Bool("no-link", false, "make no out-link")
 	outLink := fs.String("out-link", "result", "the out-link's name, registered as a GC root")
-	fetch := fs.String("fetch", fetchRequested, "what comes home: requested, all or none")
+	fetch := fs.String("fetch", brokerapi.FetchRequested, "what comes home: requested, all or none")
+	follow := fs.String("follow", "", "follow the broker's graph ID (printed when it was submitted) to its end, then fetch and link as if it had been submitted here")
 	var attrs multiFlag
 	fs.Var(&attrs, "A", "attribute of a .nix file to build (repeatable)")
 	if err := fs.Parse(args); err != nil {
 		return usageError{fmt.Sprintf("build: %v\n\n%s", err, usage)}
 	}
 	switch *fetch {
-	case fetchRequested, fetchAll, fetchNone:
+	case brokerapi.FetchRequested, brokerapi.FetchAll, brokerapi.FetchNone:
 	default:
 		return usageError{fmt.Sprintf("build: -fetch %q: want requested, all or none", *fetch)}
 	}
-	if fs.NArg() == 0 {
+	switch {
+	case *follow != "" && fs.NArg() > 0:
+		return usageError{"build: -follow takes no installable: the graph has its own"}
+	case *follow == "" && fs.NArg() == 0:
 		return usageError{"build: no installable: give a /nix/store/…drv path, or a .nix file with -A"}
 	}
-	insts, err := parseInstallables(ctx, fs.Args(), attrs)
-	if err != nil {
-		return err
+	var roots []brokerapi.GraphRoot
+	if *follow == "" {
+		var err error
+		if roots, err = parseInstallables(ctx, fs.Args(), attrs); err != nil {
+			return err
+		}
 	}
 	cfg, err := loadConfig(*configPath, *builders, nixSystem())
 	if err != nil {
 		return err
 	}
-	if len(cfg.Machines) == 0 {
-		return &configError{fmt.Errorf("%s: no machines to build on", cfg.Path)}
-	}
-
 	local, err := localstore.Open(localstore.Options{})
 	if err != nil {
 		return err
 	}
 	defer local.Close()
-	roots := make([]string, len(insts))
-	for i, in := range insts {
-		roots[i] = in.drv
+	out := buildOutput{stdout: stdout, asJSON: *asJSON, noLink: *noLink, outLink: *outLink}
+
+	// With a broker running, the graph runs in it, beside the hooks' builds,
+	// and survives this process; without, it runs here on the hook's own
+	// placement.
+	sock := brokerSocket(*socket, cfg)
+	if c := dialBuildBroker(ctx, sock); c != nil {
+		defer c.Close()
+		g := brokerGraph{c: c, sock: sock, local: local, stderr: stderr, id: *follow,
+			req: brokerapi.GraphRequest{Roots: roots, Fetch: *fetch, KeepGoing: *keepGoing, Detach: true}}
+		return g.run(ctx, out)
 	}
-	remote, err := newRemote(cfg, local, stderr)
+	if *follow != "" {
+		return fmt.Errorf("build -follow: no broker answers on %s", sock)
+	}
+	return buildAlone(ctx, cfg, local, roots, *fetch, *keepGoing, stderr, out)
+}
+
+// buildAlone builds the graph in this process (internal/graph) on the
+// machines of cfg, ssh:// and ssh-ng:// alike.
+func buildAlone(ctx context.Context, cfg *machines.Config, local *localstore.Store, roots []brokerapi.GraphRoot, fetch string, keepGoing bool, stderr io.Writer, out buildOutput) error {
+	if len(cfg.Machines) == 0 {
+		return &configError{fmt.Errorf("%s: no machines to build on", cfg.Path)}
+	}
+	remote, err := graph.NewAlone(cfg, local, func(msg string) { fmt.Fprintf(stderr, "nix-offload-hook: %s\n", msg) })
 	if err != nil {
 		return err
 	}
 	defer remote.Shut()
-	// With a broker running, every derivation goes through its queue and
-	// slots, beside the hooks' builds; without, the hook's own placement.
-	if c := dialBuildBroker(ctx, brokerSocket(*socket, cfg)); c != nil {
-		c.Close()
-		sock := brokerSocket(*socket, cfg)
-		remote.Broker = func(ctx context.Context) (*brokerapi.Client, error) {
-			return brokerapi.DialChecked(ctx, sock, brokerPeer)
-		}
-		fmt.Fprintf(stderr, "building through the broker on %s\n", sock)
+	drvs := make([]string, len(roots))
+	for i, r := range roots {
+		drvs[i] = r.DrvPath
 	}
-	// Valid here, or held by a machine from an earlier run: not built again.
-	plan, err := graph.Load(roots, readDerivation, func(paths []string) ([]string, error) {
-		valid, err := local.Valid(paths)
-		if err != nil {
-			return nil, err
-		}
-		rest := slices.DeleteFunc(slices.Clone(paths), func(p string) bool { return slices.Contains(valid, p) })
-		if len(rest) == 0 {
-			return valid, nil
-		}
-		return append(valid, remote.Find(ctx, rest)...), nil
-	})
+	plan, err := remote.Load(ctx, drvs, readDerivation)
 	if err != nil {
 		return err
 	}
-
-	progress := newProgress(stderr, plan)
+	toBuild := 0
+	for _, n := range plan.Nodes {
+		if !n.Valid {
+			toBuild++
+		}
+	}
+	progress := newProgress(stderr, toBuild)
 	results := graph.Execute(ctx, plan, remote, graph.Options{
-		KeepGoing:  *keepGoing,
-		MaxRunning: totalSlots(cfg.Machines),
-		Events:     progress.event,
+		KeepGoing:  keepGoing,
+		MaxRunning: graph.TotalSlots(cfg.Machines),
+		Events:     func(e graph.Event) { progress.event(e.API(remote.Holder)) },
 	})
 	progress.done()
-
 	var fetchErr error
-	if *fetch != fetchNone && ctx.Err() == nil {
-		fetchErr = remote.Fetch(ctx, fetchPaths(*fetch, insts, results))
+	if fetch != brokerapi.FetchNone && ctx.Err() == nil {
+		fetchErr = remote.Fetch(ctx, graph.FetchPaths(fetch, roots, results))
 	}
-	var requested []string
-	for _, in := range insts {
-		requested = append(requested, wantedPaths(in, results[in.drv])...)
+	var report []brokerapi.GraphDerivation
+	for _, r := range results {
+		report = append(report, graph.Report(r, remote.Holder))
 	}
-	if *asJSON {
-		if err := writeJSON(stdout, plan, results, remote); err != nil {
+	return out.finish(roots, report, fetch, fetchErr)
+}
+
+// brokerGraph is one graph run in the broker, as this command follows it.
+type brokerGraph struct {
+	c      *brokerapi.Client
+	sock   string
+	local  *localstore.Store
+	stderr io.Writer
+	req    brokerapi.GraphRequest // submitted unless id is set
+	id     string                 // the graph to follow
+}
+
+// graphCancelTimeout bounds how long an interrupted build waits for the
+// broker to stop the graph and send its results.
+const graphCancelTimeout = 30 * time.Second
+
+// run submits or follows the graph to its done event, fetches what it
+// lists, and prints the results. An interrupt (ctx) cancels the graph in
+// the broker (DELETE) and waits for its results, which say what stopped.
+func (g *brokerGraph) run(ctx context.Context, out buildOutput) error {
+	// The stream is not ctx's: after an interrupt it still brings the
+	// results. A killed process leaves the detached graph running.
+	var st *brokerapi.GraphStream
+	var err error
+	if g.id == "" {
+		st, err = g.c.SubmitGraph(context.Background(), g.req)
+	} else {
+		st, err = g.c.FollowGraph(context.Background(), g.id)
+	}
+	if err != nil {
+		return err
+	}
+	defer st.Close()
+	first, err := st.Next()
+	if err != nil {
+		return err
+	}
+	if first.Type != brokerapi.GraphEventGraph || first.Summary == nil {
+		return fmt.Errorf("broker: the graph's stream began with %q", first.Type)
+	}
+	g.id = first.Graph
+	sum := first.Summary
+	fmt.Fprintf(g.stderr, "building graph %s in the broker on %s (%d of %d derivations to build; after an interruption, resume with: nix-offload-hook build -follow %s)\n",
+		g.id, g.sock, sum.ToBuild, sum.Derivations, g.id)
+	stopCancel := context.AfterFunc(ctx, g.cancel)
+	defer stopCancel()
+	progress := newProgress(g.stderr, sum.ToBuild)
+	var timer *time.Timer
+	for {
+		ev, err := st.Next()
+		if err != nil {
+			progress.done()
+			return fmt.Errorf("broker: the stream of graph %s ended: %w (resume with: nix-offload-hook build -follow %s)", g.id, err, g.id)
+		}
+		if ev.Type != brokerapi.GraphEventDone {
+			progress.event(ev)
+			if ctx.Err() != nil && timer == nil {
+				timer = time.AfterFunc(graphCancelTimeout, func() { st.Close() })
+				defer timer.Stop()
+			}
+			continue
+		}
+		progress.done()
+		sum = ev.Summary
+		break
+	}
+	var fetchErr error
+	if sum.FetchError != "" {
+		fetchErr = errors.New(sum.FetchError)
+	}
+	if len(sum.FetchPaths) > 0 && ctx.Err() == nil {
+		infos := make([]serveproto.PathInfo, len(sum.FetchPaths))
+		for i, f := range sum.FetchPaths {
+			infos[i] = serveproto.PathInfo{Path: f.Path, Deriver: f.Deriver, NarHash: f.NarHash, NarSize: f.NarSize, References: f.References}
+		}
+		fetchErr = errors.Join(fetchErr, g.local.AddOutputs(infos, func(p string, w io.Writer) error {
+			return g.c.GraphNAR(ctx, g.id, p, w)
+		}))
+	}
+	return out.finish(sum.Roots, sum.Results, sum.Fetch, fetchErr)
+}
+
+// cancel asks the broker, on a connection of its own (the stream holds
+// the other), to stop the graph.
+func (g *brokerGraph) cancel() {
+	fmt.Fprintf(g.stderr, "nix-offload-hook: interrupted: cancelling graph %s\n", g.id)
+	ctx, stop := context.WithTimeout(context.Background(), graphCancelTimeout)
+	defer stop()
+	c, err := brokerapi.DialChecked(ctx, g.sock, brokerPeer)
+	if err == nil {
+		defer c.Close()
+		err = c.CancelGraph(ctx, g.id)
+	}
+	if err != nil {
+		fmt.Fprintf(g.stderr, "nix-offload-hook: cancelling graph %s: %v\n", g.id, err)
+	}
+}
+
+// buildOutput is what the command prints and links once the graph ended.
+type buildOutput struct {
+	stdout         io.Writer
+	asJSON, noLink bool
+	outLink        string
+}
+
+// finish prints the requested output paths (or -json's document), makes
+// the out-links, and returns the command's error: the failed derivations,
+// with nix-build's exit status.
+func (o buildOutput) finish(roots []brokerapi.GraphRoot, results []brokerapi.GraphDerivation, fetch string, fetchErr error) error {
+	sort.Slice(results, func(i, j int) bool { return results[i].DrvPath < results[j].DrvPath })
+	byDrv := map[string]brokerapi.GraphDerivation{}
+	for _, r := range results {
+		byDrv[r.DrvPath] = r
+	}
+	if o.asJSON {
+		doc := struct {
+			Roots       []string                    `json:"roots"`
+			Derivations []brokerapi.GraphDerivation `json:"derivations"`
+		}{Derivations: results}
+		for _, r := range roots {
+			doc.Roots = append(doc.Roots, r.DrvPath)
+		}
+		enc := json.NewEncoder(o.stdout)
+		enc.SetIndent("", "  ")
+		if err := enc.Encode(doc); err != nil {
 			return err
 		}
 	} else {
-		for _, p := range requested {
-			fmt.Fprintln(stdout, p)
+		for _, r := range roots {
+			for _, p := range graph.Wanted(r, byDrv[r.DrvPath].Outputs) {
+				fmt.Fprintln(o.stdout, p)
+			}
 		}
 	}
 	failure := buildFailure(results)
 	if fetchErr != nil {
 		return errors.Join(failure, fmt.Errorf("fetching outputs: %w", fetchErr))
 	}
-	if failure == nil && !*noLink && *fetch != fetchNone {
-		if err := addOutLinks(*outLink, insts, results); err != nil {
+	if failure == nil && !o.noLink && fetch != brokerapi.FetchNone {
+		if err := addOutLinks(o.outLink, roots, byDrv); err != nil {
 			return err
 		}
 	}
@@ -167,8 +285,8 @@ func (m *multiFlag) Set(v string) error { *m = append(*m, v); return nil }
 // parseInstallables turns arguments into derivations: a store derivation
 // (`/nix/store/…drv`, or `…drv^out,dev`), or a .nix file instantiated
 // with nix-instantiate for each -A.
-func parseInstallables(ctx context.Context, args []string, attrs []string) ([]installable, error) {
-	var out []installable
+func parseInstallables(ctx context.Context, args []string, attrs []string) ([]brokerapi.GraphRoot, error) {
+	var out []brokerapi.GraphRoot
 	for _, a := range args {
 		if strings.HasSuffix(a, ".nix") || len(attrs) > 0 && !strings.Contains(a, ".drv") {
 			drvs, err := instantiate(ctx, a, attrs)
@@ -189,23 +307,23 @@ func parseInstallables(ctx context.Context, args []string, attrs []string) ([]in
 
 // parseDrvInstallable reads `DRV`, `DRV^out,dev` or `DRV!out` (as
 // nix-instantiate prints a selected output).
-func parseDrvInstallable(a string) (installable, error) {
+func parseDrvInstallable(a string) (brokerapi.GraphRoot, error) {
 	drv, outs, _ := strings.Cut(a, "^")
 	if i := strings.IndexByte(drv, '!'); i >= 0 && outs == "" {
 		drv, outs = drv[:i], drv[i+1:]
 	}
 	if !strings.HasPrefix(drv, serveproto.StoreDir+"/") || !strings.HasSuffix(drv, ".drv") {
-		return installable{}, usageError{fmt.Sprintf("build: %q is not a store derivation (/nix/store/…drv, optionally ^OUTPUTS) nor a .nix file", a)}
+		return brokerapi.GraphRoot{}, usageError{fmt.Sprintf("build: %q is not a store derivation (/nix/store/…drv, optionally ^OUTPUTS) nor a .nix file", a)}
 	}
-	in := installable{drv: drv}
+	in := brokerapi.GraphRoot{DrvPath: drv}
 	if outs != "" && outs != "*" {
-		in.outputs = strings.Split(outs, ",")
+		in.Outputs = strings.Split(outs, ",")
 	}
 	return in, nil
 }
 
 // instantiate runs the local nix-instantiate on file for each attribute.
-func instantiate(ctx context.Context, file string, attrs []string) ([]installable, error) {
+func instantiate(ctx context.Context, file string, attrs []string) ([]brokerapi.GraphRoot, error) {
 	argv := []string{file}
 	for _, a := range attrs {
 		argv = append(argv, "-A", a)
@@ -216,7 +334,7 @@ func instantiate(ctx context.Context, file string, attrs []string) ([]installabl
 	if err := cmd.Run(); err != nil {
 		return nil, fmt.Errorf("nix-instantiate %s: %v\n%s", strings.Join(argv, " "), err, strings.TrimSpace(errOut.String()))
 	}
-	var insts []installable
+	var insts []brokerapi.GraphRoot
 	for _, line := range strings.Fields(out.String()) {
 		in, err := parseDrvInstallable(line)
 		if err != nil {
@@ -228,72 +346,6 @@ func instantiate(ctx context.Context, file string, attrs []string) ([]installabl
 		return nil, fmt.Errorf("nix-instantiate %s printed no derivation", strings.Join(argv, " "))
 	}
 	return insts, nil
-}
-
-// newRemote makes the graph's builder over the hook alone's placer: the
-// host's slot files and health, shared with every hook of the host.
-func newRemote(cfg *machines.Config, local *localstore.Store, stderr io.Writer) (*graph.Remote, error) {
-	sl, tracker, err := openHostState(cfg, func(herr error) {
-		fmt.Fprintf(stderr, "nix-offload-hook: %v; machine health is kept in this process only\n", herr)
-	})
-	if err != nil {
-		return nil, err
-	}
-	// Warm sessions, one pool per machine, shared by every derivation of
-	// the graph: a derivation costs no SSH handshake and no nix-store start.
-	pools := map[string]*pool.Pool{}
-	var names []string
-	for _, m := range cfg.Machines {
-		if m.Enabled {
-			pools[m.Name()] = pool.New(pool.Options{Machine: m, SSHConfig: sshconfig.DefaultUserSettings})
-			names = append(names, m.Name())
-		}
-	}
-	get := func(ctx context.Context, name string) (engine.Session, func(), error) {
-		p, ok := pools[name]
-		if !ok {
-			return nil, nil, fmt.Errorf("no machine '%s' in %s", name, cfg.Path)
-		}
-		s, err := p.Get(ctx)
-		if err != nil {
-			return nil, nil, err
-		}
-		return s, func() { p.Put(s, false) }, nil
-	}
-	logDir := os.Getenv("NIX_LOG_DIR")
-	if logDir == "" {
-		logDir = "/nix/var/log/nix"
-	}
-	return &graph.Remote{
-		Placer: func() engine.Placer {
-			return &engine.Alone{
-				Machines: cfg.Machines,
-				Slots:    sl,
-				Health:   tracker,
-				GiveUp:   cfg.Daemon.MachineWait,
-				Warn: func(machine string, err error) {
-					fmt.Fprintf(stderr, "nix-offload-hook: cannot use '%s': %v\n", machine, err)
-				},
-				Connect: func(ctx context.Context, m machines.Machine) (engine.Session, func(), error) {
-					return get(ctx, m.Name())
-				},
-				Put: func(s engine.Session, reusable bool) {
-					ps := s.(*pool.Session)
-					pools[ps.Name()].Put(ps, reusable)
-				},
-			}
-		},
-		Local: local,
-		Open:  get,
-		Close: func() {
-			for _, p := range pools {
-				p.Close()
-			}
-		},
-		LogDir:   logDir,
-		Machines: names,
-		Down:     tracker.Down,
-	}, nil
 }
 
 // dialBuildBroker connects to the broker if one runs on socket (and root
@@ -312,85 +364,28 @@ func dialBuildBroker(ctx context.Context, socket string) *brokerapi.Client {
 	return c
 }
 
-// totalSlots is the number of builds the machines take at once.
-func totalSlots(ms []machines.Machine) int {
-	n := 0
-	for _, m := range ms {
-		if m.Enabled {
-			n += max(m.ParallelBuilds, 1)
-		}
-	}
-	return max(n, 1)
-}
-
-// wantedPaths are the output paths of in that were asked for, "out" first.
-func wantedPaths(in installable, r *graph.Result) []string {
-	if r == nil || r.Outputs == nil {
-		return nil
-	}
-	names := in.outputs
-	if len(names) == 0 {
-		for n := range r.Outputs {
-			names = append(names, n)
-		}
-		sort.Slice(names, func(i, j int) bool {
-			return names[i] == "out" || names[j] != "out" && names[i] < names[j]
-		})
-	}
-	var out []string
-	for _, n := range names {
-		if p, ok := r.Outputs[n]; ok {
-			out = append(out, p)
-		}
-	}
-	return out
-}
-
-// fetchPaths is what -fetch brings home.
-func fetchPaths(policy string, insts []installable, results map[string]*graph.Result) []string {
-	var out []string
-	switch policy {
-	case fetchRequested:
-		for _, in := range insts {
-			if r := results[in.drv]; r != nil && r.Status.Success() {
-				out = append(out, wantedPaths(in, r)...)
-			}
-		}
-	case fetchAll:
-		for _, r := range results {
-			if r.Status == serveproto.Built {
-				for _, p := range r.Outputs {
-					out = append(out, p)
-				}
-			}
-		}
-	}
-	sort.Strings(out)
-	return out
-}
-
 // buildFailure is the error the command ends with: nil when nothing
 // failed, else one naming each failed derivation with an exit status
 // computed as nix-build's: 0x60 | 0x04 for a failed build, | 0x01 if one
 // timed out, | 0x08 if one was not deterministic (100, 101, 104, …); 1
 // when only other failures (machines, connections, the local store) did.
-func buildFailure(results map[string]*graph.Result) error {
+func buildFailure(results []brokerapi.GraphDerivation) error {
 	var failed []string
 	mask := 0
-	for d, r := range results {
-		if r.Err == nil || r.Start.IsZero() {
+	for _, r := range results {
+		if r.Error == "" || r.Start == nil {
 			continue // built, or never started: not a failure of its own
 		}
 		switch r.Status {
-		case serveproto.TimedOut:
+		case serveproto.TimedOut.String():
 			mask |= 0x04 | 0x01
-		case serveproto.NotDeterministic:
+		case serveproto.NotDeterministic.String():
 			mask |= 0x08
-		case serveproto.PermanentFailure, serveproto.InputRejected, serveproto.OutputRejected, serveproto.LogLimitExceeded:
+		case serveproto.PermanentFailure.String(), serveproto.InputRejected.String(), serveproto.OutputRejected.String(), serveproto.LogLimitExceeded.String():
 			mask |= 0x04
 		}
-		if r.Status != serveproto.DependencyFailed {
-			failed = append(failed, fmt.Sprintf("'%s' (%s): %v", d, r.Status, r.Err))
+		if r.Status != serveproto.DependencyFailed.String() {
+			failed = append(failed, fmt.Sprintf("'%s' (%s): %s", r.DrvPath, r.Status, r.Error))
 		}
 	}
 	if len(failed) == 0 {
@@ -406,10 +401,10 @@ func buildFailure(results map[string]*graph.Result) error {
 
 // addOutLinks makes nix-build's out-links (result, result-dev, result-2,
 // …), each an indirect GC root registered by the local nix-store.
-func addOutLinks(base string, insts []installable, results map[string]*graph.Result) error {
-	for i, in := range insts {
-		r := results[in.drv]
-		for _, p := range wantedPaths(in, r) {
+func addOutLinks(base string, roots []brokerapi.GraphRoot, results map[string]brokerapi.GraphDerivation) error {
+	for i, in := range roots {
+		r := results[in.DrvPath]
+		for _, p := range graph.Wanted(in, r.Outputs) {
 			link := base
 			if i > 0 {
 				link += fmt.Sprintf("-%d", i+1)
@@ -434,60 +429,6 @@ func addOutLinks(base string, insts []installable, results map[string]*graph.Res
 	return nil
 }
 
-// jsonResult is one derivation in -json's document (README, "Queue runners").
-type jsonResult struct {
-	DrvPath string            `json:"drvPath"`
-	Status  string            `json:"status"`
-	Machine string            `json:"machine,omitempty"`
-	Start   *time.Time        `json:"start,omitempty"`
-	Stop    *time.Time        `json:"stop,omitempty"`
-	Error   string            `json:"error,omitempty"`
-	Outputs map[string]string `json:"outputs,omitempty"`
-	// Holders: output path → the machine that keeps it, for outputs that
-	// did not come home.
-	Holders map[string]string `json:"holders,omitempty"`
-}
-
-func writeJSON(w io.Writer, plan *graph.Plan, results map[string]*graph.Result, remote *graph.Remote) error {
-	doc := struct {
-		Roots       []string     `json:"roots"`
-		Derivations []jsonResult `json:"derivations"`
-	}{Roots: plan.Roots}
-	drvs := make([]string, 0, len(results))
-	for d := range results {
-		drvs = append(drvs, d)
-	}
-	sort.Strings(drvs)
-	for _, d := range drvs {
-		r := results[d]
-		j := jsonResult{DrvPath: d, Status: r.Status.String(), Machine: r.Machine, Outputs: r.Outputs}
-		if j.Machine == "" {
-			for _, p := range r.Outputs {
-				j.Machine = remote.Holder(p) // AlreadyValid on a machine
-			}
-		}
-		if !r.Start.IsZero() {
-			start, stop := r.Start.UTC(), r.Stop.UTC()
-			j.Start, j.Stop = &start, &stop
-		}
-		if r.Err != nil {
-			j.Error = r.Err.Error()
-		}
-		for _, p := range r.Outputs {
-			if m := remote.Holder(p); m != "" {
-				if j.Holders == nil {
-					j.Holders = map[string]string{}
-				}
-				j.Holders[p] = m
-			}
-		}
-		doc.Derivations = append(doc.Derivations, j)
-	}
-	enc := json.NewEncoder(w)
-	enc.SetIndent("", "  ")
-	return enc.Encode(doc)
-}
-
 // progress shows the graph's progress on stderr: one line redrawn on a
 // terminal, plain lines otherwise.
 type progress struct {
@@ -501,42 +442,43 @@ type progress struct {
 	built, failed int
 }
 
-func newProgress(w io.Writer, plan *graph.Plan) *progress {
-	p := &progress{w: w, running: map[string]string{}, queued: map[string]bool{}}
+func newProgress(w io.Writer, total int) *progress {
+	p := &progress{w: w, running: map[string]string{}, queued: map[string]bool{}, total: total}
 	if f, ok := w.(*os.File); ok {
 		if st, err := f.Stat(); err == nil && st.Mode()&os.ModeCharDevice != 0 {
 			p.terminal = true
 		}
 	}
-	for _, n := range plan.Nodes {
-		if !n.Valid {
-			p.total++
-		}
-	}
 	return p
 }
 
-func (p *progress) event(e graph.Event) {
+func (p *progress) event(e brokerapi.GraphEvent) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	switch e.Kind {
-	case graph.Queued:
-		p.queued[e.DrvPath] = true
-	case graph.Started:
+	switch e.Type {
+	case brokerapi.EventQueued:
+		if _, running := p.running[e.DrvPath]; !running {
+			p.queued[e.DrvPath] = true
+		}
+	case brokerapi.EventStarted:
 		delete(p.queued, e.DrvPath)
 		p.running[e.DrvPath] = e.Machine
 		p.line(fmt.Sprintf("building '%s' on '%s'", e.DrvPath, e.Machine))
-	case graph.Finished:
+	case brokerapi.GraphEventBuilt, brokerapi.GraphEventFailed:
 		delete(p.queued, e.DrvPath)
 		delete(p.running, e.DrvPath)
 		r := e.Result
 		switch {
-		case r.Err == nil:
+		case e.Type == brokerapi.GraphEventBuilt:
 			p.built++
-			p.line(fmt.Sprintf("built '%s' on '%s' in %v", e.DrvPath, r.Machine, r.Stop.Sub(r.Start).Round(time.Millisecond)))
+			took := time.Duration(0)
+			if r != nil && r.Start != nil {
+				took = r.Stop.Sub(*r.Start)
+			}
+			p.line(fmt.Sprintf("built '%s' on '%s' in %v", e.DrvPath, e.Machine, took.Round(time.Millisecond)))
 		default:
 			p.failed++
-			p.line(fmt.Sprintf("%s: '%s': %v", r.Status, e.DrvPath, r.Err))
+			p.line(fmt.Sprintf("%s: '%s': %s", e.Status, e.DrvPath, e.Error))
 		}
 	}
 }

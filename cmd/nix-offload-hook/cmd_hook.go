@@ -35,7 +35,6 @@ import (
 	"io"
 	"os"
 	"os/signal"
-	"path/filepath"
 	"strings"
 	"syscall"
 	"time"
@@ -45,14 +44,12 @@ import (
 	"github.com/nix-offload/nix-offload/internal/brokerapi"
 	"github.com/nix-offload/nix-offload/internal/daemonproto"
 	"github.com/nix-offload/nix-offload/internal/engine"
-	"github.com/nix-offload/nix-offload/internal/health"
 	"github.com/nix-offload/nix-offload/internal/hookproto"
 	"github.com/nix-offload/nix-offload/internal/localstore"
 	"github.com/nix-offload/nix-offload/internal/machines"
 	"github.com/nix-offload/nix-offload/internal/offload"
 	"github.com/nix-offload/nix-offload/internal/scheduler"
 	"github.com/nix-offload/nix-offload/internal/serveproto"
-	"github.com/nix-offload/nix-offload/internal/slots"
 	"github.com/nix-offload/nix-offload/internal/stopwatch"
 )
 
@@ -215,7 +212,7 @@ func (h *hook) openAlone() error {
 	if h.alone != nil {
 		return nil
 	}
-	sl, tracker, err := openHostState(h.cfg, func(herr error) {
+	sl, tracker, err := engine.OpenHostState(h.cfg, func(herr error) {
 		h.log.Msg(hookproto.LvlWarn, "nix-offload: "+herr.Error()+"; machine health is kept in this process only")
 	})
 	if err != nil {
@@ -235,25 +232,6 @@ func (h *hook) openAlone() error {
 		},
 	}
 	return nil
-}
-
-// openHostState opens the host's slot files and health file, shared by
-// every hook and command working without a broker. A health file that
-// cannot be used is reported to warn: health is then kept in this process.
-func openHostState(cfg *machines.Config, warn func(error)) (*slots.Dir, *health.Tracker, error) {
-	stateDir := cfg.Daemon.StateDir
-	if stateDir == "" {
-		stateDir = machines.DefaultStateDir
-	}
-	sl, err := slots.Open(filepath.Join(stateDir, "slots"))
-	if err != nil {
-		return nil, nil, err
-	}
-	tracker, herr := health.Open(filepath.Join(stateDir, "health.json"))
-	if herr != nil {
-		warn(herr)
-	}
-	return sl, tracker, nil
 }
 
 // startLocal opens the local store and starts its read session in the

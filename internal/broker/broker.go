@@ -58,6 +58,7 @@ import (
 
 	"github.com/nix-offload/nix-offload/internal/brokerapi"
 	"github.com/nix-offload/nix-offload/internal/engine"
+	"github.com/nix-offload/nix-offload/internal/graph"
 	"github.com/nix-offload/nix-offload/internal/health"
 	"github.com/nix-offload/nix-offload/internal/localstore"
 	"github.com/nix-offload/nix-offload/internal/machines"
@@ -120,6 +121,9 @@ type Options struct {
 	OpenLocal func() (*localstore.Store, error)
 	// Now is the clock of machine-wait and of Healthy; time.Now if nil.
 	Now func() time.Time
+	// LogDir is Nix's log directory, where graphs' build logs go (graph.DefaultLogDir() if
+	// ""): `nix log DRV` shows them.
+	LogDir string
 	// StateEvery is how often each machine is asked about its load and free space over its
 	// warm connection (a Pool that is a Prober); 5 s if 0.
 	StateEvery time.Duration
@@ -166,6 +170,10 @@ type Broker struct {
 	// derivation, until they are in builds (see sameBuild).
 	starting map[string]chan struct{}
 	stopping bool
+
+	graphMu sync.Mutex
+	graphs  map[string]*graphRun // running and recently finished, by id
+	seams   graphSeams           // tests' planning and builder
 }
 
 type machine struct {
@@ -222,6 +230,9 @@ func New(opt Options) *Broker {
 	if opt.Now == nil {
 		opt.Now = time.Now
 	}
+	if opt.LogDir == "" {
+		opt.LogDir = graph.DefaultLogDir()
+	}
 	if opt.StateEvery <= 0 {
 		opt.StateEvery = stateEvery
 	}
@@ -245,6 +256,7 @@ func New(opt Options) *Broker {
 		tickets:     map[string]*ticket{},
 		probes:      map[string]bool{},
 		builds:      map[string]*build{},
+		graphs:      map[string]*graphRun{},
 	}
 	for _, m := range opt.Config.Machines {
 		mm := &machine{cfg: m, name: m.Name(), uploads: newUploads(max(m.ParallelBuilds, 2))}
@@ -383,6 +395,7 @@ func (b *Broker) dispatcher() {
 		case <-b.wake:
 		case <-tick.C:
 			b.expireReservations()
+			b.retireGraphs()
 			// Hooks that work without the broker record failures too.
 			b.health.Reload()
 		}

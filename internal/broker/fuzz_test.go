@@ -13,7 +13,7 @@ import (
 )
 
 // FuzzDecodeRequest feeds any bytes as the body of each API request that has one (try,
-// builds, imported) through the server's decoding and checks: it never panics; a refusal is
+// builds, imported, graphs) through the server's decoding and checks: it never panics; a refusal is
 // 400 or 413 with the API's {"error": …} body; what is accepted re-encodes to JSON that
 // decodes to the same value, and every store path in it is canonical, so that it cannot
 // name a file outside the store. Seeds: testdata/fuzz/FuzzDecodeRequest (README.md there).
@@ -25,6 +25,11 @@ func FuzzDecodeRequest(f *testing.F) {
 			paths = append(append(paths, r.DrvPath), r.Inputs...)
 		})
 		fuzzRoute[brokerapi.ImportedRequest](t, body, nil, nil)
+		fuzzRoute(t, body, checkGraph, func(r *brokerapi.GraphRequest) {
+			for _, root := range r.Roots {
+				paths = append(paths, root.DrvPath)
+			}
+		})
 		for _, p := range paths {
 			if !strings.HasPrefix(p, "/nix/store/") || path.Clean(p) != p || strings.Count(p, "/") != 3 {
 				t.Fatalf("accepted the store path %q", p)

@@ -15,6 +15,7 @@ import (
 
 	"github.com/nix-offload/nix-offload/internal/brokerapi"
 	"github.com/nix-offload/nix-offload/internal/engine"
+	"github.com/nix-offload/nix-offload/internal/graph"
 	"github.com/nix-offload/nix-offload/internal/nar"
 	"github.com/nix-offload/nix-offload/internal/offload"
 	"github.com/nix-offload/nix-offload/internal/scheduler"
@@ -463,24 +464,23 @@ func (l *buildLocal) lost() string {
 // dumpHeld streams held path h from its machine, on a session of that
 // machine's pool (either protocol).
 func (l *buildLocal) dumpHeld(h brokerapi.HeldPath, w io.Writer) (nar.Stats, error) {
-	m := l.bd.b.byName[h.Machine]
-	if m == nil {
+	if l.bd.b.byName[h.Machine] == nil {
 		return nar.Stats{}, &engine.LocalError{Err: fmt.Errorf("%s: held by '%s', which is not configured", h.Path, h.Machine)}
 	}
-	sess, err := m.pool.Get(l.bd.ctx)
 	var st nar.Stats
 	werr := &engine.ErrWriter{W: w}
-	if err == nil {
+	err := l.bd.b.readOn(l.bd.ctx, h.Machine, func(ms engine.MachineStore) error {
+		var err error
 		info := serveproto.PathInfo{Path: h.Path, NarHash: h.NarHash, NarSize: h.NarSize}
-		st, err = engine.StoreOf(sess).Dump(l.bd.ctx, info, werr)
-		m.pool.Put(sess, err == nil)
-	}
+		st, err = ms.Dump(l.bd.ctx, info, werr)
+		return err
+	})
 	if err != nil && werr.Err == nil {
 		l.mu.Lock()
 		l.lostPath = h.Path
 		l.mu.Unlock()
 		// Final for this build: the client builds the producer again.
-		err = &engine.LocalError{Err: fmt.Errorf("reading %s from '%s': %w", h.Path, h.Machine, err)}
+		err = &engine.LocalError{Err: fmt.Errorf("reading %s: %w", h.Path, err)}
 	}
 	return st, err
 }
@@ -489,7 +489,7 @@ func (l *buildLocal) dumpHeld(h brokerapi.HeldPath, w io.Writer) (nar.Stats, err
 func apiInfos(infos []serveproto.PathInfo) []brokerapi.PathInfo {
 	out := make([]brokerapi.PathInfo, len(infos))
 	for i, in := range infos {
-		out[i] = brokerapi.PathInfo{Path: in.Path, Deriver: in.Deriver, NarHash: in.NarHash, NarSize: in.NarSize, References: in.References}
+		out[i] = graph.APIInfo(in)
 	}
 	return out
 }

@@ -108,6 +108,12 @@ func NewServer(b *Broker, peerUID func(net.Conn) (uint32, error)) *Server {
 	mux.HandleFunc("POST "+brokerapi.Prefix+"/builds/{id}/imported", s.imported)
 	mux.HandleFunc("DELETE "+brokerapi.Prefix+"/builds/{id}", s.cancel)
 	mux.HandleFunc("GET "+brokerapi.Prefix+"/status", s.status)
+	mux.HandleFunc("POST "+brokerapi.Prefix+"/graphs", s.submitGraph)
+	mux.HandleFunc("GET "+brokerapi.Prefix+"/graphs", s.listGraphs)
+	mux.HandleFunc("GET "+brokerapi.Prefix+"/graphs/{id}", s.graphSummary)
+	mux.HandleFunc("GET "+brokerapi.Prefix+"/graphs/{id}/events", s.graphEvents)
+	mux.HandleFunc("GET "+brokerapi.Prefix+"/graphs/{id}/nar/{base}", s.graphNAR)
+	mux.HandleFunc("DELETE "+brokerapi.Prefix+"/graphs/{id}", s.cancelGraph)
 	mux.HandleFunc("/", noEndpoint)
 	s.srv = &http.Server{
 		Handler:           s.authorize(mux),
@@ -206,6 +212,7 @@ func (s *Server) status(w http.ResponseWriter, r *http.Request) {
 	st := s.b.Status()
 	s.conns.Range(func(_, _ any) bool { st.Clients++; return true })
 	st.Goroutines = runtime.NumGoroutine()
+	st.Graphs = s.b.runningGraphs()
 	writeJSON(w, st)
 }
 
@@ -214,54 +221,86 @@ func (s *Server) build(w http.ResponseWriter, r *http.Request) {
 	if !readRequest(w, r, &req, checkBuild) {
 		return
 	}
-	c := clientOf(r)
-	streaming := false
+	send, begin := ndjson[brokerapi.Event](w)
+	code, err := s.b.submit(r.Context(), req, clientOf(r), send, begin)
+	if err != nil {
+		writeError(w, code, err)
+	}
+}
+
+// ndjson writes events to w as JSON lines, flushing each (send returns false once w fails);
+// begin, or the first event, starts the 200 response.
+func ndjson[T any](w http.ResponseWriter) (send func(T) bool, begin func()) {
+	rc := http.NewResponseController(w)
+	started := false
+	begin = func() {
+		if !started {
+			w.Header().Set("Content-Type", "application/x-ndjson")
+			w.WriteHeader(http.StatusOK)
+			rc.Flush()
+			started = true
+		}
+	}
+	send = func(ev T) bool {
+		begin()
+		b, _ := json.Marshal(ev)
+		if _, err := w.Write(append(b, '\n')); err != nil {
+			return false
+		}
+		return rc.Flush() == nil
+	}
+	return send, begin
+}
+
+// submit runs req to its last event, giving every event to sink. A KeepOutputs submission of
+// a derivation that another of the broker's builds builds now waits for that one
+// (sameBuild); any other starts its own build (startBuild), owned by c. When ctx ends first,
+// the build is cancelled. The code and error are those of a build that could not start
+// before any event was sent; after one, that is a failed event. begin, if not nil, is called
+// once the build has started.
+func (b *Broker) submit(ctx context.Context, req brokerapi.BuildRequest, c *client, sink func(brokerapi.Event) bool, begin func()) (int, error) {
+	sent := false
+	emit := func(ev brokerapi.Event) {
+		sent = true
+		sink(ev)
+	}
 	var started func()
 	for {
 		var leader *build
-		if leader, started = s.b.sameBuild(req); leader == nil {
+		if leader, started = b.sameBuild(req); leader == nil {
 			break
 		}
 		// Another client's graph builds it now: wait for that build.
-		if !streaming {
-			w.Header().Set("Content-Type", "application/x-ndjson")
-			w.WriteHeader(http.StatusOK)
-			streaming = true
-		}
-		ew := newEventWriter()
-		ew.attach(w)
-		ew.emit(brokerapi.Event{Type: brokerapi.EventQueued, Reason: fmt.Sprintf("'%s' is being built for another client (build %s)", req.DrvPath, leader.t.id)})
-		ev, ok := leader.awaitKept(r.Context())
+		emit(brokerapi.Event{Type: brokerapi.EventQueued, Reason: fmt.Sprintf("'%s' is being built for another client (build %s)", req.DrvPath, leader.t.id)})
+		ev, ok := leader.awaitKept(ctx)
 		if ok {
-			ew.emit(ev)
+			emit(ev)
 		}
-		if ok || r.Context().Err() != nil {
-			return
+		if ok || ctx.Err() != nil {
+			return 0, nil
 		}
-		ew.close() // it failed there: build it here, unless another began
+		// It failed there: build it here, unless another began.
 	}
-	bd, code, err := s.b.startBuild(req, c)
+	bd, code, err := b.startBuild(req, c)
 	started()
-	if err != nil && streaming {
-		b, _ := json.Marshal(brokerapi.Event{Type: brokerapi.EventFailed, Kind: brokerapi.FailMisc, Error: err.Error()})
-		w.Write(append(b, '\n'))
-		return
+	if err != nil && sent {
+		sink(brokerapi.Event{Type: brokerapi.EventFailed, Kind: brokerapi.FailMisc, Error: err.Error()})
+		return 0, nil
 	}
 	if err != nil {
-		writeError(w, code, err)
-		return
+		return code, err
 	}
-	if !streaming {
-		w.Header().Set("Content-Type", "application/x-ndjson")
-		w.WriteHeader(http.StatusOK)
+	if begin != nil {
+		begin()
 	}
-	bd.events.attach(w)
+	bd.events.attach(sink)
 	select {
 	case <-bd.terminal:
-	case <-r.Context().Done():
-		// The client went away: ConnState cancels its builds.
+	case <-ctx.Done():
+		bd.cancel(context.Cause(ctx))
 	}
 	bd.events.close()
+	return 0, nil
 }
 
 func (s *Server) owned(w http.ResponseWriter, r *http.Request) *build {
@@ -440,23 +479,22 @@ func (b *Broker) inputClosure(drv *derivationT) ([]string, error) {
 	return b.local.closure(roots)
 }
 
-// eventWriter writes a build's events as JSON lines, flushing each; after
-// close it drops them. Events before attach are kept and written then.
+// eventWriter hands a build's events to a sink (a response's JSON lines, a graph); after
+// close it drops them. Events before attach are kept and handed over then.
 type eventWriter struct {
 	mu      sync.Mutex
-	w       http.ResponseWriter
-	rc      *http.ResponseController
+	sink    func(brokerapi.Event) bool
 	pending []brokerapi.Event
 	closed  bool
-	failed  bool
+	failed  bool // the sink failed: the client is gone
 }
 
 func newEventWriter() *eventWriter { return &eventWriter{} }
 
-func (e *eventWriter) attach(w http.ResponseWriter) {
+func (e *eventWriter) attach(sink func(brokerapi.Event) bool) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	e.w, e.rc = w, http.NewResponseController(w)
+	e.sink = sink
 	for _, ev := range e.pending {
 		e.writeLocked(ev)
 	}
@@ -469,7 +507,7 @@ func (e *eventWriter) emit(ev brokerapi.Event) {
 	if e.closed || e.failed {
 		return
 	}
-	if e.w == nil {
+	if e.sink == nil {
 		e.pending = append(e.pending, ev)
 		return
 	}
@@ -477,16 +515,7 @@ func (e *eventWriter) emit(ev brokerapi.Event) {
 }
 
 func (e *eventWriter) writeLocked(ev brokerapi.Event) {
-	if e.failed {
-		return
-	}
-	b, _ := json.Marshal(ev)
-	b = append(b, '\n')
-	if _, err := e.w.Write(b); err != nil {
-		e.failed = true
-		return
-	}
-	if err := e.rc.Flush(); err != nil {
+	if !e.failed && !e.sink(ev) {
 		e.failed = true
 	}
 }

@@ -14,6 +14,12 @@
 //	POST   /v1/builds/{id}/imported         ImportedRequest → ImportedResponse
 //	DELETE /v1/builds/{id}                  cancel a build
 //	GET    /v1/status                       Status
+//	POST   /v1/graphs                       GraphRequest → a stream of GraphEvent, one JSON object per line
+//	GET    /v1/graphs                       []GraphSummary (without results)
+//	GET    /v1/graphs/{id}                  GraphSummary
+//	GET    /v1/graphs/{id}/events           the graph's stream again: what happened so far, then live
+//	GET    /v1/graphs/{id}/nar/{base}       the NAR of an output a machine holds, raw bytes
+//	DELETE /v1/graphs/{id}                  cancel a graph
 //
 // # Ownership follows the connection
 //
@@ -213,6 +219,8 @@ type Status struct {
 	Clients int `json:"clients"`
 	// Goroutines is the broker's goroutine count, for spotting leaks.
 	Goroutines int `json:"goroutines"`
+	// Graphs counts the graphs running in the broker (GET /v1/graphs lists them).
+	Graphs int `json:"graphs"`
 }
 
 // MachineStatus is one machine in a Status.
@@ -254,4 +262,129 @@ type LiveState struct {
 	Cores       int       `json:"cores,omitempty"`
 	Pressure    *float64  `json:"cpuPressure,omitempty"` // PSI cpu "some" avg10, %
 	FreeBytes   *uint64   `json:"freeBytes,omitempty"`   // free on the store's filesystem
+}
+
+// The fetch policies of a GraphRequest: what comes home when the graph ends.
+const (
+	FetchRequested = "requested" // the roots' wanted outputs and their closures (the default)
+	FetchAll       = "all"       // every output built, with its closure
+	FetchNone      = "none"      // nothing: outputs stay on the builders
+)
+
+// GraphRoot is one requested derivation of a graph and the outputs wanted of it (all if
+// empty).
+type GraphRoot struct {
+	DrvPath string   `json:"drvPath"`
+	Outputs []string `json:"outputs,omitempty"`
+}
+
+// GraphRequest asks the broker to build a whole derivation graph: the part of the roots'
+// closure whose outputs are valid neither locally nor on a machine. Intermediate outputs stay
+// on the machines; the final event lists what Fetch asks for, which the client makes valid.
+type GraphRequest struct {
+	Roots []GraphRoot `json:"roots"`
+	// Fetch is FetchRequested ("" too), FetchAll or FetchNone.
+	Fetch string `json:"fetch,omitempty"`
+	// Priority is added to each build's rank within the graph (the length of the longest path
+	// of builds that depend on it), clamped to MaxPriority; it orders the graph's builds among
+	// other submissions waiting for a slot.
+	Priority int `json:"priority,omitempty"`
+	// KeepGoing builds everything that does not depend on a failure; without it the first
+	// failure stops what has not started and lets what runs finish.
+	KeepGoing bool         `json:"keepGoing,omitempty"`
+	Options   BuildOptions `json:"options"`
+	// Detach: closing the response does not cancel the graph (follow it again with
+	// GET /v1/graphs/{id}/events, stop it with DELETE /v1/graphs/{id}).
+	Detach bool `json:"detach,omitempty"`
+}
+
+// The states of a graph, and of one derivation in it before it has a result.
+const (
+	GraphRunning   = "running"
+	GraphDone      = "done"
+	GraphCancelled = "cancelled" // done after a DELETE or after its client went away
+
+	DrvWaiting = "Waiting" // its inputs are not built yet
+	DrvQueued  = "Queued"  // its inputs are built; it waits for a slot
+	DrvRunning = "Running" // it runs on Machine
+)
+
+// Event types of a graph's stream. Every per-derivation event names DrvPath.
+const (
+	GraphEventGraph = "graph" // the first event: Graph, Summary (without derivations)
+	// queued, started, copying, building, log and retrying are the build events (EventQueued …)
+	// of one derivation.
+	GraphEventBuilt  = "built"  // a derivation succeeded: Status, Machine, Result
+	GraphEventFailed = "failed" // a derivation failed: Status, Error, Result
+	GraphEventDone   = "done"   // the last event: Summary, with every derivation and Fetch
+)
+
+// GraphEvent is one line of a graph's event stream.
+type GraphEvent struct {
+	Type    string `json:"type"`
+	Graph   string `json:"graph,omitempty"`
+	DrvPath string `json:"drvPath,omitempty"`
+	Machine string `json:"machine,omitempty"`
+	// Status is Nix's BuildResult status name (built and failed).
+	Status   string `json:"status,omitempty"`
+	Position int    `json:"position,omitempty"`
+	Reason   string `json:"reason,omitempty"`
+	Paths    int    `json:"paths,omitempty"`
+	Bytes    uint64 `json:"bytes,omitempty"`
+	Text     string `json:"text,omitempty"`
+	Error    string `json:"error,omitempty"`
+	// Result is the derivation's result (built and failed).
+	Result *GraphDerivation `json:"result,omitempty"`
+	// Summary is the graph (graph and done).
+	Summary *GraphSummary `json:"summary,omitempty"`
+}
+
+// GraphDerivation is one derivation of a graph: its result once it has one, else where it is.
+type GraphDerivation struct {
+	DrvPath string `json:"drvPath"`
+	// Status is a BuildResult status name (Built, AlreadyValid, PermanentFailure,
+	// DependencyFailed, …), or DrvWaiting, DrvQueued or DrvRunning while it has none.
+	Status  string     `json:"status"`
+	Machine string     `json:"machine,omitempty"`
+	Start   *time.Time `json:"start,omitempty"`
+	Stop    *time.Time `json:"stop,omitempty"`
+	Error   string     `json:"error,omitempty"`
+	// Outputs: output name → store path, on success.
+	Outputs map[string]string `json:"outputs,omitempty"`
+	// Holders: output path → the machine that keeps it, for outputs not valid locally.
+	Holders map[string]string `json:"holders,omitempty"`
+}
+
+// FetchPath is an output the client makes valid at the end of a graph: its NAR comes from
+// GET /v1/graphs/{id}/nar/{base}, streamed from Machine.
+type FetchPath struct {
+	PathInfo
+	Machine string `json:"machine"`
+}
+
+// GraphSummary is a graph's state (GET /v1/graphs/{id}, and the graph and done events).
+type GraphSummary struct {
+	ID        string      `json:"id"`
+	State     string      `json:"state"` // GraphRunning, GraphDone or GraphCancelled
+	Created   time.Time   `json:"created"`
+	Finished  time.Time   `json:"finished,omitzero"`
+	Roots     []GraphRoot `json:"roots"`
+	Fetch     string      `json:"fetch"`
+	KeepGoing bool        `json:"keepGoing,omitempty"`
+	Detach    bool        `json:"detach,omitempty"`
+	// Derivations counts the graph's derivations, and ToBuild those with no valid outputs
+	// anywhere when it was loaded; Built and Failed count the results so far.
+	Derivations int `json:"derivations"`
+	ToBuild     int `json:"toBuild"`
+	Built       int `json:"built"`
+	Failed      int `json:"failed"`
+	Running     int `json:"running"`
+	// Results lists every derivation (GET /v1/graphs/{id} and the done event; absent from the
+	// graph event and from GET /v1/graphs).
+	Results []GraphDerivation `json:"results,omitempty"`
+	// FetchPaths lists, in the done event, the outputs to make valid locally, in an order where
+	// each path comes after its references.
+	FetchPaths []FetchPath `json:"fetchPaths,omitempty"`
+	// FetchError says why the list is incomplete (a machine could not be asked).
+	FetchError string `json:"fetchError,omitempty"`
 }

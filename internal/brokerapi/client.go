@@ -261,3 +261,86 @@ func (s *Stream) Close() error { return s.body.Close() }
 
 // WaitTimeout is how long a hook waits for the broker to answer a "try".
 const WaitTimeout = 30 * time.Second
+
+// SubmitGraph starts a graph; read its events from the stream until the done event. Unless
+// req.Detach, closing the stream cancels the graph.
+func (c *Client) SubmitGraph(ctx context.Context, req GraphRequest) (*GraphStream, error) {
+	return c.graphStream(ctx, http.MethodPost, c.url("graphs"), req)
+}
+
+// FollowGraph reads a graph's events again: those so far, then live, until the done event.
+// Closing the stream does not cancel the graph.
+func (c *Client) FollowGraph(ctx context.Context, id string) (*GraphStream, error) {
+	return c.graphStream(ctx, http.MethodGet, c.url("graphs", id, "events"), nil)
+}
+
+func (c *Client) graphStream(ctx context.Context, method, u string, body any) (*GraphStream, error) {
+	resp, err := c.do(ctx, method, u, body)
+	if err != nil {
+		return nil, err
+	}
+	sc := bufio.NewScanner(resp.Body)
+	sc.Buffer(make([]byte, 64<<10), maxEventLine)
+	return &GraphStream{body: resp.Body, sc: sc}, nil
+}
+
+// CancelGraph cancels a graph: nothing more starts, running builds are stopped, and its
+// stream ends with the results. It uses its own request, so call it on a client other than
+// the one whose stream is open.
+func (c *Client) CancelGraph(ctx context.Context, id string) error {
+	return c.call(ctx, http.MethodDelete, c.url("graphs", id), nil, nil)
+}
+
+// Graph returns a graph's summary with every derivation.
+func (c *Client) Graph(ctx context.Context, id string) (GraphSummary, error) {
+	var s GraphSummary
+	err := c.call(ctx, http.MethodGet, c.url("graphs", id), nil, &s)
+	return s, err
+}
+
+// Graphs lists the graphs the broker runs or finished recently.
+func (c *Client) Graphs(ctx context.Context) ([]GraphSummary, error) {
+	var s []GraphSummary
+	err := c.call(ctx, http.MethodGet, c.url("graphs"), nil, &s)
+	return s, err
+}
+
+// GraphNAR writes the NAR of storePath, an output of graph id that a machine holds, to w.
+func (c *Client) GraphNAR(ctx context.Context, id, storePath string, w io.Writer) error {
+	resp, err := c.do(ctx, http.MethodGet, c.url("graphs", id, "nar", path.Base(storePath)), nil)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	_, err = io.Copy(w, resp.Body)
+	return err
+}
+
+// GraphStream is the event stream of one graph.
+type GraphStream struct {
+	body io.ReadCloser
+	sc   *bufio.Scanner
+}
+
+// Next returns the next event. The stream ends after GraphEventDone; io.ErrUnexpectedEOF
+// before it means the broker went away (or dropped a reader that fell too far behind).
+func (s *GraphStream) Next() (GraphEvent, error) {
+	var ev GraphEvent
+	if !s.sc.Scan() {
+		if err := s.sc.Err(); err != nil {
+			return ev, fmt.Errorf("broker: reading graph events: %w", err)
+		}
+		return ev, io.ErrUnexpectedEOF
+	}
+	if err := json.Unmarshal(s.sc.Bytes(), &ev); err != nil {
+		return ev, fmt.Errorf("broker: bad graph event: %w", err)
+	}
+	if ev.Type == GraphEventDone {
+		io.Copy(io.Discard, io.LimitReader(s.body, maxEventLine))
+		s.body.Close()
+	}
+	return ev, nil
+}
+
+// Close ends the stream; for a stream of SubmitGraph without Detach, this cancels the graph.
+func (s *GraphStream) Close() error { return s.body.Close() }

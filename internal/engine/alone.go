@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"path/filepath"
 	"slices"
 	"strings"
 	"sync"
@@ -332,3 +333,22 @@ func (l *aloneLease) Release(err error) {
 
 var _ Placer = (*Alone)(nil)
 var _ io.Writer = (*Gate)(nil)
+
+// OpenHostState opens the host's slot files and health file (under the configuration's state
+// directory), which every hook working without a broker shares, and `build` without one too.
+// A health file that cannot be opened is reported to warn: health is then kept in memory.
+func OpenHostState(cfg *machines.Config, warn func(error)) (*slots.Dir, *health.Tracker, error) {
+	stateDir := cfg.Daemon.StateDir
+	if stateDir == "" {
+		stateDir = machines.DefaultStateDir
+	}
+	sl, err := slots.Open(filepath.Join(stateDir, "slots"))
+	if err != nil {
+		return nil, nil, err
+	}
+	tracker, herr := health.Open(filepath.Join(stateDir, "health.json"))
+	if herr != nil {
+		warn(herr)
+	}
+	return sl, tracker, nil
+}

@@ -11,18 +11,16 @@ import (
 	"github.com/nix-offload/nix-offload/internal/serveproto"
 )
 
-// buildThroughBroker submits n to the broker, which queues it with the
-// hooks' builds and runs it on its warm sessions; the outputs stay on the
-// machine (KeepOutputs), and the inputs that machines hold are named so
-// that the broker streams them from there.
+// Submit runs one broker build to its last event (EventOutputs, EventFailed or
+// EventHandback), passing every event to events; the broker's graphs use its own
+// per-derivation builds (internal/broker). An error means the events ended without a last
+// one (ctx ended, or the build could not start).
+type Submit func(ctx context.Context, req brokerapi.BuildRequest, events func(brokerapi.Event)) error
+
+// buildThroughBroker submits n as a broker build, which queues it with the hooks' builds and
+// runs it on the broker's warm sessions; the outputs stay on the machine (KeepOutputs), and
+// the inputs that machines hold are named so that the broker streams them from there.
 func (r *Remote) buildThroughBroker(ctx context.Context, n *Node, inputs []string, log io.Writer, started func(string)) (string, error) {
-	c, err := r.Broker(ctx)
-	if err != nil {
-		return "", fmt.Errorf("broker: %w", err)
-	}
-	// One connection per build: it owns the build, and closing it (Ctrl-C,
-	// a failure elsewhere) makes the broker stop the build.
-	defer c.Close()
 	req := brokerapi.BuildRequest{
 		DrvPath: n.DrvPath,
 		Inputs:  inputs,
@@ -34,50 +32,46 @@ func (r *Remote) buildThroughBroker(ctx context.Context, n *Node, inputs []strin
 			Substitute:    r.Substitute,
 		},
 		KeepOutputs: true,
-		Priority:    min(n.Rank, brokerapi.MaxPriority),
+		Priority:    min(n.Rank+r.Priority, brokerapi.MaxPriority),
 	}
 	for _, p := range inputs {
 		if h, ok := r.lookup(p); ok {
-			req.Held = append(req.Held, brokerapi.HeldPath{Machine: h.machine, PathInfo: brokerapi.PathInfo{
-				Path: h.info.Path, Deriver: h.info.Deriver, NarHash: h.info.NarHash, NarSize: h.info.NarSize, References: h.info.References,
-			}})
+			req.Held = append(req.Held, brokerapi.HeldPath{Machine: h.machine, PathInfo: APIInfo(h.info)})
 		}
 	}
-	st, err := c.Build(ctx, req)
-	if err != nil {
-		return "", fmt.Errorf("broker: %w", err)
-	}
-	defer st.Close()
-	stop := context.AfterFunc(ctx, func() { st.Close() })
-	defer stop()
 	machine := ""
-	for {
-		ev, err := st.Next()
-		if err != nil {
-			if ctx.Err() != nil {
-				return machine, context.Cause(ctx)
-			}
-			return machine, fmt.Errorf("broker: the event stream of '%s' ended: %w", n.DrvPath, err)
-		}
+	var last *brokerapi.Event
+	err := r.Submit(ctx, req, func(ev brokerapi.Event) {
 		switch ev.Type {
 		case brokerapi.EventStarted:
 			machine = ev.Machine
 			started(machine)
 		case brokerapi.EventLog:
 			io.WriteString(log, ev.Text)
-		case brokerapi.EventOutputs:
-			infos := make([]serveproto.PathInfo, len(ev.Outputs))
-			for i, o := range ev.Outputs {
-				infos[i] = serveproto.PathInfo{Path: o.Path, Deriver: o.Deriver, NarHash: o.NarHash, NarSize: o.NarSize, DownloadSize: o.NarSize, References: o.References}
-			}
-			r.record(n, ev.Machine, infos)
-			return ev.Machine, nil
-		case brokerapi.EventFailed:
-			return machine, brokerFailure(r, n, machine, ev)
-		case brokerapi.EventHandback:
-			return machine, fmt.Errorf("broker: it is stopping and gave '%s' back: %s", n.DrvPath, ev.Reason)
+		case brokerapi.EventOutputs, brokerapi.EventFailed, brokerapi.EventHandback:
+			last = &ev
 		}
+	})
+	switch {
+	case ctx.Err() != nil && (last == nil || last.Type != brokerapi.EventOutputs):
+		return machine, context.Cause(ctx)
+	case err != nil:
+		return machine, fmt.Errorf("broker: %w", err)
+	case last == nil:
+		return machine, fmt.Errorf("broker: the events of '%s' ended without a result", n.DrvPath)
 	}
+	switch last.Type {
+	case brokerapi.EventOutputs:
+		infos := make([]serveproto.PathInfo, len(last.Outputs))
+		for i, o := range last.Outputs {
+			infos[i] = serveproto.PathInfo{Path: o.Path, Deriver: o.Deriver, NarHash: o.NarHash, NarSize: o.NarSize, DownloadSize: o.NarSize, References: o.References}
+		}
+		r.record(n, last.Machine, infos)
+		return last.Machine, nil
+	case brokerapi.EventFailed:
+		return machine, brokerFailure(r, n, machine, *last)
+	}
+	return machine, fmt.Errorf("broker: it is stopping and gave '%s' back: %s", n.DrvPath, last.Reason)
 }
 
 // brokerFailure is the error of a failed event, typed as the engine's are.

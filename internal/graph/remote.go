@@ -13,7 +13,8 @@ import (
 	"strings"
 	"sync"
 
-	"github.com/nix-offload/nix-offload/internal/brokerapi"
+	"github.com/nix-community/go-nix/pkg/derivation"
+
 	"github.com/nix-offload/nix-offload/internal/engine"
 	"github.com/nix-offload/nix-offload/internal/localstore"
 	"github.com/nix-offload/nix-offload/internal/nar"
@@ -36,15 +37,21 @@ type Remote struct {
 	// Placer returns the placer for one derivation's build (the hook
 	// alone's placer is one build's: a fresh one per derivation).
 	Placer func() engine.Placer
-	// Broker, if set, connects to the broker (a new connection per
-	// derivation): builds then go through its queue and warm sessions
+	// Submit, if set, runs each build in the broker (internal/broker runs
+	// graphs so): builds then go through its queue and warm sessions
 	// instead of Placer.
-	Broker func(ctx context.Context) (*brokerapi.Client, error)
+	Submit Submit
+	// Priority is added to each build's rank with Submit.
+	Priority int
 	// Local is the local store.
 	Local Store
 	// Open opens a session on a machine that reads outputs from it, for
 	// inputs that go to another machine and for fetching.
 	Open func(ctx context.Context, machine string) (engine.Session, func(), error)
+	// Read, if set, runs each read on machine with f instead of the
+	// reading sessions Open makes (the broker's pools, where a session a
+	// graph kept would be one a build waits for).
+	Read func(ctx context.Context, machine string, f func(engine.MachineStore) error) error
 	// Close, if set, is called by [Remote.Close] after the reading
 	// sessions are closed (to close the pools behind Placer and Open).
 	Close func()
@@ -54,10 +61,16 @@ type Remote struct {
 	// LogDir is Nix's log directory (/nix/var/log/nix): every build log
 	// goes to LogDir/drvs/XX/REST. "": logs are not kept.
 	LogDir string
+	// LogWarn, if set, hears why a build log cannot be written, and the
+	// build goes on without it; unset, that fails the build.
+	LogWarn func(error)
 	// Machines are the machines [Remote.Find] asks; Down, if set, names
 	// those to skip (on backoff).
 	Machines []string
 	Down     func() map[string]string
+
+	// MaxNodes, if not 0, bounds the derivations [Remote.Load] reads.
+	MaxNodes int
 
 	localMu sync.Mutex // Local is one session
 
@@ -83,11 +96,15 @@ func (r *Remote) Build(ctx context.Context, n *Node, started func(string)) (stri
 		return "", nil, err
 	}
 	log, closeLog, err := r.openLog(n.DrvPath)
+	if err != nil && r.LogWarn != nil {
+		r.LogWarn(err)
+		log, closeLog, err = io.Discard, func() {}, nil
+	}
 	if err != nil {
 		return "", nil, err
 	}
 	defer closeLog()
-	if r.Broker != nil {
+	if r.Submit != nil {
 		m, err := r.buildThroughBroker(ctx, n, inputs, log, started)
 		if err != nil {
 			return m, nil, err
@@ -132,6 +149,32 @@ func (r *Remote) Build(ctx context.Context, n *Node, started func(string)) (stri
 		return machine, nil, err
 	}
 	return machine, outputs, nil
+}
+
+// Load reads the plan of roots with read ([Load]): what is valid
+// locally, or held by a machine from an earlier run ([Remote.Find]), is
+// not built again.
+func (r *Remote) Load(ctx context.Context, roots []string, read func(drvPath string) (*derivation.Derivation, error)) (*Plan, error) {
+	n := 0
+	bounded := func(p string) (*derivation.Derivation, error) {
+		if n++; r.MaxNodes > 0 && n > r.MaxNodes {
+			return nil, fmt.Errorf("the graph has more than %d derivations", r.MaxNodes)
+		}
+		return read(p)
+	}
+	return Load(roots, bounded, func(paths []string) ([]string, error) {
+		r.localMu.Lock()
+		valid, err := r.Local.Valid(paths)
+		r.localMu.Unlock()
+		if err != nil {
+			return nil, err
+		}
+		rest := slices.DeleteFunc(slices.Clone(paths), func(p string) bool { return slices.Contains(valid, p) })
+		if len(rest) == 0 {
+			return valid, nil
+		}
+		return append(valid, r.Find(ctx, rest)...), nil
+	})
 }
 
 // present is the placement hint for a build with inputs: the bytes of
@@ -327,6 +370,9 @@ type reader struct {
 // withReader runs f on the store of machine m's reading session (either
 // protocol), opened on first use and again after it broke.
 func (r *Remote) withReader(ctx context.Context, m string, f func(engine.MachineStore) error) error {
+	if r.Read != nil {
+		return r.Read(ctx, m, f)
+	}
 	r.mu.Lock()
 	if r.readers == nil {
 		r.readers = map[string]*reader{}
@@ -378,9 +424,23 @@ func (r *Remote) Shut() {
 // held by a machine is streamed from it, checked against its narHash and
 // registered (localstore's AddOutputs: nothing partial stays valid).
 func (r *Remote) Fetch(ctx context.Context, paths []string) error {
+	infos, err := r.ToFetch(ctx, paths)
+	if err != nil || len(infos) == 0 {
+		return err
+	}
+	r.localMu.Lock()
+	defer r.localMu.Unlock()
+	return r.Local.AddOutputs(infos, func(p string, w io.Writer) error {
+		return r.DumpHeld(ctx, p, w)
+	})
+}
+
+// ToFetch returns the paths of the closure of paths that machines hold
+// and are not valid locally, each after its references.
+func (r *Remote) ToFetch(ctx context.Context, paths []string) ([]serveproto.PathInfo, error) {
 	closure, err := r.closure(ctx, paths)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	var infos []serveproto.PathInfo
 	for _, p := range closure {
@@ -389,20 +449,21 @@ func (r *Remote) Fetch(ctx context.Context, paths []string) error {
 		}
 	}
 	if len(infos) == 0 {
-		return nil
+		return nil, nil
 	}
-	infos, err = localstore.TopoSort(infos)
-	if err != nil {
+	return localstore.TopoSort(infos)
+}
+
+// DumpHeld writes the NAR of p, which a machine holds, from that machine
+// to w.
+func (r *Remote) DumpHeld(ctx context.Context, p string, w io.Writer) error {
+	h, ok := r.lookup(p)
+	if !ok {
+		return fmt.Errorf("%s: no machine holds it for this graph", p)
+	}
+	return r.withReader(ctx, h.machine, func(st engine.MachineStore) error {
+		_, err := st.Dump(ctx, h.info, w)
 		return err
-	}
-	r.localMu.Lock()
-	defer r.localMu.Unlock()
-	return r.Local.AddOutputs(infos, func(p string, w io.Writer) error {
-		h, _ := r.lookup(p)
-		return r.withReader(ctx, h.machine, func(st engine.MachineStore) error {
-			_, err := st.Dump(ctx, h.info, w)
-			return err
-		})
 	})
 }
 
