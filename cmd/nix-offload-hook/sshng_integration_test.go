@@ -387,7 +387,7 @@ func graphBuiltOn(t *testing.T, local testbed.Nix, store string, env offloadEnv,
 	if strings.Contains(errOut, "not building on") {
 		t.Errorf("build left a machine out:\n%s", errOut)
 	}
-	if viaBroker != strings.Contains(errOut, "building through the broker on "+env.socket) {
+	if viaBroker != strings.Contains(errOut, "in the broker on "+env.socket) {
 		t.Errorf("through the broker: want %v\n%s", viaBroker, errOut)
 	}
 	var doc buildDoc
