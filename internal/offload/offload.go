@@ -280,23 +280,19 @@ func (fl *buildFlight) readBuild() error {
 // outputInfos reads the wanted outputs' metadata, or asks for it now when
 // the output paths came with the result.
 func (fl *buildFlight) outputInfos(conn *serveproto.Conn, job Job) ([]serveproto.PathInfo, error) {
-	var infos []serveproto.PathInfo
-	var err error
-	if fl.infos != nil {
-		infos, err = fl.infos.Read()
-	} else {
+	if fl.infos == nil {
+		var err error
 		if fl.paths, err = outputPaths(job, fl.res); err != nil {
 			return nil, err
 		}
-		// Nix hands the hook only outputs that are not valid here, and
-		// AddOutputs skips any that are: no local query first.
-		infos, err = conn.QueryPathInfos(fl.paths)
+		return queryOutputs(fl.paths, conn.QueryPathInfos)
 	}
+	infos, err := fl.infos.Read()
 	if err != nil {
 		return nil, err
 	}
-	if got := len(infos); got != len(fl.paths) {
-		return nil, fmt.Errorf("the machine reports %d of %d outputs valid after building", got, len(fl.paths))
+	if err := allReported(infos, fl.paths); err != nil {
+		return nil, err
 	}
 	return infos, nil
 }
@@ -484,16 +480,29 @@ func outputInfos(job Job, res *serveproto.BuildResult, query func(paths []string
 	if err != nil {
 		return nil, err
 	}
-	// Nix hands the hook only outputs that are not valid here, and
-	// AddOutputs skips any that are: no local query first.
+	return queryOutputs(paths, query)
+}
+
+// queryOutputs asks for the built outputs' metadata. Nix hands the hook
+// only outputs that are not valid here, and AddOutputs skips any that
+// are: no local query first.
+func queryOutputs(paths []string, query func(paths []string) ([]serveproto.PathInfo, error)) ([]serveproto.PathInfo, error) {
 	infos, err := query(paths)
 	if err != nil {
 		return nil, err
 	}
-	if got := len(infos); got != len(paths) {
-		return nil, fmt.Errorf("the machine reports %d of %d outputs valid after building", got, len(paths))
+	if err := allReported(infos, paths); err != nil {
+		return nil, err
 	}
 	return infos, nil
+}
+
+// allReported checks that the machine reported every output it built.
+func allReported(infos []serveproto.PathInfo, paths []string) error {
+	if got := len(infos); got != len(paths) {
+		return fmt.Errorf("the machine reports %d of %d outputs valid after building", got, len(paths))
+	}
+	return nil
 }
 
 // outputPaths returns the store paths of the wanted outputs (all if none
