@@ -203,7 +203,7 @@ func (g *brokerGraph) run(ctx context.Context, out buildOutput) error {
 	if len(sum.FetchPaths) > 0 && ctx.Err() == nil {
 		infos := make([]serveproto.PathInfo, len(sum.FetchPaths))
 		for i, f := range sum.FetchPaths {
-			infos[i] = serveproto.PathInfo{Path: f.Path, Deriver: f.Deriver, NarHash: f.NarHash, NarSize: f.NarSize, References: f.References}
+			infos[i] = f.ServeInfo()
 		}
 		fetchErr = errors.Join(fetchErr, g.local.AddOutputs(infos, func(p string, w io.Writer) error {
 			return g.c.GraphNAR(ctx, g.id, p, w)

@@ -227,7 +227,7 @@ func (h *hook) importOutputs(ctx context.Context, ev brokerapi.Event, local *loc
 	if len(ev.Outputs) > 0 {
 		infos := make([]serveproto.PathInfo, len(ev.Outputs))
 		for i, o := range ev.Outputs {
-			infos[i] = serveproto.PathInfo{Path: o.Path, Deriver: o.Deriver, NarHash: o.NarHash, NarSize: o.NarSize, References: o.References}
+			infos[i] = o.ServeInfo()
 		}
 		err = local.AddMissing(infos, func(path string, w io.Writer) error {
 			return h.broker.FetchNAR(ctx, ev.Build, path, w)

@@ -518,7 +518,7 @@ func (l *buildLocal) PathInfos(paths []string) ([]serveproto.PathInfo, error) {
 	out := make([]serveproto.PathInfo, 0, len(paths))
 	for _, p := range paths {
 		if h, ok := l.held(p); ok {
-			out = append(out, serveproto.PathInfo{Path: h.Path, Deriver: h.Deriver, NarHash: h.NarHash, NarSize: h.NarSize, DownloadSize: h.NarSize, References: h.References})
+			out = append(out, h.ServeInfo())
 			continue
 		}
 		i := slices.IndexFunc(infos, func(in serveproto.PathInfo) bool { return in.Path == p })

@@ -39,7 +39,11 @@
 // the output locks are held by its parent (see docs/design.md).
 package brokerapi
 
-import "time"
+import (
+	"time"
+
+	"github.com/nix-offload/nix-offload/internal/serveproto"
+)
 
 // Version is the protocol version this package speaks; it is the first
 // element of every path.
@@ -187,6 +191,12 @@ type PathInfo struct {
 	NarHash    string   `json:"narHash"`
 	NarSize    uint64   `json:"narSize"`
 	References []string `json:"references,omitempty"`
+}
+
+// ServeInfo is p as the protocols and the local store take it; the
+// download size is the NAR's (outputs move uncompressed).
+func (p PathInfo) ServeInfo() serveproto.PathInfo {
+	return serveproto.PathInfo{Path: p.Path, Deriver: p.Deriver, NarHash: p.NarHash, NarSize: p.NarSize, DownloadSize: p.NarSize, References: p.References}
 }
 
 // ImportedRequest reports how making the outputs valid went; Error is ""

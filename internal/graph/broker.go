@@ -64,7 +64,7 @@ func (r *Remote) buildThroughBroker(ctx context.Context, n *Node, inputs []strin
 	case brokerapi.EventOutputs:
 		infos := make([]serveproto.PathInfo, len(last.Outputs))
 		for i, o := range last.Outputs {
-			infos[i] = serveproto.PathInfo{Path: o.Path, Deriver: o.Deriver, NarHash: o.NarHash, NarSize: o.NarSize, DownloadSize: o.NarSize, References: o.References}
+			infos[i] = o.ServeInfo()
 		}
 		r.record(n, last.Machine, infos)
 		return last.Machine, nil
