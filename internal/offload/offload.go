@@ -94,14 +94,14 @@ func (e *BuildError) TimedOut() bool { return e.Status == serveproto.TimedOut }
 // returns a *BuildError when the build itself failed on the machine.
 //
 // Requests whose answers the next one does not need go out together (see
-// [serveproto.Conn]): the build, the query for its outputs and, unless
-// the outputs stay on the machine, their NARs, so a build whose inputs
-// are there costs one round trip. Inputs that Job.Transfers knows to be
-// on the machine are checked (and locked) in the same flight, ahead of
-// the build; if one turns out to be gone, the build fails for want of it
-// and Run sends it and builds again. When a build fails, the NAR requests
-// already sent leave the session out of use (the machine exits on the
-// first one): a session after a failed build is not reused.
+// [serveproto.Conn]): inputs that Job.Transfers knows to be on the
+// machine are checked (and locked) in the build's flight, ahead of the
+// build; if one turns out to be gone, the build fails for want of it and
+// Run sends it and builds again. Once the result is in, the query for the
+// outputs and, unless they stay on the machine, their NARs go out
+// together: a build whose inputs are there costs two round trips. The
+// second is also what lets the build's last log lines, which sshd may
+// forward after the result, reach the log before it is closed.
 func Run(ctx context.Context, conn *serveproto.Conn, local Local, job Job, ev Events) error {
 	return run(ctx, conn, local, job, ev, true)
 }
@@ -201,14 +201,13 @@ type buildFlight struct {
 	build   *serveproto.Reply[*serveproto.BuildResult]
 	res     *serveproto.BuildResult
 	paths   []string                                 // the wanted outputs, if known before the build
-	infos   *serveproto.Reply[[]serveproto.PathInfo] // nil unless paths are known
+	infos   *serveproto.Reply[[]serveproto.PathInfo] // sent after a good result when paths are known
 	dumps   []*serveproto.DumpReply                  // NARs asked for, in the order of paths
 }
 
 // sendBuild sends the build and what can go with it: first a locking
-// query for the inputs not asked for yet (unchecked), then the build, the
-// query for the outputs when their paths are known, and their NARs when
-// they come home and nothing is unchecked.
+// query for the inputs not asked for yet (unchecked), then the build. It
+// notes the outputs' paths when they are known before the build.
 func sendBuild(conn *serveproto.Conn, job Job, drv serveproto.BasicDerivation, unchecked []string) (*buildFlight, error) {
 	fl := &buildFlight{conn: conn, job: job, toCheck: unchecked}
 	var err error
@@ -227,13 +226,7 @@ func sendBuild(conn *serveproto.Conn, job Job, drv serveproto.BasicDerivation, u
 		return fl, nil
 	}
 	fl.paths = paths
-	if fl.infos, err = conn.SendQueryPathInfos(paths); err != nil {
-		return nil, err
-	}
-	if fl.check == nil {
-		err = fl.sendDumps()
-	}
-	return fl, err
+	return fl, nil
 }
 
 // sendDumps asks for the outputs' NARs, unless they stay on the machine.
@@ -252,8 +245,8 @@ func (fl *buildFlight) sendDumps() error {
 	return conn.Flush()
 }
 
-// readBuild reads the input check, if any, and the build's result. With
-// every input there, the NARs are asked for before the build ends.
+// readBuild reads the input check, if any, and the build's result; after
+// a good one it asks for the outputs' metadata and NARs in one flight.
 func (fl *buildFlight) readBuild() error {
 	if fl.check != nil {
 		have, err := fl.check.Read()
@@ -266,15 +259,21 @@ func (fl *buildFlight) readBuild() error {
 				tr.Forget(fl.gone)
 			}
 		}
-		if len(fl.gone) == 0 {
-			if err := fl.sendDumps(); err != nil {
-				return err
-			}
-		}
 	}
 	res, err := fl.build.Read()
 	fl.res = res
-	return err
+	if err != nil || !res.Status.Success() || fl.paths == nil {
+		return err
+	}
+	// The output query goes out only now, after the result: its answer
+	// comes after what the build printed on stderr has reached the log.
+	// sshd forwards the command's stdout and stderr apart, so a result
+	// can overtake the build's last log lines; one more exchange is what
+	// lets them arrive before the log is closed.
+	if fl.infos, err = fl.conn.SendQueryPathInfos(fl.paths); err != nil {
+		return err
+	}
+	return fl.sendDumps()
 }
 
 // outputInfos reads the wanted outputs' metadata, or asks for it now when

@@ -95,17 +95,19 @@ func checkOps(t *testing.T, srv *servetest.Server, want ...servetest.Op) {
 	}
 }
 
-// A build without inputs is one flight after the greeting: the build, the
-// query for its output and the output's NAR go out together.
-func TestBuildIsOneFlight(t *testing.T) {
+// A build without inputs takes two flights after the greeting: the build,
+// then, once its result is in, the query for its output with the output's
+// NAR (that exchange lets the build's last log lines arrive before the log
+// is closed).
+func TestBuildThenOutputsFlight(t *testing.T) {
 	e := newEnv(t)
 	e.job.Drv.InputSources = nil
 	conn, n, err := e.runCounted(t)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if n != 2 {
-		t.Errorf("%d turns, want 2 (greeting, build)", n)
+	if n != 3 {
+		t.Errorf("%d turns, want 3 (greeting, build, output query and NAR)", n)
 	}
 	checkOps(t, e.srv, servetest.BuildDerivation, servetest.QueryPathInfos, servetest.DumpStorePath)
 	if !e.local.Valid(t, outPath) {
@@ -130,7 +132,7 @@ func TestKnownInputsCheckedInFlight(t *testing.T) {
 	}
 	checkOps(t, e.srv, servetest.QueryValidPaths, servetest.BuildDerivation, servetest.QueryPathInfos, servetest.DumpStorePath)
 	if n != 3 {
-		t.Errorf("%d turns, want 3 (greeting, check+build+query, NAR request during the build)", n)
+		t.Errorf("%d turns, want 3 (greeting, check+build, output query and NAR)", n)
 	}
 	// The input was locked by the check, the output by the build.
 	if !slices.Equal(tr.locked, []string{inputPath, outPath}) || tr.present != nil || tr.forgot != nil {
@@ -154,7 +156,7 @@ func TestStaleHintRecovers(t *testing.T) {
 		t.Fatal(err)
 	}
 	checkOps(t, e.srv,
-		servetest.QueryValidPaths, servetest.BuildDerivation, servetest.QueryPathInfos, // the hint's flight: fails
+		servetest.QueryValidPaths, servetest.BuildDerivation, // the hint's flight: fails
 		servetest.QueryValidPaths, servetest.AddToStoreNar, // asked for, and sent
 		servetest.BuildDerivation, servetest.QueryPathInfos, servetest.DumpStorePath)
 	if !slices.Contains(tr.forgot, inputPath) {
@@ -171,10 +173,9 @@ func TestStaleHintRecovers(t *testing.T) {
 	}
 }
 
-// A build that fails had its output's NAR asked for already: the machine
-// exits at that request, so the session is out of use (Err says so, and a
-// pool drops it), and the failure is the build's.
-func TestFailedBuildEndsTheSession(t *testing.T) {
+// A build that fails is reported as the build's failure, and nothing was
+// asked after it: the session stays in step and can be used again.
+func TestFailedBuildKeepsTheSession(t *testing.T) {
 	e := newEnv(t)
 	e.job.Drv.InputSources = nil
 	e.srv.Build = func(servetest.BuildRequest) servetest.BuildReply {
@@ -185,8 +186,8 @@ func TestFailedBuildEndsTheSession(t *testing.T) {
 	if !errors.As(err, &be) || be.Status != serveproto.PermanentFailure {
 		t.Fatalf("got %v, want the build's failure", err)
 	}
-	if conn.Err() == nil {
-		t.Error("the session looks usable with a NAR request unanswered")
+	if err := conn.Err(); err != nil {
+		t.Errorf("session out of use after a failed build: %v", err)
 	}
 	e.checkNothingValid(t)
 }
