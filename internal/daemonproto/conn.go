@@ -353,15 +353,19 @@ func (c *Conn) do(ctx context.Context, op operation) error {
 		err = e.Flush()
 	}
 	if err != nil {
-		if e.Err() != nil {
-			// The transport failed, whatever the NAR copy reported on top.
-			werr := e.Err()
-			if cause := abortErr(); cause != nil {
-				werr = fmt.Errorf("%w (the transport was closed: %w)", cause, werr)
-			}
-			err = &StreamError{Op: op.name(), Writing: true, Err: werr}
+		if e.Err() == nil {
+			// What the request copies (a NAR from elsewhere) failed, not
+			// this stream: the daemon has nothing to explain, and the
+			// Conn is broken all the same, mid-request.
+			c.err = err
+			return err
 		}
-		return c.fail(err)
+		// The transport failed, whatever the NAR copy reported on top.
+		werr := e.Err()
+		if cause := abortErr(); cause != nil {
+			werr = fmt.Errorf("%w (the transport was closed: %w)", cause, werr)
+		}
+		return c.fail(&StreamError{Op: op.name(), Writing: true, Err: werr})
 	}
 	err = op.readReply(c, newDecoder(c.r, op.name(), abortErr))
 	if cause := abortErr(); err == nil && cause != nil {

@@ -406,3 +406,41 @@ func TestUntrustedDecline(t *testing.T) {
 	}
 	t.Logf("CA build on the fake: %+v", res.Status)
 }
+
+// failingNAR gives some bytes of a NAR, then fails with err.
+type failingNAR struct {
+	b   []byte
+	err error
+}
+
+func (r *failingNAR) Read(p []byte) (int, error) {
+	if len(r.b) == 0 {
+		return 0, r.err
+	}
+	n := copy(p, r.b)
+	r.b = r.b[n:]
+	return n, nil
+}
+
+// A NAR source that fails mid-request (an input read from another
+// machine, whose session broke) breaks the Conn with the source's error,
+// and is not explained as this daemon's: it is alive, waiting for the
+// rest of the stream, and Explain would wait for it to end.
+func TestRequestSourceFails(t *testing.T) {
+	srv := &servetest.Server{DaemonVersion: 1<<8 | 38, Trust: 1}
+	ps := srv.PipeDaemon(t, "fake")
+	explained := 0
+	c, err := Handshake(bg(t), ps.R, ps.W, Options{Abort: func() { ps.Close() }, Explain: func(err error) error { explained++; return err }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	infoA, narA := sourcePath(t, "fake-a", "a\n")
+	other := &StreamError{Op: "NarFromPath", Err: io.ErrUnexpectedEOF} // an ssh-ng holder's
+	err = c.AddMultipleToStore(bg(t), []Item{{Info: infoA, NAR: &failingNAR{b: narA[:len(narA)/2], err: other}}}, true)
+	if !errors.Is(err, other) || explained != 0 {
+		t.Fatalf("got %v (explained %d), want the source's error, unexplained", err, explained)
+	}
+	if _, err2 := c.QueryValidPaths(bg(t), []string{infoA.Path}, false); err2 != err || c.Err() != err {
+		t.Errorf("after a failed request: %v, Err() %v; want the Conn broken with %v", err2, c.Err(), err)
+	}
+}

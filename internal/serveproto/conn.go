@@ -342,12 +342,15 @@ func (c *Conn) send(op operation) error {
 		e.Uint64(uint64(cmd))
 	}
 	if err := op.writeRequest(e); err != nil || e.Err() != nil {
-		if e.Err() != nil {
-			// The transport writer failed, whatever the NAR copy
-			// reported on top of it.
-			err = &StreamError{Op: op.name(), Writing: true, Err: e.Err()}
+		if e.Err() == nil {
+			// What the request copies (a NAR from elsewhere) failed, not
+			// this stream: the machine has nothing to explain, and the
+			// Conn is broken all the same, mid-request.
+			return c.broke(err)
 		}
-		return c.fail(err)
+		// The transport writer failed, whatever the NAR copy reported on
+		// top of it.
+		return c.fail(&StreamError{Op: op.name(), Writing: true, Err: e.Err()})
 	}
 	c.pending = append(c.pending, op)
 	return nil
@@ -376,6 +379,8 @@ func (c *Conn) receive(op operation) error {
 	return nil
 }
 
+// fail breaks the Conn with err, explained by Options.Explain if it is
+// a stream error.
 func (c *Conn) fail(err error) error {
 	var se *StreamError
 	if c.opt.Explain != nil && errors.As(err, &se) {
@@ -383,6 +388,11 @@ func (c *Conn) fail(err error) error {
 			err = e
 		}
 	}
+	return c.broke(err)
+}
+
+// broke breaks the Conn with err as it is.
+func (c *Conn) broke(err error) error {
 	c.err = err
 	c.pending = nil // their replies can no longer be read
 	return err

@@ -692,3 +692,52 @@ func TestExplainNilKeepsError(t *testing.T) {
 		t.Fatalf("got %v", err)
 	}
 }
+
+// errAfter is a NAR source that gives some bytes, then fails with err.
+type errAfter struct {
+	b   []byte
+	err error
+}
+
+func (r *errAfter) Read(p []byte) (int, error) {
+	if len(r.b) == 0 {
+		return 0, r.err
+	}
+	n := copy(p, r.b)
+	r.b = r.b[n:]
+	return n, nil
+}
+
+// A NAR source that fails mid-request (an input streamed from another
+// machine, whose own session broke) breaks the Conn with the source's
+// error, and is not explained as this machine's: the machine is alive and
+// waiting for the rest, so Explain would wait for nothing.
+func TestRequestSourceFails(t *testing.T) {
+	cr, sw := io.Pipe()
+	sr, cw := io.Pipe()
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		f := &fake{t: t, in: sr, out: sw}
+		if f.expect("greeting", greetingRequest) {
+			f.send(new(wb).u(0x5452eecb, 0x207).b())
+		}
+		io.Copy(io.Discard, sr) // waits for the rest of the NAR, as nix-store does
+	}()
+	defer func() { cw.Close(); cr.Close(); <-done }()
+	explained := 0
+	c, err := Handshake(cr, cw, Options{Explain: func(err error) error { explained++; return err }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	narBytes := fileNAR(t, "x")
+	info := PathInfo{Path: pathA, NarSize: uint64(len(narBytes)), NarHash: "sha256:" + hexSHA256(narBytes)}
+	other := &StreamError{Op: "DumpStorePath", Err: io.ErrUnexpectedEOF} // the holder's
+	err = c.AddToStoreNar(info, &errAfter{b: narBytes[:len(narBytes)/2], err: other})
+	if !errors.Is(err, other) || explained != 0 {
+		t.Fatalf("got %v (explained %d), want the source's error, unexplained", err, explained)
+	}
+	if _, err2 := c.QueryValidPaths([]string{pathA}, false, false); err2 != err || c.Err() != err {
+		t.Errorf("after a failed request: %v, Err() %v; want the Conn broken with %v", err2, c.Err(), err)
+	}
+}
