@@ -13,9 +13,10 @@
 // derivation is one engine.Run on a placer's machine, its outputs stay on
 // that machine (offload.Job.KeepOutputs), and an input built on another
 // machine is streamed from there through this host into the target,
-// never made valid here. Before a derivation starts, the inputs it takes
-// from builders are confirmed there; one a builder lost (garbage-collected,
-// machine gone) sends its producer back into the plan. Only what the
+// never made valid here. The build itself finds out whether its inputs
+// are still there (the builder's locking query, or the read from the
+// holder); one a builder lost (garbage-collected, machine gone) sends its
+// producer back into the plan. Only what the
 // caller fetches comes home ([Remote.Fetch]), checked against narHash and
 // made valid by internal/localstore.
 //

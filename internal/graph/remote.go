@@ -92,9 +92,6 @@ func (r *Remote) Build(ctx context.Context, n *Node, started func(string)) (stri
 	if err != nil {
 		return "", nil, err
 	}
-	if err := r.confirm(ctx, inputs); err != nil {
-		return "", nil, err
-	}
 	log, closeLog, err := r.openLog(n.DrvPath)
 	if err != nil && r.LogWarn != nil {
 		r.LogWarn(err)
@@ -311,43 +308,6 @@ func (r *Remote) closure(ctx context.Context, roots []string) ([]string, error) 
 	}
 	sort.Strings(out)
 	return slices.Compact(out), nil
-}
-
-// confirm asks the machines that hold inputs whether they still do, and
-// locks them there for the reading session's life; a path that is gone
-// is a *LostInputError naming its producer.
-func (r *Remote) confirm(ctx context.Context, inputs []string) error {
-	byMachine := map[string][]string{}
-	for _, p := range inputs {
-		if h, ok := r.lookup(p); ok {
-			byMachine[h.machine] = append(byMachine[h.machine], p)
-		}
-	}
-	machines := make([]string, 0, len(byMachine))
-	for m := range byMachine {
-		machines = append(machines, m)
-	}
-	sort.Strings(machines)
-	for _, m := range machines {
-		paths := byMachine[m]
-		var have []string
-		err := r.withReader(ctx, m, func(st engine.MachineStore) error {
-			var err error
-			have, err = st.Valid(ctx, paths, true)
-			return err
-		})
-		for _, p := range paths {
-			if err == nil && slices.Contains(have, p) {
-				continue
-			}
-			why := err
-			if why == nil {
-				why = fmt.Errorf("no longer valid on '%s'", m)
-			}
-			return r.lost(p, why)
-		}
-	}
-	return nil
 }
 
 // lost is a *LostInputError for held path p; r forgets p's producer's
@@ -617,6 +577,9 @@ func (l *buildLocal) Dump(p string, w io.Writer) (nar.Stats, error) {
 			l.lost = l.r.lost(p, err).(*LostInputError)
 		}
 		l.mu.Unlock()
+		// Final for this build, not the builder's loss: the producer is
+		// built again first.
+		err = &engine.LocalError{Err: fmt.Errorf("reading %s: %w", p, err)}
 	}
 	return st, err
 }

@@ -208,6 +208,14 @@ func (s *Server) addLocked(info serveproto.PathInfo, narBytes []byte) {
 	s.paths[info.Path] = &Path{Info: info, NAR: narBytes}
 }
 
+// Delete makes a path invalid in the server's store, as a garbage
+// collection on the machine would.
+func (s *Server) Delete(path string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	delete(s.paths, path)
+}
+
 // Lookup returns a valid path of the server's store.
 func (s *Server) Lookup(path string) (Path, bool) {
 	s.mu.Lock()
