@@ -65,6 +65,7 @@ import (
 	"github.com/nix-offload/nix-offload/internal/metrics"
 	"github.com/nix-offload/nix-offload/internal/scheduler"
 	"github.com/nix-offload/nix-offload/internal/slots"
+	"github.com/nix-offload/nix-offload/internal/uploads"
 )
 
 const (
@@ -180,7 +181,7 @@ type machine struct {
 	cfg     machines.Machine
 	name    string
 	pool    Pool
-	uploads *uploads
+	uploads *uploads.Table
 	used    int // slots held, under Broker.mu
 
 	builds, failed      atomic.Uint64
@@ -259,7 +260,7 @@ func New(opt Options) *Broker {
 		graphs:      map[string]*graphRun{},
 	}
 	for _, m := range opt.Config.Machines {
-		mm := &machine{cfg: m, name: m.Name(), uploads: newUploads(max(m.ParallelBuilds, 2))}
+		mm := &machine{cfg: m, name: m.Name(), uploads: uploads.New(max(m.ParallelBuilds, 2))}
 		mm.pool = opt.NewPool(m, b.onDial(mm))
 		b.machines = append(b.machines, mm)
 		b.byName[mm.name] = mm

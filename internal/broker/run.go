@@ -20,6 +20,7 @@ import (
 	"github.com/nix-offload/nix-offload/internal/offload"
 	"github.com/nix-offload/nix-offload/internal/scheduler"
 	"github.com/nix-offload/nix-offload/internal/serveproto"
+	"github.com/nix-offload/nix-offload/internal/uploads"
 )
 
 // errClientGone cancels the builds of a client whose connection closed.
@@ -129,7 +130,7 @@ func (bd *build) run() {
 		},
 		Transfers: func(l engine.Lease) offload.Transfers {
 			bl := l.(*lease)
-			return transfers{sess: bl.sess, up: bl.m.uploads}
+			return uploads.For(bl.sess, bl.m.uploads)
 		},
 	})
 	b.log.Debug("build ends", zap.String("drv", bd.req.DrvPath), zap.Error(err))

@@ -1,4 +1,4 @@
-package broker
+package uploads
 
 import (
 	"context"
@@ -14,7 +14,7 @@ import (
 // Builds that need the same path on one machine send it once; the others
 // wait for that upload and take over if it fails.
 func TestUploadsSendAPathOnce(t *testing.T) {
-	u := newUploads(4)
+	u := New(4)
 	ctx := context.Background()
 	var uploads atomic.Int32
 	release := make(chan struct{})
@@ -23,7 +23,7 @@ func TestUploadsSendAPathOnce(t *testing.T) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			up, done, err := u.claim(ctx, "/nix/store/p")
+			up, done, err := u.Claim(ctx, "/nix/store/p")
 			if err != nil {
 				t.Error(err)
 				return
@@ -36,7 +36,7 @@ func TestUploadsSendAPathOnce(t *testing.T) {
 		}()
 	}
 	// Every other claim waits for the one upload before it ends.
-	testbed.WaitFor(t, 10*time.Second, "9 claims waiting for the upload", func() bool { return u.waiting("/nix/store/p") == 9 })
+	testbed.WaitFor(t, 10*time.Second, "9 claims waiting for the upload", func() bool { return u.Waiting("/nix/store/p") == 9 })
 	close(release)
 	wg.Wait()
 	if n := uploads.Load(); n != 1 {
@@ -44,13 +44,13 @@ func TestUploadsSendAPathOnce(t *testing.T) {
 	}
 
 	// A failed upload hands the path to a waiting build.
-	up, done, _ := u.claim(ctx, "/nix/store/q")
+	up, done, _ := u.Claim(ctx, "/nix/store/q")
 	if !up {
 		t.Fatal("first claim of q does not upload")
 	}
 	got := make(chan bool)
 	go func() {
-		up, done2, err := u.claim(ctx, "/nix/store/q")
+		up, done2, err := u.Claim(ctx, "/nix/store/q")
 		if err == nil && up {
 			done2(nil)
 		}
@@ -58,7 +58,7 @@ func TestUploadsSendAPathOnce(t *testing.T) {
 	}()
 	// Fail the upload only once the other claim waits for it: had it come later, it
 	// would upload anyway, and the test would show nothing.
-	testbed.WaitFor(t, 10*time.Second, "a claim waiting for q", func() bool { return u.waiting("/nix/store/q") == 1 })
+	testbed.WaitFor(t, 10*time.Second, "a claim waiting for q", func() bool { return u.Waiting("/nix/store/q") == 1 })
 	done(errors.New("connection lost"))
 	if !<-got {
 		t.Error("after a failed upload the waiting build did not take over")
@@ -67,17 +67,17 @@ func TestUploadsSendAPathOnce(t *testing.T) {
 
 // The number of parallel upload streams to a machine is bounded.
 func TestUploadsBoundStreams(t *testing.T) {
-	u := newUploads(2)
+	u := New(2)
 	ctx := context.Background()
-	_, d1, _ := u.claim(ctx, "/nix/store/a")
-	_, d2, _ := u.claim(ctx, "/nix/store/b")
+	_, d1, _ := u.Claim(ctx, "/nix/store/a")
+	_, d2, _ := u.Claim(ctx, "/nix/store/b")
 	short, cancel := context.WithTimeout(ctx, 30*time.Millisecond)
 	defer cancel()
-	if _, _, err := u.claim(short, "/nix/store/c"); err == nil {
+	if _, _, err := u.Claim(short, "/nix/store/c"); err == nil {
 		t.Error("a third stream started while two were running")
 	}
 	d1(nil)
-	if up, d3, err := u.claim(ctx, "/nix/store/c"); err != nil || !up {
+	if up, d3, err := u.Claim(ctx, "/nix/store/c"); err != nil || !up {
 		t.Errorf("after one stream ended: upload %v, %v", up, err)
 	} else {
 		d3(nil)
@@ -89,10 +89,10 @@ func TestUploadsBoundStreams(t *testing.T) {
 // (sent and accepted, found by a query, built there), not while it is on
 // its way, and forgets it when it is found gone.
 func TestUploadsKnowWhatIsValid(t *testing.T) {
-	u := newUploads(1)
-	tr := transfers{sess: nil, up: u}
+	u := New(1)
+	tr := For(nil, u)
 	const a, b = "/nix/store/a", "/nix/store/b"
-	_, done, err := u.claim(context.Background(), a)
+	_, done, err := u.Claim(context.Background(), a)
 	if err != nil {
 		t.Fatal(err)
 	}
