@@ -9,7 +9,9 @@ import (
 
 	"github.com/nix-offload/nix-offload/internal/engine"
 	"github.com/nix-offload/nix-offload/internal/machines"
+	"github.com/nix-offload/nix-offload/internal/offload"
 	"github.com/nix-offload/nix-offload/internal/pool"
+	"github.com/nix-offload/nix-offload/internal/uploads"
 )
 
 // DefaultLogDir is Nix's log directory, unless NIX_LOG_DIR says otherwise.
@@ -23,7 +25,8 @@ func DefaultLogDir() string {
 // NewAlone makes the Builder of a graph built without a broker: the hook alone's placer over
 // the host's slot files and health, shared with every hook of the host, and warm sessions,
 // one pool per machine, shared by every derivation of the graph (a derivation costs no SSH
-// handshake and no nix-store start). warn hears what goes wrong on the way that does not stop
+// handshake and no nix-store start), with one upload table per machine (what the graph's
+// builds send or build there is not asked about again). warn hears what goes wrong on the way that does not stop
 // the build. Shut closes the pools.
 func NewAlone(cfg *machines.Config, local Store, warn func(string)) (*Remote, error) {
 	sl, tracker, err := engine.OpenHostState(cfg, func(herr error) {
@@ -33,10 +36,12 @@ func NewAlone(cfg *machines.Config, local Store, warn func(string)) (*Remote, er
 		return nil, err
 	}
 	pools := map[string]*pool.Pool{}
+	tables := map[string]*uploads.Table{}
 	var names []string
 	for _, m := range cfg.Machines {
 		if m.Enabled {
 			pools[m.Name()] = pool.New(pool.Options{Machine: m, SSHConfig: sshconfig.DefaultUserSettings})
+			tables[m.Name()] = uploads.New(max(m.ParallelBuilds, 2))
 			names = append(names, m.Name())
 		}
 	}
@@ -69,6 +74,13 @@ func NewAlone(cfg *machines.Config, local Store, warn func(string)) (*Remote, er
 					pools[ps.Name()].Put(ps, reusable)
 				},
 			}
+		},
+		Transfers: func(l engine.Lease) offload.Transfers {
+			s, ok := l.Session().(uploads.Session)
+			if t := tables[l.Machine()]; ok && t != nil {
+				return uploads.For(s, t)
+			}
+			return nil
 		},
 		Local: local,
 		Open:  get,

@@ -55,6 +55,11 @@ type Remote struct {
 	// Close, if set, is called by [Remote.Close] after the reading
 	// sessions are closed (to close the pools behind Placer and Open).
 	Close func()
+	// Transfers, if set, gives each build the upload table of its lease's
+	// machine (engine.Build.Transfers): builds on one machine send a
+	// path once, and inputs known valid there are checked in the build's
+	// own flight.
+	Transfers func(engine.Lease) offload.Transfers
 	// Options are the build options every derivation gets.
 	Options    serveproto.BuildOptions
 	Substitute bool // builders-use-substitutes
@@ -135,9 +140,10 @@ func (r *Remote) Build(ctx context.Context, n *Node, started func(string)) (stri
 			Substitute:  r.Substitute,
 			KeepOutputs: true,
 		},
-		Local:  local,
-		Log:    log,
-		Events: ev,
+		Local:     local,
+		Log:       log,
+		Events:    ev,
+		Transfers: r.Transfers,
 	})
 	if lost := local.lostInput(); err != nil && lost != nil {
 		return machine, nil, lost

@@ -16,9 +16,11 @@ import (
 	"github.com/nix-offload/nix-offload/internal/daemonproto"
 	"github.com/nix-offload/nix-offload/internal/engine"
 	"github.com/nix-offload/nix-offload/internal/nar"
+	"github.com/nix-offload/nix-offload/internal/offload"
 	"github.com/nix-offload/nix-offload/internal/scheduler"
 	"github.com/nix-offload/nix-offload/internal/serveproto"
 	"github.com/nix-offload/nix-offload/internal/servetest"
+	"github.com/nix-offload/nix-offload/internal/uploads"
 )
 
 // The tests in this file run Remote against fake machines (servetest)
@@ -71,6 +73,10 @@ func (s *pipeSession) SetLog(io.Writer)              {}
 func (s *pipeSession) StderrIsLog()                  {}
 func (s *pipeSession) Lost() error                   { return nil }
 func (s *pipeSession) Close()                        { s.ps.Close() }
+
+// Locked and MarkLocked: a fresh session per lease has locked nothing.
+func (s *pipeSession) Locked(paths []string) (locked, rest []string) { return nil, paths }
+func (s *pipeSession) MarkLocked([]string)                           {}
 
 // seqPlacer hands out one lease per build, on the machines of order in
 // turn: a chain's builds go where the test says.
@@ -278,9 +284,13 @@ func TestRemoteHeldInputsCrossProtocols(t *testing.T) {
 // no query of its own before it: its producer is built again, then the
 // rest, and the graph succeeds.
 func TestRemoteRebuildsAnInputItsHolderLost(t *testing.T) {
-	for _, tc := range []struct{ name, holder, builder string }{
-		{"same machine", "ssh", "ssh"},
-		{"other machine", "ng", "ssh"},
+	for _, tc := range []struct {
+		name, holder, builder string
+		tables                bool // the machines' upload tables: a is known on the holder
+	}{
+		{"same machine", "ssh", "ssh", false},
+		{"same machine, known there", "ssh", "ssh", true},
+		{"other machine", "ng", "ssh", false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			ng, ssh := &servetest.Server{}, &servetest.Server{}
@@ -294,6 +304,13 @@ func TestRemoteRebuildsAnInputItsHolderLost(t *testing.T) {
 			}
 			local := &memStore{paths: map[string]servetest.Path{}}
 			r := &Remote{Placer: placer.next, Local: local, Open: f.open, Machines: []string{"ng", "ssh"}}
+			var known int // builds that found every input in the table
+			if tc.tables {
+				tables := map[string]*uploads.Table{"ng": uploads.New(2), "ssh": uploads.New(2)}
+				r.Transfers = func(l engine.Lease) offload.Transfers {
+					return countKnown{uploads.For(l.Session().(uploads.Session), tables[l.Machine()]), &known}
+				}
+			}
 			defer r.Shut()
 			plan, err := Load([]string{drvPath("c")}, buildable(chain), local.Valid)
 			if err != nil {
@@ -313,8 +330,25 @@ func TestRemoteRebuildsAnInputItsHolderLost(t *testing.T) {
 			if _, ok := f.srv[tc.builder].Lookup(outPath("c")); !ok {
 				t.Errorf("c's output is not on %s", tc.builder)
 			}
+			if tc.tables && known == 0 {
+				t.Errorf("no build trusted the table: the stale entry was not what found a gone")
+			}
 		})
 	}
+}
+
+// countKnown counts the Known calls that said yes.
+type countKnown struct {
+	offload.Transfers
+	n *int
+}
+
+func (c countKnown) Known(paths []string) bool {
+	ok := c.Transfers.Known(paths)
+	if ok {
+		*c.n++
+	}
+	return ok
 }
 
 func countBuilds(srv *servetest.Server, drv string) int {
