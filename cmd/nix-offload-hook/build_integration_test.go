@@ -731,8 +731,8 @@ func testProgressOnTerminal(t *testing.T, local testbed.Nix, store string, env o
 	if final[0] != "[11/11 built, 0 running, 0 queued, 0 failed]" || final[1] != "" {
 		t.Errorf("the terminal ends with %q, want the final count [11/11 built, 0 running, 0 queued, 0 failed] and the cursor on an empty line", final)
 	}
-	if !slices.Equal(sortedKeys(onScreen), machines) {
-		t.Errorf("the event lines name the machines %v, want %v", sortedKeys(onScreen), machines)
+	if !slices.Equal(slices.Sorted(maps.Keys(onScreen)), machines) {
+		t.Errorf("the event lines name the machines %v, want %v", slices.Sorted(maps.Keys(onScreen)), machines)
 	}
 
 	// The progress line as drawn: once after each event, redrawn in place
@@ -774,8 +774,8 @@ func testProgressOnTerminal(t *testing.T, local testbed.Nix, store string, env o
 			t.Errorf("progress line %q: %d running, but the machines run %d", s, running, perMachine)
 		}
 	}
-	if !slices.Equal(sortedKeys(named), machines) {
-		t.Errorf("the progress line named the machines %v, want both of %v", sortedKeys(named), machines)
+	if !slices.Equal(slices.Sorted(maps.Keys(named)), machines) {
+		t.Errorf("the progress line named the machines %v, want both of %v", slices.Sorted(maps.Keys(named)), machines)
 	}
 	if prevBuilt != 11 {
 		t.Errorf("the last progress line drawn counts %d built, want 11", prevBuilt)
@@ -814,10 +814,4 @@ func atoi(t *testing.T, s string) int {
 		t.Fatalf("%q: %v", s, err)
 	}
 	return n
-}
-
-func sortedKeys(m map[string]bool) []string {
-	keys := slices.Collect(maps.Keys(m))
-	slices.Sort(keys)
-	return keys
 }

@@ -113,12 +113,15 @@ func statusLines(out string) []string {
 	return s
 }
 
-// progressEvents: three derivations on two machines; b fails, a and c are
-// built, c on the machine that a freed.
-func progressEvents() []brokerapi.GraphEvent {
+// runProgress shows a graph of three derivations on two machines: b
+// fails, a and c are built, c on the machine that a freed; a warning of
+// the command's own comes in the middle, and one before the graph starts.
+func runProgress(p *progress) {
 	started, stopped := time.Unix(100, 0), time.Unix(102, 0)
 	built := &brokerapi.GraphDerivation{Start: &started, Stop: &stopped}
-	return []brokerapi.GraphEvent{
+	p.note("nix-offload-hook: before the graph")
+	p.start(3)
+	for _, e := range []brokerapi.GraphEvent{
 		{Type: brokerapi.EventQueued, DrvPath: "a.drv"},
 		{Type: brokerapi.EventQueued, DrvPath: "b.drv"},
 		{Type: brokerapi.EventQueued, DrvPath: "c.drv"},
@@ -128,35 +131,37 @@ func progressEvents() []brokerapi.GraphEvent {
 		{Type: brokerapi.GraphEventBuilt, DrvPath: "a.drv", Machine: "m1", Result: built},
 		{Type: brokerapi.EventStarted, DrvPath: "c.drv", Machine: "m1"},
 		{Type: brokerapi.GraphEventFailed, DrvPath: "b.drv", Status: "PermanentFailure", Error: "exit code 1"},
-		{Type: brokerapi.GraphEventBuilt, DrvPath: "c.drv", Machine: "m1", Result: built},
+	} {
+		p.event(e)
 	}
+	p.note("nix-offload-hook: cannot use 'm2': gone")
+	p.event(brokerapi.GraphEvent{Type: brokerapi.GraphEventBuilt, DrvPath: "c.drv", Machine: "m1", Result: built})
+	p.done()
 }
 
-// progressEventLines are the lines progressEvents print, on a terminal
-// and off one.
-var progressEventLines = []string{
+// progressLines are the lines runProgress prints, on a terminal and off
+// one.
+var progressLines = []string{
+	"nix-offload-hook: before the graph",
 	"building 'a.drv' on 'm1'",
 	"building 'b.drv' on 'm2'",
 	"built 'a.drv' on 'm1' in 2s",
 	"building 'c.drv' on 'm1'",
 	"PermanentFailure: 'b.drv': exit code 1",
+	"nix-offload-hook: cannot use 'm2': gone",
 	"built 'c.drv' on 'm1' in 2s",
 }
 
 // On a terminal, the progress is one status line at the bottom, redrawn in
 // place after every event: what is done, running (on which machines),
-// queued and failed. The events scroll above it, and when the graph is
-// done only the final count is left.
+// queued and failed. The events and the command's warnings scroll above
+// it, and when the graph is done only the final count is left.
 func TestProgressOnTerminal(t *testing.T) {
 	term := openTerminal(t)
-	p := newProgress(term.tty, 3)
-	for _, e := range progressEvents() {
-		p.event(e)
-	}
-	p.done()
+	runProgress(newProgress(term.tty))
 	out := term.Output(t)
 
-	want := append(append([]string{}, progressEventLines...), "[2/3 built, 0 running, 0 queued, 1 failed]", "")
+	want := append(append([]string{}, progressLines...), "[2/3 built, 0 running, 0 queued, 1 failed]", "")
 	if got := screen(t, out); strings.Join(got, "\n") != strings.Join(want, "\n") {
 		t.Errorf("the terminal shows:\n%s\nwant:\n%s\n(raw %q)", strings.Join(got, "\n"), strings.Join(want, "\n"), out)
 	}
@@ -165,6 +170,7 @@ func TestProgressOnTerminal(t *testing.T) {
 		"[0/3 built, 2 running, 1 queued, 0 failed] m1: 1, m2: 1",
 		"[1/3 built, 1 running, 1 queued, 0 failed] m2: 1",
 		"[1/3 built, 2 running, 0 queued, 0 failed] m1: 1, m2: 1",
+		"[1/3 built, 1 running, 0 queued, 1 failed] m1: 1",
 		"[1/3 built, 1 running, 0 queued, 1 failed] m1: 1",
 		"[2/3 built, 0 running, 0 queued, 1 failed]",
 	}
@@ -183,14 +189,10 @@ func TestProgressOffTerminal(t *testing.T) {
 	defer r.Close()
 	read := make(chan []byte, 1)
 	go func() { b, _ := io.ReadAll(r); read <- b }()
-	p := newProgress(w, 3)
-	for _, e := range progressEvents() {
-		p.event(e)
-	}
-	p.done()
+	runProgress(newProgress(w))
 	w.Close()
 	out := string(<-read)
-	if want := strings.Join(progressEventLines, "\n") + "\n"; out != want {
+	if want := strings.Join(progressLines, "\n") + "\n"; out != want {
 		t.Errorf("a pipe got %q, want %q", out, want)
 	}
 }
