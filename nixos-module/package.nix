@@ -27,7 +27,7 @@ buildGoModule {
 
   # The NAR hash of `go mod vendor` (see the README, "Install" → "Nix flake", for how to
   # recompute it; TestFlakeVendorHash fails when it is stale).
-  vendorHash = "sha256-lnB0ZIMdFdAhpLPM8cYDuWD6Ma32Mga6QIpoXfbWjYM=";
+  vendorHash = "sha256-JPDZABxXNkQqLNVuTmwiP/iBQsCrgH4tC8GSuhpOv0k=";
 
   subPackages = [ "cmd/nix-offload-hook" ];
   env.CGO_ENABLED = 0;

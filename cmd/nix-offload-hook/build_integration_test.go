@@ -4,13 +4,17 @@ package main
 // nix-store on the host side, real builders over SSH.
 
 import (
+	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -649,4 +653,165 @@ let salt = %q; in {
 	if got := storeFile(t, store, paths[2]); got != "two-dev" {
 		t.Errorf("two's dev output holds %q", got)
 	}
+}
+
+// What `build` prints as it goes: statusRe is the progress line, eventRe
+// one derivation's start or end (the machine in group 1 or 2).
+var (
+	statusRe = regexp.MustCompile(`^\[(\d+)/(\d+) built, (\d+) running, (\d+) queued, (\d+) failed\](?: (.*))?$`)
+	eventRe  = regexp.MustCompile(`^(?:building '/nix/store/[a-z0-9]{32}-[^']+\.drv' on '([^']+)'|built '/nix/store/[a-z0-9]{32}-[^']+\.drv' on '([^']+)' in [0-9.]+[mµn]?s)$`)
+)
+
+// TestBuildProgressOnTerminal: with stderr on a terminal (a pseudo-terminal
+// here), `build` shows one progress line at the bottom, redrawn in place
+// after every derivation's start and end: built out of the total, running
+// per machine, queued, failed. Each event line is printed over the erased
+// progress line, never after it, so the screen holds the event lines and
+// one final count. On a pipe the same build prints plain event lines only,
+// without control characters. Alone and through a broker alike.
+func TestBuildProgressOnTerminal(t *testing.T) {
+	local := testbed.Lookup(t, "2.8")
+	for _, viaBroker := range []bool{false, true} {
+		name := "alone"
+		if viaBroker {
+			name = "broker"
+		}
+		t.Run(name, func(t *testing.T) {
+			b1, b2 := testbed.StartBuilder(t, local), testbed.StartBuilder(t, local)
+			store := testbed.NewStore(t)
+			var env offloadEnv
+			if viaBroker {
+				env = newBrokerEnv(t, local, store, 4, b1, b2).offloadEnv
+			} else {
+				env = newOffloadEnv(t, "", b1, b2)
+			}
+			machines := []string{machineName(b1), machineName(b2)}
+			slices.Sort(machines)
+			testProgressOnTerminal(t, local, store, env, machines)
+			testProgressOnPipe(t, local, store, env)
+		})
+	}
+}
+
+// testProgressOnTerminal builds graphDiamondExpr's 11 derivations with
+// stderr on a terminal and checks what the terminal received and shows.
+func testProgressOnTerminal(t *testing.T, local testbed.Nix, store string, env offloadEnv, machines []string) {
+	term := openTerminal(t)
+	cmd := graphBuildCmd(t, local, store, env, "-no-link", env.writeExpr(t, graphDiamondExpr(randomHex(8))))
+	var stdout bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, term.tty
+	err := cmd.Run()
+	testbed.KillCommand(cmd)
+	raw := term.Output(t)
+	if err != nil {
+		t.Fatalf("build on a terminal: %v\n%q", err, raw)
+	}
+	lines := screen(t, raw)
+
+	// The screen: whatever came before the first derivation (the broker's
+	// graph line), then only event lines, the final count and the empty
+	// line the cursor is on.
+	first := slices.IndexFunc(lines, eventRe.MatchString)
+	if first < 0 || len(lines) < first+3 {
+		t.Fatalf("the terminal shows no build:\n%s", strings.Join(lines, "\n"))
+	}
+	events, final := lines[first:len(lines)-2], lines[len(lines)-2:]
+	onScreen := map[string]bool{}
+	for _, l := range events {
+		m := eventRe.FindStringSubmatch(l)
+		if m == nil {
+			t.Errorf("the terminal shows %q among the event lines: not one derivation's start or end", l)
+			continue
+		}
+		onScreen[m[1]+m[2]] = true
+	}
+	if len(events) != 22 {
+		t.Errorf("the terminal shows %d event lines, want 22 (11 derivations started and built):\n%s", len(events), strings.Join(events, "\n"))
+	}
+	if final[0] != "[11/11 built, 0 running, 0 queued, 0 failed]" || final[1] != "" {
+		t.Errorf("the terminal ends with %q, want the final count [11/11 built, 0 running, 0 queued, 0 failed] and the cursor on an empty line", final)
+	}
+	if !slices.Equal(slices.Sorted(maps.Keys(onScreen)), machines) {
+		t.Errorf("the event lines name the machines %v, want %v", slices.Sorted(maps.Keys(onScreen)), machines)
+	}
+
+	// The progress line as drawn: once after each event, redrawn in place
+	// (carriage return, erase to the end of the line), its counts moving
+	// only forward, its machines the ones that build.
+	if n := strings.Count(raw, "\r\033[K"); n != 23 {
+		t.Errorf("the progress line was erased %d times, want 23: before each of the 22 event lines and before the final count", n)
+	}
+	drawn := statusLines(raw)
+	if len(drawn) != 22 {
+		t.Fatalf("the progress line was drawn %d times, want 22:\n%s", len(drawn), strings.Join(drawn, "\n"))
+	}
+	prevBuilt := 0
+	named := map[string]bool{}
+	for _, s := range drawn {
+		m := statusRe.FindStringSubmatch(s)
+		if m == nil {
+			t.Errorf("progress line %q is not [built/total built, running, queued, failed] machines", s)
+			continue
+		}
+		built, total, running, failed := atoi(t, m[1]), atoi(t, m[2]), atoi(t, m[3]), atoi(t, m[5])
+		if total != 11 || built < prevBuilt || failed != 0 {
+			t.Errorf("progress line %q after %d built: want 11 in all, built only growing, none failed", s, prevBuilt)
+		}
+		prevBuilt = built
+		perMachine := 0
+		if m[6] != "" {
+			for _, part := range strings.Split(m[6], ", ") {
+				name, n, ok := strings.Cut(part, ": ")
+				if !ok || !slices.Contains(machines, name) {
+					t.Errorf("progress line %q: %q is not MACHINE: RUNNING for one of %v", s, part, machines)
+					continue
+				}
+				named[name] = true
+				perMachine += atoi(t, n)
+			}
+		}
+		if perMachine != running {
+			t.Errorf("progress line %q: %d running, but the machines run %d", s, running, perMachine)
+		}
+	}
+	if !slices.Equal(slices.Sorted(maps.Keys(named)), machines) {
+		t.Errorf("the progress line named the machines %v, want both of %v", slices.Sorted(maps.Keys(named)), machines)
+	}
+	if prevBuilt != 11 {
+		t.Errorf("the last progress line drawn counts %d built, want 11", prevBuilt)
+	}
+}
+
+// testProgressOnPipe builds a fresh graphDiamondExpr with stderr on a pipe:
+// one plain line per derivation's start and end, no progress line, no
+// control characters.
+func testProgressOnPipe(t *testing.T, local testbed.Nix, store string, env offloadEnv) {
+	code, _, errOut := graphBuild(t, local, store, env, "-no-link", env.writeExpr(t, graphDiamondExpr(randomHex(8))))
+	if code != 0 {
+		t.Fatalf("build on a pipe exited %d\n%s", code, errOut)
+	}
+	if strings.ContainsAny(errOut, "\r\033") {
+		t.Errorf("stderr on a pipe has control characters: %q", errOut)
+	}
+	events := 0
+	for _, l := range strings.Split(errOut, "\n") {
+		switch {
+		case statusRe.MatchString(l) || strings.Contains(l, " built, "):
+			t.Errorf("stderr on a pipe has a progress line: %q", l)
+		case eventRe.MatchString(l):
+			events++
+		}
+	}
+	if events != 22 {
+		t.Errorf("stderr on a pipe has %d event lines, want 22 (11 derivations started and built):\n%s", events, errOut)
+	}
+}
+
+func atoi(t *testing.T, s string) int {
+	t.Helper()
+	n, err := strconv.Atoi(s)
+	if err != nil {
+		t.Fatalf("%q: %v", s, err)
+	}
+	return n
 }

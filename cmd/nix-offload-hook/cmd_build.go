@@ -95,7 +95,9 @@ func buildAlone(ctx context.Context, cfg *machines.Config, local *localstore.Sto
 	if len(cfg.Machines) == 0 {
 		return &configError{fmt.Errorf("%s: no machines to build on", cfg.Path)}
 	}
-	remote, err := graph.NewAlone(cfg, local, func(msg string) { fmt.Fprintf(stderr, "nix-offload-hook: %s\n", msg) })
+	// Warnings come while the graph runs too: above the progress line.
+	progress := newProgress(stderr)
+	remote, err := graph.NewAlone(cfg, local, func(msg string) { progress.note("nix-offload-hook: " + msg) })
 	if err != nil {
 		return err
 	}
@@ -114,7 +116,7 @@ func buildAlone(ctx context.Context, cfg *machines.Config, local *localstore.Sto
 			toBuild++
 		}
 	}
-	progress := newProgress(stderr, toBuild)
+	progress.start(toBuild)
 	results := graph.Execute(ctx, plan, remote, graph.Options{
 		KeepGoing:  keepGoing,
 		MaxRunning: graph.TotalSlots(cfg.Machines),
@@ -140,6 +142,8 @@ type brokerGraph struct {
 	stderr io.Writer
 	req    brokerapi.GraphRequest // submitted unless id is set
 	id     string                 // the graph to follow
+
+	progress *progress // what is printed to stderr while the graph runs
 }
 
 // graphCancelTimeout bounds how long an interrupted build waits for the
@@ -174,9 +178,11 @@ func (g *brokerGraph) run(ctx context.Context, out buildOutput) error {
 	sum := first.Summary
 	fmt.Fprintf(g.stderr, "building graph %s in the broker on %s (%d of %d derivations to build; after an interruption, resume with: nix-offload-hook build -follow %s)\n",
 		g.id, g.sock, sum.ToBuild, sum.Derivations, g.id)
+	progress := newProgress(g.stderr)
+	g.progress = progress
+	progress.start(sum.ToBuild)
 	stopCancel := context.AfterFunc(ctx, g.cancel)
 	defer stopCancel()
-	progress := newProgress(g.stderr, sum.ToBuild)
 	var timer *time.Timer
 	for {
 		ev, err := st.Next()
@@ -215,7 +221,7 @@ func (g *brokerGraph) run(ctx context.Context, out buildOutput) error {
 // cancel asks the broker, on a connection of its own (the stream holds
 // the other), to stop the graph.
 func (g *brokerGraph) cancel() {
-	fmt.Fprintf(g.stderr, "nix-offload-hook: interrupted: cancelling graph %s\n", g.id)
+	g.progress.note(fmt.Sprintf("nix-offload-hook: interrupted: cancelling graph %s", g.id))
 	ctx, stop := context.WithTimeout(context.Background(), graphCancelTimeout)
 	defer stop()
 	c, err := brokerapi.DialChecked(ctx, g.sock, brokerPeer)
@@ -224,7 +230,7 @@ func (g *brokerGraph) cancel() {
 		err = c.CancelGraph(ctx, g.id)
 	}
 	if err != nil {
-		fmt.Fprintf(g.stderr, "nix-offload-hook: cancelling graph %s: %v\n", g.id, err)
+		g.progress.note(fmt.Sprintf("nix-offload-hook: cancelling graph %s: %v", g.id, err))
 	}
 }
 
@@ -430,26 +436,43 @@ func addOutLinks(base string, roots []brokerapi.GraphRoot, results map[string]br
 }
 
 // progress shows the graph's progress on stderr: one line redrawn on a
-// terminal, plain lines otherwise.
+// terminal, plain lines otherwise. Everything else the command prints
+// while the graph runs goes through note, above that line.
 type progress struct {
 	w        io.Writer
 	terminal bool
-	total    int
 
 	mu            sync.Mutex
+	shown         bool // between start and done: the status line is on the terminal
+	total         int
 	running       map[string]string // drv → machine
 	queued        map[string]bool
 	built, failed int
 }
 
-func newProgress(w io.Writer, total int) *progress {
-	p := &progress{w: w, running: map[string]string{}, queued: map[string]bool{}, total: total}
+func newProgress(w io.Writer) *progress {
+	p := &progress{w: w, running: map[string]string{}, queued: map[string]bool{}}
 	if f, ok := w.(*os.File); ok {
 		if st, err := f.Stat(); err == nil && st.Mode()&os.ModeCharDevice != 0 {
 			p.terminal = true
 		}
 	}
 	return p
+}
+
+// start begins the graph of total derivations to build: from now on, on a
+// terminal, the status line is drawn below every line printed.
+func (p *progress) start(total int) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.total, p.shown = total, true
+}
+
+// note prints a message of the command's own, on a line of its own.
+func (p *progress) note(s string) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.line(s)
 }
 
 func (p *progress) event(e brokerapi.GraphEvent) {
@@ -485,7 +508,7 @@ func (p *progress) event(e brokerapi.GraphEvent) {
 
 // line prints one event: on a terminal above the status line.
 func (p *progress) line(s string) {
-	if !p.terminal {
+	if !p.terminal || !p.shown {
 		fmt.Fprintln(p.w, s)
 		return
 	}
@@ -512,7 +535,8 @@ func (p *progress) status() string {
 func (p *progress) done() {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if p.terminal {
+	if p.terminal && p.shown {
 		fmt.Fprintf(p.w, "\r\033[K%s\n", p.status())
 	}
+	p.shown = false
 }

@@ -6,7 +6,7 @@
 // and each workload it times the whole nix-build, from its start to the exit
 // of its process, with a fresh local store (initialised with `nix-store
 // --init` before the clock starts, in every mode), fresh builder hosts and a
-// new salt every run, four ways:
+// new salt every run, these ways:
 //
 //   - local: built locally, --max-jobs 4, no hook (the reference);
 //   - stock: Nix's own hook (build-remote on 2.8, nix __build-remote on
@@ -24,11 +24,18 @@
 //     add up to the derivations built: a hook that cannot reach the broker
 //     builds alone, often silently. Its peak RSS (VmHWM) is read before it is
 //     stopped.
+//   - build: `nix-offload-hook build` (the graph front door, no nix-build):
+//     the whole graph in that one process, fetching only the root;
+//   - buildbroker: `nix-offload-hook build` with a broker, started and
+//     checked as for broker: the graph runs in the broker (POST /v1/graphs),
+//     and the broker's VmHWM is its peak RSS over the whole graph.
 //
 // Workloads (no nixpkgs, /bin/sh builders): trivial (1 derivation, one
 // builder), chain21 (21 derivations, each reading the previous output) and
 // wide50 (50 independent derivations and a root that reads them all); the
-// graphs use 2 builders × 4 slots. upload1g (not in the default list) is one
+// graphs use 2 builders × 4 slots. wide1000 (not in the default list) is
+// wide50's shape with 1,000 leaves: the broker's memory with a
+// 1,000-derivation graph. upload1g (not in the default list) is one
 // derivation whose input is 1 GiB of random data, added to the local store
 // before the clock starts; each of its runs also times `ssh bN 'cat >
 // /dev/null'` of the same file to a fresh builder.
@@ -87,7 +94,11 @@ const stdPath = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 const slotsPerBuilder = 4
 
-var modes = []string{"local", "stock", "ours", "broker", "build"}
+var modes = []string{"local", "stock", "ours", "broker", "build", "buildbroker"}
+
+// brokerModes are the modes that run a broker: the hooks' (broker) and the
+// graph front door's (buildbroker).
+var brokerModes = []string{"broker", "buildbroker"}
 
 type workload struct {
 	name     string
@@ -108,6 +119,10 @@ var workloads = map[string]workload{
 		body: `builtins.head (builtins.foldl' (prev: i: [ (mk "c${toString i}" prev) ]) [] (builtins.genList (i: i + 1) 21))`},
 	"wide50": {name: "wide50", builders: 2, drvs: 51, words: 51, first: "root",
 		body: `mk "root" (builtins.genList (i: mk "w${toString (i + 1)}" []) 50)`},
+	// wide1000: wide50's shape with 1,000 leaves, for the broker's memory with a
+	// 1,000-derivation graph (SPEC: < 100 MiB); not in the default list.
+	"wide1000": {name: "wide1000", builders: 2, drvs: 1001, words: 1001, first: "root",
+		body: `mk "root" (builtins.genList (i: mk "w${toString (i + 1)}" []) 1000)`},
 	// upload1g: one derivation whose input is 1 GiB of random data already in the local
 	// store: the input upload, against `ssh bN 'cat > /dev/null'` of the same file.
 	"upload1g": {name: "upload1g", builders: 1, drvs: 1, words: 1, first: "1073741824", inputBytes: 1 << 30,
@@ -116,7 +131,7 @@ var workloads = map[string]workload{
 }
 
 // workloadNames lists the workloads, for messages.
-const workloadNames = "trivial, chain21, wide50, upload1g"
+const workloadNames = "trivial, chain21, wide50, wide1000, upload1g"
 
 // expr returns the workload's expression with salt in every derivation and big, the
 // store path of the input file (or "").
@@ -157,7 +172,7 @@ func main() {
 	runs := flag.Int("runs", 3, "runs per workload, Nix and mode; the table shows medians")
 	nixList := flag.String("nix", "2.8,2.34", "local Nix series to measure (the builders run the same one)")
 	wlList := flag.String("workloads", "trivial,chain21,wide50", "workloads: "+workloadNames)
-	modeList := flag.String("modes", strings.Join(modes, ","), "modes: local, stock, ours, broker, build")
+	modeList := flag.String("modes", strings.Join(modes, ","), "modes: "+strings.Join(modes, ", "))
 	timeout := flag.Duration("timeout", 10*time.Minute, "limit for each nix-build; it is killed after that")
 	rss := flag.Bool("rss", true, "also record the hook's peak RSS in one trivial build per Nix")
 	trace := flag.Bool("trace", false, "instead of the table: one build per Nix, workload and mode with nix-build -v, its stderr time-stamped")
@@ -178,7 +193,7 @@ func main() {
 	}
 	for _, m := range splitList(*modeList) {
 		if !slices.Contains(modes, m) {
-			fmt.Fprintf(os.Stderr, "bench: unknown mode %q (local, stock, ours, broker)\n", m)
+			fmt.Fprintf(os.Stderr, "bench: unknown mode %q (%s)\n", m, strings.Join(modes, ", "))
 			os.Exit(2)
 		}
 		cfg.modes = append(cfg.modes, m)
@@ -285,7 +300,7 @@ func run(cfg config) int {
 					}
 					b.times[k] = append(b.times[k], d)
 					extra := ""
-					if mode == "broker" {
+					if slices.Contains(brokerModes, mode) {
 						if kb := b.brokerRSS[k]; len(kb) > 0 {
 							extra = fmt.Sprintf(" (broker VmHWM %.1f MiB, warm after %s)", float64(kb[len(kb)-1])/1024,
 								fmtDur(b.brokerWarm[k][len(b.brokerWarm[k])-1]))
@@ -382,6 +397,10 @@ func (b *bench) measure(nix testbed.Nix, w workload, mode string) (time.Duration
 		}()
 	}
 	var br *runningBroker
+	socket, conf := "", "" // the broker's socket, in the broker modes; our configuration
+	if slices.Contains(brokerModes, mode) {
+		socket = filepath.Join(dir, "hook.sock")
+	}
 	switch mode {
 	case "local":
 		args = append(args, "--max-jobs", "4")
@@ -395,11 +414,7 @@ func (b *bench) measure(nix testbed.Nix, w workload, mode string) (time.Duration
 		args = append(args, "--max-jobs", "0", "--builders", strings.Join(specs, "; "))
 		env = append(env, "NIX_SSHOPTS=-F "+sshConfig)
 	case "ours", "broker":
-		socket := ""
-		if mode == "broker" {
-			socket = filepath.Join(dir, "hook.sock")
-		}
-		conf := writeOffloadConfig(dir, socket, builders)
+		conf = writeOffloadConfig(dir, socket, builders)
 		mounts = append(mounts, filepath.Dir(b.cfg.hook))
 		args = append(args, "--max-jobs", "0", "--option", "build-hook", b.cfg.hook)
 		env = append(env, "NIX_OFFLOAD_CONFIG="+conf)
@@ -407,31 +422,23 @@ func (b *bench) measure(nix testbed.Nix, w workload, mode string) (time.Duration
 			// Every hook appends the times of its steps (internal/stopwatch).
 			env = append(env, stopwatch.Env+"="+filepath.Join(dir, "hook-times.jsonl"))
 		}
-		if mode == "broker" {
-			br, err = b.startBroker(nix, store, mounts, conf, socket, len(builders))
-			if err != nil {
-				return 0, err
-			}
-			b.brokerWarm[k] = append(b.brokerWarm[k], br.warm)
-			defer func() {
-				if kb := br.hwm(); kb > 0 {
-					b.brokerRSS[k] = append(b.brokerRSS[k], kb)
-				}
-				if err := br.stop(); err != nil {
-					fmt.Fprintf(os.Stderr, "bench: broker: %v\n%s", err, tailText(br.log.String(), 2000))
-				}
-				brokerLog.WriteString(br.log.String())
-			}()
-		}
-	}
-	if mode == "build" {
+	case "build", "buildbroker":
 		// The graph front door: our own command sees the whole graph, with no
-		// nix-daemon and no hook per derivation; it fetches only the root.
-		conf := writeOffloadConfig(dir, "", builders)
+		// nix-daemon and no hook per derivation; it fetches only the root. With
+		// buildbroker the configuration names the broker's socket, and the graph
+		// runs in the broker (POST /v1/graphs).
+		conf = writeOffloadConfig(dir, socket, builders)
 		mounts = append(mounts, filepath.Dir(b.cfg.hook))
 		args = []string{b.cfg.hook, "build", "-config", conf, "-no-link"}
-	} else if b.cfg.trace || b.cfg.logs != "" {
-		args = append(args, "-v")
+	}
+	if socket != "" {
+		if br, err = b.startRunBroker(k, nix, store, mounts, conf, socket, len(builders), &brokerLog); err != nil {
+			return 0, err
+		}
+		defer br.finish()
+	}
+	if mode != "build" && mode != "buildbroker" && (b.cfg.trace || b.cfg.logs != "") {
+		args = append(args, "-v") // nix-build's; build prints every step anyway
 	}
 	args = append(args, exprFile)
 
@@ -875,8 +882,8 @@ func (b *bench) markdown() string {
 		link = fmt.Sprintf("%v RTT (delay proxy)", b.cfg.rtt)
 	}
 	fmt.Fprintf(&s, "## Results: median of %d run(s), wall time of the whole nix-build (for build: the whole `nix-offload-hook build`), builders on %s\n\n", b.cfg.runs, link)
-	s.WriteString("| workload | local Nix | local | stock hook | ours | broker | build | stock ÷ ours | ours ÷ local | stock ÷ broker | broker ÷ local | stock ÷ build | build ÷ local |\n")
-	s.WriteString("|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+	s.WriteString("| workload | local Nix | local | stock hook | ours | broker | build | build (broker) | stock ÷ ours | ours ÷ local | stock ÷ broker | broker ÷ local | stock ÷ build | build ÷ local | build (broker) ÷ local |\n")
+	s.WriteString("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
 	for _, w := range b.cfg.workloads {
 		for _, series := range b.cfg.nixes {
 			med := map[string]time.Duration{}
@@ -899,7 +906,7 @@ func (b *bench) markdown() string {
 			}
 			cells = append(cells, ratio(med["stock"], med["ours"]), ratio(med["ours"], med["local"]),
 				ratio(med["stock"], med["broker"]), ratio(med["broker"], med["local"]),
-				ratio(med["stock"], med["build"]), ratio(med["build"], med["local"]))
+				ratio(med["stock"], med["build"]), ratio(med["build"], med["local"]), ratio(med["buildbroker"], med["local"]))
 			s.WriteString("| " + strings.Join(cells, " | ") + " |\n")
 		}
 	}
@@ -926,17 +933,19 @@ func (b *bench) markdown() string {
 		}
 	}
 	if len(b.brokerRSS) > 0 {
-		s.WriteString("\n| Nix | workload | broker peak RSS (VmHWM) after the build: max (min–max over runs) | broker start to warm, median |\n|---|---|---|---|\n")
+		s.WriteString("\n| Nix | workload | mode | broker peak RSS (VmHWM) after the build: max (min–max over runs) | broker start to warm, median |\n|---|---|---|---|---|\n")
 		for _, series := range b.cfg.nixes {
 			for _, w := range b.cfg.workloads {
-				k := key{series, w.name, "broker"}
-				kb := b.brokerRSS[k]
-				if len(kb) == 0 {
-					continue
+				for _, mode := range brokerModes {
+					k := key{series, w.name, mode}
+					kb := b.brokerRSS[k]
+					if len(kb) == 0 {
+						continue
+					}
+					mib := func(v int) string { return fmt.Sprintf("%.1f MiB", float64(v)/1024) }
+					fmt.Fprintf(&s, "| %s | %s | %s | %s (%s–%s) | %s |\n", series, w.name, mode, mib(slices.Max(kb)),
+						mib(slices.Min(kb)), mib(slices.Max(kb)), fmtDur(median(b.brokerWarm[k])))
 				}
-				mib := func(v int) string { return fmt.Sprintf("%.1f MiB", float64(v)/1024) }
-				fmt.Fprintf(&s, "| %s | %s | %s (%s–%s) | %s |\n", series, w.name, mib(slices.Max(kb)),
-					mib(slices.Min(kb)), mib(slices.Max(kb)), fmtDur(median(b.brokerWarm[k])))
 			}
 		}
 	}
@@ -1062,6 +1071,7 @@ type runningBroker struct {
 	log    *syncBuffer
 	socket string
 	warm   time.Duration // from start until the socket answered and every machine had an idle session
+	finish func()        // set by startRunBroker: record the peak RSS, stop, keep the log
 }
 
 // brokerWarmLimit bounds the wait for a broker to be warm: about 0.2 s on a quiet bed.
@@ -1139,6 +1149,27 @@ func (b *bench) startBroker(nix testbed.Nix, store string, mounts []string, conf
 		}
 	}
 	br.warm = time.Since(t0)
+	return br, nil
+}
+
+// startRunBroker starts the broker of run k (startBroker) and records how
+// long it took to be warm; its finish records its peak RSS, stops it and
+// keeps its log in log.
+func (b *bench) startRunBroker(k key, nix testbed.Nix, store string, mounts []string, conf, socket string, machines int, log *bytes.Buffer) (*runningBroker, error) {
+	br, err := b.startBroker(nix, store, mounts, conf, socket, machines)
+	if err != nil {
+		return nil, err
+	}
+	b.brokerWarm[k] = append(b.brokerWarm[k], br.warm)
+	br.finish = func() {
+		if kb := br.hwm(); kb > 0 {
+			b.brokerRSS[k] = append(b.brokerRSS[k], kb)
+		}
+		if err := br.stop(); err != nil {
+			fmt.Fprintf(os.Stderr, "bench: broker: %v\n%s", err, tailText(br.log.String(), 2000))
+		}
+		log.WriteString(br.log.String())
+	}
 	return br, nil
 }
 
