@@ -28,6 +28,8 @@ let
 
   defaultSocket = "/run/nix-offload/hook.sock";
   defaultStateDir = "/var/lib/nix-offload";
+  # Nix's own default; the broker uses it too unless NIX_LOG_DIR says otherwise.
+  defaultLogDir = "/nix/var/log/nix";
 
   absolutePath = types.strMatching "/.*";
 
@@ -365,6 +367,18 @@ in
       '';
     };
 
+    logDir = mkOption {
+      type = absolutePath;
+      default = defaultLogDir;
+      example = "/var/log/nix";
+      description = ''
+        Nix's log directory. The broker writes the build log of every derivation of a graph
+        (`nix-offload-hook build`) here, where `nix log` finds it, so the service may write
+        here (ReadWritePaths). Change it only if your Nix keeps its logs elsewhere
+        (NIX_LOG_DIR): the broker then runs with NIX_LOG_DIR set to it.
+      '';
+    };
+
     checkConfig = mkOption {
       type = types.bool;
       default = true;
@@ -474,14 +488,17 @@ in
       # Started by the socket, not at boot. Reads the local store through nix-daemon with
       # nix-store, which systemd's default PATH does not have on NixOS.
       path = [ config.nix.package ];
-      environment.NIX_REMOTE = "daemon";
+      environment = {
+        NIX_REMOTE = "daemon";
+      }
+      // lib.optionalAttrs (cfg.logDir != defaultLogDir) { NIX_LOG_DIR = cfg.logDir; };
       restartTriggers = [ configFile ];
       # Each directive and why is in systemd/nix-offload.service; these are the same, and a
       # test compares them. The broker runs as root, without capabilities: the SSH keys and
       # known_hosts it uses are root's, and nix-daemon trusts root. What the sandbox leaves
       # open, it needs: outbound TCP to any machine (no PrivateNetwork=, no IPAddressDeny=),
       # unix sockets for nix-daemon, the journal and sd_notify, read access to ~root/.ssh,
-      # and write access to its state directory only.
+      # and write access to its state directory and Nix's log directory only.
       serviceConfig = {
         Type = "notify";
         NotifyAccess = "main";
@@ -498,7 +515,9 @@ in
         AmbientCapabilities = "";
         NoNewPrivileges = true;
         # Relaxed for the broker's job: /var/lib/nix-offload (StateDirectory) stays
-        # writable, and so does settings.daemon.state-dir when it is elsewhere.
+        # writable, and so does settings.daemon.state-dir when it is elsewhere, and Nix's
+        # log directory for the graphs' build logs ("-": a missing one does not stop the
+        # service).
         ProtectSystem = "strict";
         # Relaxed: read-only rather than hidden, because ~root/.ssh holds the keys,
         # known_hosts and ssh_config that machines may name.
@@ -523,8 +542,8 @@ in
         SystemCallArchitectures = "native";
         SystemCallFilter = "@system-service";
         SystemCallErrorNumber = "EPERM";
-      }
-      // lib.optionalAttrs (stateDir != defaultStateDir) { ReadWritePaths = [ stateDir ]; };
+        ReadWritePaths = [ "-${cfg.logDir}" ] ++ optional (stateDir != defaultStateDir) stateDir;
+      };
     };
 
     networking.firewall.allowedTCPPorts = mkIf (cfg.openFirewall && metricsPort != null) [ metricsPort ];

@@ -145,6 +145,9 @@ const usage = `usage:
       inputs are built runs at once, intermediates stay on the builders, only
       what -fetch asks comes home; INSTALLABLE is /nix/store/...drv[^OUTPUTS]
       or a .nix file with -A; exit 100 when a build failed, 101 timed out
+  nix-offload-hook build [-config FILE] [-socket PATH] [-json] [-no-link | -out-link PATH] -follow ID
+      follow the broker's graph ID (printed when it was submitted) to its
+      end, then fetch and link as if it had been submitted here
   nix-offload-hook status [-config FILE] [-socket PATH] [-json]
       the broker's machines, slots, queue, health and traffic
   nix-offload-hook version

@@ -21,6 +21,7 @@ import (
 	"github.com/BurntSushi/toml"
 	"golang.org/x/crypto/ssh"
 
+	"github.com/nix-offload/nix-offload/internal/graph"
 	"github.com/nix-offload/nix-offload/internal/testbed"
 )
 
@@ -324,8 +325,9 @@ enabled = true
 }
 
 // TestNixOSModuleSettings: settings fills [daemon] and [ssh]; a socket elsewhere moves the
-// socket unit with it, a state dir elsewhere becomes writable for the service, metrics are
-// written and their port opened. Lix 2.91 gets build-hook as a list.
+// socket unit with it, a state dir elsewhere becomes writable for the service, and so does a
+// log dir elsewhere, which the broker is told (NIX_LOG_DIR); metrics are written and their port
+// opened. Lix 2.91 gets build-hook as a list.
 func TestNixOSModuleSettings(t *testing.T) {
 	c := okCase(t, "settings")
 	want := moduleHeader + `[daemon]
@@ -364,8 +366,12 @@ enabled = true
 	if c.Socket == nil || !slices.Equal(c.Socket.ListenStreams, []string{"/run/nix-offload-alt/broker.sock"}) {
 		t.Errorf("the socket unit does not listen where [daemon] socket says: %+v", c.Socket)
 	}
-	if rw := c.Service.ServiceConfig["ReadWritePaths"]; !reflect.DeepEqual(rw, []any{"/srv/nix-offload"}) {
-		t.Errorf("ReadWritePaths = %v, want the state dir", rw)
+	// The broker writes graphs' build logs where NIX_LOG_DIR says (graph.DefaultLogDir).
+	if rw := c.Service.ServiceConfig["ReadWritePaths"]; !reflect.DeepEqual(rw, []any{"-/srv/nix-logs", "/srv/nix-offload"}) {
+		t.Errorf("ReadWritePaths = %v, want the log dir and the state dir", rw)
+	}
+	if got := c.Service.Environment["NIX_LOG_DIR"]; got != "/srv/nix-logs" {
+		t.Errorf("NIX_LOG_DIR = %q, want logDir, where the service may write", got)
 	}
 	if !slices.Equal(c.FirewallTCP, []int{9500}) {
 		t.Errorf("firewall TCP ports %v, want [9500]", c.FirewallTCP)
@@ -373,8 +379,14 @@ enabled = true
 	if got := string(c.BuildHook); got != `["`+testHookPath+`"]` {
 		t.Errorf("build-hook on Lix 2.91 = %s, want a one-element list", got)
 	}
-	if _, ok := okCase(t, "buildMachines").Service.ServiceConfig["ReadWritePaths"]; ok {
-		t.Error("ReadWritePaths set although the state dir is the StateDirectory")
+	// By default only Nix's log directory, the broker's own default: the state dir is the
+	// StateDirectory.
+	def := okCase(t, "buildMachines").Service
+	if rw := def.ServiceConfig["ReadWritePaths"]; !reflect.DeepEqual(rw, []any{"-" + graph.NixLogDir}) {
+		t.Errorf("default ReadWritePaths = %v, want only Nix's log dir %s", rw, graph.NixLogDir)
+	}
+	if got, ok := def.Environment["NIX_LOG_DIR"]; ok {
+		t.Errorf("NIX_LOG_DIR = %q set with the default log dir", got)
 	}
 }
 

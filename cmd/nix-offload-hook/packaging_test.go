@@ -11,11 +11,13 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 	"testing"
 
 	"github.com/nix-community/go-nix/pkg/nixbase32"
 
+	"github.com/nix-offload/nix-offload/internal/graph"
 	"github.com/nix-offload/nix-offload/internal/testbed"
 )
 
@@ -134,6 +136,33 @@ func TestExampleConfig(t *testing.T) {
 	want := "broker socket " + socket[0] + ", state dir /var/lib/" + state[0] + ","
 	if !strings.Contains(out, want) || !strings.Contains(out, "root@builder1.example.org") || !strings.Contains(out, "nixbuild@builder2.example.org:2222") {
 		t.Errorf("summary lacks %q or the two machines:\n%s", want, out)
+	}
+}
+
+// TestServiceWritesNixLogDir: under ProtectSystem=strict the broker can write only what the
+// service makes writable, and it writes every graph derivation's build log to Nix's log
+// directory (graph.DefaultLogDir: NIX_LOG_DIR, else /nix/var/log/nix) for `nix log`. The
+// service's ReadWritePaths= names the directory the broker uses with the service's
+// environment.
+func TestServiceWritesNixLogDir(t *testing.T) {
+	service := parseUnitFile(t, filepath.Join(repoRoot(t), "systemd", "nix-offload.service"))["Service"]
+	if got := service["ProtectSystem"]; !slices.Equal(got, []string{"strict"}) {
+		t.Fatalf("ProtectSystem=%q; this test is about strict", got)
+	}
+	logDir := graph.NixLogDir
+	for _, e := range service["Environment"] {
+		if v, ok := strings.CutPrefix(e, "NIX_LOG_DIR="); ok {
+			logDir = v
+		}
+	}
+	var paths []string
+	for _, v := range service["ReadWritePaths"] {
+		for _, p := range strings.Fields(v) {
+			paths = append(paths, strings.TrimPrefix(p, "-"))
+		}
+	}
+	if !slices.Contains(paths, logDir) {
+		t.Errorf("ReadWritePaths=%q does not name %s, where the broker writes graphs' build logs", service["ReadWritePaths"], logDir)
 	}
 }
 

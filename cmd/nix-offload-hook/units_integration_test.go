@@ -88,7 +88,8 @@ func (n *notifySocket) all() []string {
 // directory rather than the host's /run), SocketUser/Group/Mode and DirectoryMode (the broker
 // checks each peer's uid itself, tested in internal/broker), RemoveOnStop, Requires/After,
 // Restart=, KillMode=, TimeoutStopSec=, StateDirectory= and the sandboxing directives, which
-// need systemd as PID 1; systemd-analyze verify checks their syntax (TestMakeInstall).
+// need systemd as PID 1; systemd-analyze verify checks their syntax (TestMakeInstall), and
+// TestServiceWritesNixLogDir that ReadWritePaths= names the log directory the broker writes.
 func TestUnitsSocketActivation(t *testing.T) {
 	nix := testbed.Lookup(t, "2.8")
 	if _, err := os.Stat(socketActivateTool); err != nil {

@@ -31,7 +31,7 @@ import (
 	"github.com/nix-offload/nix-offload/internal/serveproto"
 )
 
-// Bounds of the graphs a broker runs and keeps (docs/broker-api.md, "Graphs").
+// Bounds of the graphs a broker runs and keeps (docs/broker-api.md, "Whole graphs").
 const (
 	// maxGraphs bounds the graphs running at once; one more is answered 503.
 	maxGraphs = 64

@@ -14,12 +14,16 @@ import (
 	"github.com/nix-offload/nix-offload/internal/uploads"
 )
 
-// DefaultLogDir is Nix's log directory, unless NIX_LOG_DIR says otherwise.
+// NixLogDir is where Nix keeps build logs unless NIX_LOG_DIR says otherwise. The broker's
+// unit and the NixOS module make it writable (ReadWritePaths) for the graphs' logs.
+const NixLogDir = "/nix/var/log/nix"
+
+// DefaultLogDir is Nix's log directory: NIX_LOG_DIR, else NixLogDir.
 func DefaultLogDir() string {
 	if d := os.Getenv("NIX_LOG_DIR"); d != "" {
 		return d
 	}
-	return "/nix/var/log/nix"
+	return NixLogDir
 }
 
 // NewAlone makes the Builder of a graph built without a broker: the hook alone's placer over

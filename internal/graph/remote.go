@@ -493,22 +493,39 @@ func (r *Remote) Holder(p string) string {
 	return h.machine
 }
 
-// openLog opens drv's build log where Nix keeps it.
+// openLog opens drv's build log where Nix keeps it. The directories and the log are readable
+// by all, as Nix leaves them, whatever the umask (the broker's unit has UMask=0077): `nix log`
+// reads the file as the user who runs it.
 func (r *Remote) openLog(drv string) (io.Writer, func(), error) {
 	if r.LogDir == "" {
 		return io.Discard, func() {}, nil
 	}
 	base := filepath.Base(drv)
 	dir := filepath.Join(r.LogDir, "drvs", base[:2])
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return nil, nil, &engine.LocalError{Err: fmt.Errorf("build log: %w", err)}
+	for _, d := range []string{r.LogDir, filepath.Dir(dir), dir} {
+		if _, err := os.Stat(d); err == nil {
+			continue
+		}
+		err := os.MkdirAll(d, 0o755)
+		if err == nil {
+			err = os.Chmod(d, 0o755) // not subject to the umask, unlike MkdirAll's mode
+		}
+		if err != nil {
+			return nil, nil, &engine.LocalError{Err: fmt.Errorf("build log: %w", err)}
+		}
 	}
 	p := filepath.Join(dir, base[2:])
 	// A compressed log of an earlier build would be read instead of this
 	// one by some Nix versions: this build's log replaces it.
 	os.Remove(p + ".bz2")
 	f, err := os.Create(p)
+	if err == nil {
+		err = f.Chmod(0o644)
+	}
 	if err != nil {
+		if f != nil {
+			f.Close()
+		}
 		return nil, nil, &engine.LocalError{Err: fmt.Errorf("build log: %w", err)}
 	}
 	return f, func() { f.Close() }, nil

@@ -138,11 +138,13 @@ in
       ];
     };
 
-    # settings for [daemon] and [ssh], metrics with the firewall open, a Lix version.
+    # settings for [daemon] and [ssh], metrics with the firewall open, a Lix version, Nix's
+    # logs elsewhere.
     settings = {
       imports = [ enabled ];
       nix.package = stubs.nixPackage "2.91.1";
       services.nix-offload = {
+        logDir = "/srv/nix-logs";
         settings.daemon.socket = "/run/nix-offload-alt/broker.sock";
         settings.daemon.state-dir = "/srv/nix-offload";
         settings.ssh = {
