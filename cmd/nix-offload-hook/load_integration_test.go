@@ -49,13 +49,13 @@ const (
 	// files; 8 with a margin), a lock file per slot held (internal/slots:
 	// 2 machines × 4 slots, two for a slot changing hands: 16), and up to 8
 	// local read sessions (localSessions in internal/broker), 4 descriptors
-	// each (stdin, stdout and stderr pipes and a pidfd) but 10 while one is
+	// each (stdin, stdout and stderr pipes and a pidfd) but up to 10 while
+	// one starts (the load's first requests open all 8 at once) or is
 	// replaced (localPool.pathInfos starts a fresh one when a path is
-	// reported missing, which the load does over and over): the child's
-	// ends of the new one's pipes and exec's status pipe while it starts,
-	// the old one's stderr until it drains (80). CI saw 73 under load,
-	// .drv files included, over the former bound of 64, which left out
-	// the slots' files and the replacements.
+	// reported missing): the child's ends of the new one's pipes and
+	// exec's status pipe while it starts, the old one's stderr until it
+	// drains (80). CI saw 73 under load, .drv files included, over the
+	// former bound of 64, which left out the slots' files and the starts.
 	maxOtherFDs = 8 + 16 + 8*10
 	// goroutinesPerClient bounds the goroutines a connected client costs:
 	// its HTTP connection's (2 while a request is in flight) and its
