@@ -12,6 +12,7 @@ import (
 	"runtime"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/nix-community/go-nix/pkg/derivation"
@@ -90,11 +91,12 @@ type ctxKey struct{}
 
 // Server serves the broker's API on listeners.
 type Server struct {
-	b       *Broker
-	srv     *http.Server
-	conns   sync.Map // net.Conn → *client
-	limit   *connLimit
-	peerUID func(net.Conn) (uint32, error)
+	b        *Broker
+	srv      *http.Server
+	conns    sync.Map      // net.Conn → *client
+	accepted atomic.Uint64 // connections ever accepted
+	limit    *connLimit
+	peerUID  func(net.Conn) (uint32, error)
 }
 
 // NewServer returns the API server of b. peerUID, if not nil, names the
@@ -128,6 +130,7 @@ func NewServer(b *Broker, peerUID func(net.Conn) (uint32, error)) *Server {
 			} else if uid, err := s.peerUID(conn); err == nil {
 				c.uid = uid
 			}
+			s.accepted.Add(1)
 			s.conns.Store(conn, c)
 			return context.WithValue(ctx, ctxKey{}, c)
 		},
@@ -210,6 +213,9 @@ func (s *Server) try(w http.ResponseWriter, r *http.Request) {
 
 func (s *Server) status(w http.ResponseWriter, r *http.Request) {
 	st := s.b.Status()
+	// Accepted before the count: a connection open now that the count
+	// missed was accepted after this read.
+	st.Accepted = s.accepted.Load()
 	s.conns.Range(func(_, _ any) bool { st.Clients++; return true })
 	st.Goroutines = runtime.NumGoroutine()
 	st.Graphs = s.b.runningGraphs()

@@ -2,6 +2,7 @@ package broker
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -214,4 +215,46 @@ func TestSocketIsRootOnly(t *testing.T) {
 	if code, body := request(t, socket, "GET", brokerapi.Prefix+"/status", ""); code != http.StatusOK {
 		t.Errorf("root on the same socket: %d %q, want 200", code, body)
 	}
+}
+
+// TestStatusCountsConnections: the status counts the API connections open
+// now (the caller's included) and every connection accepted since the
+// start, which stays counted after the connection closes.
+func TestStatusCountsConnections(t *testing.T) {
+	b := newTestBroker(t, testMachine("b1", 1, "x86_64-linux"))
+	socket := serveOn(t, b, t.TempDir(), func(net.Conn) (uint32, error) { return 0, nil })
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	status := func() brokerapi.Status {
+		t.Helper()
+		code, body := request(t, socket, "GET", brokerapi.Prefix+"/status", "")
+		var st brokerapi.Status
+		if err := json.Unmarshal([]byte(body), &st); code != http.StatusOK || err != nil {
+			t.Fatalf("status: %d %q (%v)", code, body, err)
+		}
+		return st
+	}
+	held, err := brokerapi.Dial(ctx, socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := held.Status(ctx); err != nil { // its connection stays open, idle
+		t.Fatal(err)
+	}
+	var st brokerapi.Status
+	testbed.WaitFor(t, 10*time.Second, "the asker and the held connection alone", func() bool {
+		st = status()
+		return st.Clients == 2
+	})
+	if st.Accepted < 2 {
+		t.Errorf("accepted %d with 2 connections open, want at least 2", st.Accepted)
+	}
+	held.Close()
+	testbed.WaitFor(t, 10*time.Second, "the held connection to be gone", func() bool {
+		next := status()
+		if next.Accepted <= st.Accepted {
+			t.Fatalf("accepted %d after %d, want more: every status dials anew", next.Accepted, st.Accepted)
+		}
+		return next.Clients == 1
+	})
 }

@@ -227,6 +227,11 @@ type Status struct {
 	// that asked included: each is a hook, a queue runner or a status
 	// call, and one file descriptor in the broker.
 	Clients int `json:"clients"`
+	// Accepted counts the connections the broker has accepted since it
+	// started, read just before Clients: between two statuses, the
+	// difference bounds the connections that may have come and gone
+	// unseen by either count.
+	Accepted uint64 `json:"accepted"`
 	// Goroutines is the broker's goroutine count, for spotting leaks.
 	Goroutines int `json:"goroutines"`
 	// Graphs counts the graphs running in the broker (GET /v1/graphs lists them).

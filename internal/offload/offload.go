@@ -101,7 +101,8 @@ func (e *BuildError) TimedOut() bool { return e.Status == serveproto.TimedOut }
 // outputs and, unless they stay on the machine, their NARs go out
 // together: a build whose inputs are there costs two round trips. The
 // second is also what lets the build's last log lines, which sshd may
-// forward after the result, reach the log before it is closed.
+// forward after the result, reach the log before it is closed; a failed
+// build's result is followed by one exchange for the same reason.
 func Run(ctx context.Context, conn *serveproto.Conn, local Local, job Job, ev Events) error {
 	return run(ctx, conn, local, job, ev, true)
 }
@@ -142,18 +143,13 @@ func run(ctx context.Context, conn *serveproto.Conn, local Local, job Job, ev Ev
 	if !res.Status.Success() {
 		if len(fl.gone) > 0 {
 			// The build failed for want of inputs this side believed
-			// were there: the stream is in step (no NAR was asked for),
-			// so send them and build again.
-			var err error
-			if fl.infos != nil {
-				_, err = fl.infos.Read()
-			}
-			if err == nil {
-				again := ev
-				again.Building = nil // said once: the log is open already
-				return run(ctx, conn, local, job, again, false)
-			}
+			// were there: the stream is in step (nothing was asked
+			// after the build), so send them and build again.
+			again := ev
+			again.Building = nil // said once: the log is open already
+			return run(ctx, conn, local, job, again, false)
 		}
+		logBarrier(conn)
 		return &BuildError{DrvPath: job.DrvPath, Machine: job.Machine, Status: res.Status, Msg: res.ErrorMsg}
 	}
 	known := fl.infos != nil // the output paths were known before the build
@@ -189,6 +185,17 @@ func run(ctx context.Context, conn *serveproto.Conn, local Local, job Job, ev Ev
 		return fmt.Errorf("copying outputs of '%s' from '%s': %w", job.DrvPath, job.Machine, err)
 	}
 	return nil
+}
+
+// logBarrier is one exchange after a failed build's result, so that the
+// build's last log lines reach the log before it is closed: sshd forwards
+// the command's stdout and stderr apart, so the result can overtake them,
+// and a failure's last lines are what tells the user why (after a good
+// result the output query is this exchange). It asks about no path, so
+// the answer means nothing; if it fails, the Conn is broken and says so,
+// and the session is not reused.
+func logBarrier(conn *serveproto.Conn) {
+	conn.QueryValidPaths(nil, false, false)
 }
 
 // buildFlight is a build's requests, sent together, and their replies.

@@ -173,18 +173,24 @@ func TestStaleHintRecovers(t *testing.T) {
 	}
 }
 
-// A build that fails is reported as the build's failure, and nothing was
-// asked after it: the session stays in step and can be used again.
+// A build that fails is reported as the build's failure after one
+// exchange that asks about nothing (it lets the build's last log lines,
+// which can come after the result, reach the log), and no NAR was asked
+// for: the session stays in step and can be used again.
 func TestFailedBuildKeepsTheSession(t *testing.T) {
 	e := newEnv(t)
 	e.job.Drv.InputSources = nil
 	e.srv.Build = func(servetest.BuildRequest) servetest.BuildReply {
 		return servetest.BuildReply{Status: serveproto.PermanentFailure, ErrorMsg: "builder failed with exit code 1"}
 	}
-	conn, _, err := e.runCounted(t)
+	conn, n, err := e.runCounted(t)
 	var be *offload.BuildError
 	if !errors.As(err, &be) || be.Status != serveproto.PermanentFailure {
 		t.Fatalf("got %v, want the build's failure", err)
+	}
+	checkOps(t, e.srv, servetest.BuildDerivation, servetest.QueryValidPaths)
+	if n != 3 {
+		t.Errorf("%d turns, want 3 (greeting, build, the exchange after its result)", n)
 	}
 	if err := conn.Err(); err != nil {
 		t.Errorf("session out of use after a failed build: %v", err)

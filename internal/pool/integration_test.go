@@ -259,7 +259,7 @@ func TestIntegrationSSHDRefusesExtraChannels(t *testing.T) {
 // them and the next Get fails at once with the connection error. When the
 // machine is back, Get works again.
 func TestIntegrationKilledBuilder(t *testing.T) {
-	e := startBed(t, testbed.Lookup(t, "2.34"), Options{Idle: 2})
+	e := startBed(t, testbed.Lookup(t, "2.34"), Options{Machine: machines.Machine{ParallelBuilds: 2}, Idle: 2})
 	if err := e.p.Warm(context.Background()); err != nil {
 		t.Fatal(err)
 	}
@@ -304,7 +304,7 @@ func TestIntegrationKilledBuilder(t *testing.T) {
 // goroutine of the pool is left.
 func TestIntegrationCloseCancelsBuild(t *testing.T) {
 	nix := testbed.Lookup(t, "2.34")
-	e := startBed(t, nix, Options{Idle: 2})
+	e := startBed(t, nix, Options{Machine: machines.Machine{ParallelBuilds: 3}, Idle: 2})
 	ignore := goleak.IgnoreCurrent()
 	s := get(t, e.p)
 	var log lockedBuffer
@@ -441,18 +441,25 @@ func TestIntegrationRetire(t *testing.T) {
 }
 
 // After a Get the pool starts sessions in the background until Idle are
-// ready again, on the connection it has.
+// ready again, on the connection it has, but no more than the machine's
+// builds not holding a session could use: one for each slot left.
 func TestIntegrationRefill(t *testing.T) {
-	e := startBed(t, testbed.Lookup(t, "2.34"), Options{Idle: 2, MaxSessions: 4})
+	e := startBed(t, testbed.Lookup(t, "2.34"), Options{Machine: machines.Machine{ParallelBuilds: 3}, Idle: 2, MaxSessions: 5})
 	if err := e.p.Warm(context.Background()); err != nil {
 		t.Fatal(err)
 	}
-	s := get(t, e.p)
+	s := get(t, e.p) // 2 slots left: a second session starts
 	testbed.WaitFor(t, 20*time.Second, "two idle sessions again", func() bool { return e.p.Stats().Idle == 2 })
-	if err := query(s); err != nil {
-		t.Fatal(err)
+	s2 := get(t, e.p) // 1 slot left, and 1 session for it: nothing starts
+	if st := e.p.Stats(); st.Started != 3 || st.Starting != 0 || st.Idle != 1 {
+		t.Errorf("with 2 of 3 slots in use: stats %+v, want 3 started, 1 idle and none starting", st)
 	}
-	e.p.Put(s, true)
+	for _, s := range []*Session{s, s2} {
+		if err := query(s); err != nil {
+			t.Fatal(err)
+		}
+		e.p.Put(s, true)
+	}
 	if st := e.p.Stats(); st.Started != 3 || st.Idle != 3 || e.dials.Load() != 1 {
 		t.Errorf("stats %+v", st)
 	}

@@ -38,7 +38,10 @@
 //     every path it added, is a temporary GC root on the machine for as
 //     long as the remote process runs.
 //   - After a Get (or Warm) the pool starts sessions in the background
-//     until [Options.Idle] are ready again, and replaces the ones it retires.
+//     until [Options.Idle] are ready again, but no more than the machine's
+//     parallel builds not holding a session: a build holds one of the
+//     machine's slots while it uses its session, so no further build
+//     could use more. It replaces the ones it retires.
 //     A failed start, or a session that died, stops that until the next Get:
 //     the pool does not probe a machine nobody asked for. Idle sessions
 //     beyond Idle that stay unused for a minute are closed, and so are
@@ -101,7 +104,8 @@ type Options struct {
 	// [DefaultSessionsPerConn], below sshd's default MaxSessions of 10.
 	SessionsPerConn int
 	// Idle is how many idle sessions the pool keeps ready once it has been
-	// used (Get or Warm). 0: the machine's parallel builds, at most
+	// used (Get or Warm), at most the machine's parallel builds less the
+	// sessions in use. 0: the machine's parallel builds, at most
 	// [DefaultMaxIdle]; negative: none.
 	Idle int
 	// MaxUses retires a session after this many builds (Gets). 0:
@@ -345,7 +349,7 @@ func (p *Pool) Warm(ctx context.Context) error {
 		return ErrClosed
 	}
 	p.refill = true
-	n := min(p.opt.Idle-len(p.idle)-p.unboundStartsLocked(), p.opt.MaxSessions-p.slots)
+	n := min(p.wantReadyLocked()-len(p.idle)-p.unboundStartsLocked(), p.opt.MaxSessions-p.slots)
 	if n <= 0 {
 		p.mu.Unlock()
 		return nil
@@ -456,10 +460,20 @@ func (p *Pool) dispatchLocked() {
 		}
 	}
 	if p.refill {
-		for len(p.idle)+p.unboundStartsLocked() < p.opt.Idle && p.slots < p.opt.MaxSessions {
+		for len(p.idle)+p.unboundStartsLocked() < p.wantReadyLocked() && p.slots < p.opt.MaxSessions {
 			p.launchLocked(&start{gen: p.dialFails})
 		}
 	}
+}
+
+// wantReadyLocked is how many sessions the pool keeps ready now: Idle, but
+// no more than the builds the machine can start beside the sessions in
+// use. Replacing at once the session a build took, when the slots left
+// have one each, would start a session (channel, exec and greeting: round
+// trips on the machine's connection, in the build's time) that the
+// build's return makes surplus.
+func (p *Pool) wantReadyLocked() int {
+	return min(p.opt.Idle, max(p.opt.Machine.ParallelBuilds, 1)-p.inUse)
 }
 
 // unboundStartsLocked counts the starts whose session will become idle: those

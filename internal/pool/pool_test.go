@@ -215,7 +215,9 @@ func TestCloseFailsWaitingGets(t *testing.T) {
 func TestWarm(t *testing.T) {
 	f := newFakeDialer()
 	close(f.release)
-	p := New(Options{Machine: testMachine, Idle: 3, Dial: f.dial})
+	m := testMachine
+	m.ParallelBuilds = 3
+	p := New(Options{Machine: m, Idle: 3, Dial: f.dial})
 	defer p.Close()
 	if err := p.Warm(context.Background()); err != f.err {
 		t.Errorf("Warm: %v, want the dial error", err)
