@@ -201,63 +201,57 @@ func TestBuildGraphDeleted(t *testing.T) {
 // machine that built them: the broker builds it once, and both the graph and the nix-build
 // succeed. The derivation waits on the machine until the test removes a file.
 func TestBrokerHookJoinsGraphBuild(t *testing.T) {
-	for _, v := range []string{"2.8", "2.26", "2.34"} {
-		t.Run(v, func(t *testing.T) {
-			nix := testbed.Lookup(t, v)
-			b := testbed.StartBuilder(t, nix)
-			store := testbed.NewStore(t)
-			env := newBrokerEnv(t, nix, store, 4, b)
-			mark(t, b, true)
-			expr := env.writeExpr(t, fmt.Sprintf(`derivation { name = "joined"; salt = %q; system = "x86_64-linux"; builder = "/bin/sh";
+	onEveryNix(t, func(t *testing.T, nix testbed.Nix, b *testbed.Builder, store string, env *brokerEnv) {
+		mark(t, b, true)
+		expr := env.writeExpr(t, fmt.Sprintf(`derivation { name = "joined"; salt = %q; system = "x86_64-linux"; builder = "/bin/sh";
   args = [ "-c" "echo started; while [ -e /nix/.slow ]; do /bin/sleep 0.1; done; echo waited > $out" ]; }`, randomHex(8)))
-			before := brokerBuilds(t, env)
-			// The graph leaves the output on the machine: the nix-build's hook is the one
-			// that makes it valid here.
-			graph, _, graphErr := startGraphBuild(t, nix, store, env.offloadEnv, "-no-link", "-fetch", "none", expr)
-			testbed.WaitFor(t, time.Minute, "the graph's build to run", func() bool {
-				st := env.status(t)
-				return st.Running == 1 && slotsUsed(st) == 1
-			})
-			type result struct {
-				out, errOut string
-				err         error
-			}
-			hooked := make(chan result, 1)
-			go func() {
-				out, errOut, err := nixBuild(t, nix, store, env.offloadEnv, expr)
-				hooked <- result{out, errOut, err}
-			}()
-			testbed.WaitFor(t, time.Minute, "the hook's build to wait for the graph's", func() bool {
-				st := env.status(t)
-				return st.Running == 2 && slotsUsed(st) == 1
-			})
-			mark(t, b, false)
-			var r result
-			select {
-			case r = <-hooked:
-			case <-time.After(2 * time.Minute):
-				t.Fatal("nix-build did not finish within 2 minutes")
-			}
-			if r.err != nil {
-				t.Fatalf("nix-build: %v\n%s", r.err, r.errOut)
-			}
-			if got := storeFile(t, store, r.out); got != "waited" {
-				t.Errorf("output %q, want %q", got, "waited")
-			}
-			runNix(t, nix, store, env.offloadEnv, "nix-store", "--verify-path", r.out)
-			if !strings.Contains(r.errOut, "is being built for another client") {
-				t.Errorf("nix-build's log does not say it waited for the graph's build:\n%s", r.errOut)
-			}
-			if code := waitExit(t, graph, 2*time.Minute, graphErr); code != 0 {
-				t.Fatalf("the graph's build: exit %d\n%s", code, graphErr.String())
-			}
-			if n := brokerBuilds(t, env) - before; n != 1 {
-				t.Errorf("the broker built the derivation %d times, want once", n)
-			}
-			if st := env.status(t); slotsUsed(st) != 0 || st.Running != 0 || st.Queued != 0 {
-				t.Errorf("after both: %d slots used, %d running, %d queued", slotsUsed(st), st.Running, st.Queued)
-			}
-			env.stop(t)
+		before := brokerBuilds(t, env)
+		// The graph leaves the output on the machine: the nix-build's hook is the one
+		// that makes it valid here.
+		graph, _, graphErr := startGraphBuild(t, nix, store, env.offloadEnv, "-no-link", "-fetch", "none", expr)
+		testbed.WaitFor(t, time.Minute, "the graph's build to run", func() bool {
+			st := env.status(t)
+			return st.Running == 1 && slotsUsed(st) == 1
 		})
-	}
+		type result struct {
+			out, errOut string
+			err         error
+		}
+		hooked := make(chan result, 1)
+		go func() {
+			out, errOut, err := nixBuild(t, nix, store, env.offloadEnv, expr)
+			hooked <- result{out, errOut, err}
+		}()
+		testbed.WaitFor(t, time.Minute, "the hook's build to wait for the graph's", func() bool {
+			st := env.status(t)
+			return st.Running == 2 && slotsUsed(st) == 1
+		})
+		mark(t, b, false)
+		var r result
+		select {
+		case r = <-hooked:
+		case <-time.After(2 * time.Minute):
+			t.Fatal("nix-build did not finish within 2 minutes")
+		}
+		if r.err != nil {
+			t.Fatalf("nix-build: %v\n%s", r.err, r.errOut)
+		}
+		if got := storeFile(t, store, r.out); got != "waited" {
+			t.Errorf("output %q, want %q", got, "waited")
+		}
+		runNix(t, nix, store, env.offloadEnv, "nix-store", "--verify-path", r.out)
+		if !strings.Contains(r.errOut, "is being built for another client") {
+			t.Errorf("nix-build's log does not say it waited for the graph's build:\n%s", r.errOut)
+		}
+		if code := waitExit(t, graph, 2*time.Minute, graphErr); code != 0 {
+			t.Fatalf("the graph's build: exit %d\n%s", code, graphErr.String())
+		}
+		if n := brokerBuilds(t, env) - before; n != 1 {
+			t.Errorf("the broker built the derivation %d times, want once", n)
+		}
+		if st := env.status(t); slotsUsed(st) != 0 || st.Running != 0 || st.Queued != 0 {
+			t.Errorf("after both: %d slots used, %d running, %d queued", slotsUsed(st), st.Running, st.Queued)
+		}
+		env.stop(t)
+	})
 }

@@ -226,6 +226,14 @@ func builtOn(srv *servetest.Server) int {
 	return n
 }
 
+// wantBuilt checks that the machine ran n builds, and that the broker counted n.
+func (e *sameEnv) wantBuilt(t *testing.T, n int) {
+	t.Helper()
+	if got, counted := builtOn(e.srv), e.m.builds.Load(); got != n || counted != uint64(n) {
+		t.Fatalf("%d builds on the machine, %d counted; want %d", got, counted, n)
+	}
+}
+
 // TestHookWaitsForGraphsBuild: a hook that asks for a derivation a graph builds now gives up
 // its slot, says why it waits, and when the graph's build succeeded is offered the outputs
 // from the machine that built them (fetched over its own NAR route): nothing is built twice.
@@ -259,9 +267,7 @@ func TestHookWaitsForGraphsBuild(t *testing.T) {
 	if got, err := os.ReadFile(filepath.Join(e.local.Dir, path.Base(sameOut))); err != nil || string(got) != "built once\n" {
 		t.Fatalf("the output made valid locally holds %q (%v), want the machine's", got, err)
 	}
-	if n := builtOn(e.srv); n != 0 || e.m.builds.Load() != 0 {
-		t.Fatalf("%d builds on the machine, %d counted; want none: the graph's build was the one", n, e.m.builds.Load())
-	}
+	e.wantBuilt(t, 0) // the graph's build was the one
 }
 
 // TestHookBuildsItselfWhenGraphsBuildFails: when the graph's build it waited for fails, the
@@ -282,9 +288,7 @@ func TestHookBuildsItselfWhenGraphsBuildFails(t *testing.T) {
 		t.Fatalf("outputs event %+v, want %s of build %s", ev, sameOut, hk.t.id)
 	}
 	e.imported(t, hk)
-	if n := builtOn(e.srv); n != 1 || e.m.builds.Load() != 1 {
-		t.Fatalf("%d builds on the machine, %d counted; want the hook's own", n, e.m.builds.Load())
-	}
+	e.wantBuilt(t, 1) // the hook's own
 }
 
 // TestHookStopsWaitingWhenCancelled: a hook that goes away while it waits for a graph's build
