@@ -162,6 +162,19 @@ func slotsUsed(st brokerapi.Status) int {
 	return n
 }
 
+// onEveryNix runs f as a subtest on each Nix of the bed: a builder of that version, a local
+// store, and a broker with 4 slots on it, all of that version.
+func onEveryNix(t *testing.T, f func(t *testing.T, nix testbed.Nix, b *testbed.Builder, store string, env *brokerEnv)) {
+	for _, v := range []string{"2.8", "2.26", "2.34"} {
+		t.Run(v, func(t *testing.T) {
+			nix := testbed.Lookup(t, v)
+			b := testbed.StartBuilder(t, nix)
+			store := testbed.NewStore(t)
+			f(t, nix, b, store, newBrokerEnv(t, nix, store, 4, b))
+		})
+	}
+}
+
 // TestBrokerBuilds: hooks of Nix 2.8 and 2.34 hand builds to a broker,
 // which runs them on builders of other versions over warm sessions.
 func TestBrokerBuilds(t *testing.T) {

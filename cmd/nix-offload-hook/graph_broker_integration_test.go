@@ -195,3 +195,141 @@ func TestBuildGraphDeleted(t *testing.T) {
 		t.Errorf("after DELETE: %+v, %v", sum, err)
 	}
 }
+
+// TestBrokerHookJoinsGraphBuild: a nix-build whose derivation a graph in the broker builds
+// now waits for that build instead of building it again, and gets the outputs from the
+// machine that built them: the broker builds it once, and both the graph and the nix-build
+// succeed. The derivation waits on the machine until the test removes a file.
+func TestBrokerHookJoinsGraphBuild(t *testing.T) {
+	onEveryNix(t, func(t *testing.T, nix testbed.Nix, b *testbed.Builder, store string, env *brokerEnv) {
+		mark(t, b, true)
+		expr := env.writeExpr(t, joinedExpr(randomHex(8)))
+		before := brokerBuilds(t, env)
+		// The graph leaves the output on the machine: the nix-build's hook is the one
+		// that makes it valid here.
+		graph, _, graphErr := startGraphBuild(t, nix, store, env.offloadEnv, "-no-link", "-fetch", "none", expr)
+		testbed.WaitFor(t, time.Minute, "the graph's build to run", func() bool {
+			st := env.status(t)
+			return st.Running == 1 && slotsUsed(st) == 1
+		})
+		hooked := startNixBuild(t, nix, store, env.offloadEnv, expr)
+		testbed.WaitFor(t, time.Minute, "the hook's build to wait for the graph's", func() bool {
+			st := env.status(t)
+			return st.Running == 2 && slotsUsed(st) == 1
+		})
+		mark(t, b, false)
+		r := hooked.wait(t)
+		if got := storeFile(t, store, r.out); got != "waited" {
+			t.Errorf("output %q, want %q", got, "waited")
+		}
+		runNix(t, nix, store, env.offloadEnv, "nix-store", "--verify-path", r.out)
+		if !strings.Contains(r.errOut, "is being built for another client") {
+			t.Errorf("nix-build's log does not say it waited for the graph's build:\n%s", r.errOut)
+		}
+		if code := waitExit(t, graph, 2*time.Minute, graphErr); code != 0 {
+			t.Fatalf("the graph's build: exit %d\n%s", code, graphErr.String())
+		}
+		if n := brokerBuilds(t, env) - before; n != 1 {
+			t.Errorf("the broker built the derivation %d times, want once", n)
+		}
+		if st := env.status(t); slotsUsed(st) != 0 || st.Running != 0 || st.Queued != 0 {
+			t.Errorf("after both: %d slots used, %d running, %d queued", slotsUsed(st), st.Running, st.Queued)
+		}
+		env.stop(t)
+	})
+}
+
+// joinedExpr is one derivation that waits on its machine while /nix/.slow is there (mark).
+func joinedExpr(salt string) string {
+	return fmt.Sprintf(`derivation { name = "joined"; salt = %q; system = "x86_64-linux"; builder = "/bin/sh";
+  args = [ "-c" "echo started; while [ -e /nix/.slow ]; do /bin/sleep 0.1; done; echo waited > $out" ]; }`, salt)
+}
+
+// nixBuildRun is a nix-build running in the background.
+type nixBuildRun chan nixBuildResult
+
+type nixBuildResult struct {
+	out, errOut string
+	err         error
+}
+
+func startNixBuild(t *testing.T, nix testbed.Nix, store string, env offloadEnv, args ...string) nixBuildRun {
+	t.Helper()
+	run := make(nixBuildRun, 1)
+	cmd := nixBuildCmd(t, nix, store, env, args...)
+	go func() {
+		out, errOut, err := runCmd(cmd)
+		run <- nixBuildResult{out, errOut, err}
+	}()
+	return run
+}
+
+// wait waits up to 2 minutes for the nix-build to succeed and returns its result.
+func (run nixBuildRun) wait(t *testing.T) nixBuildResult {
+	t.Helper()
+	select {
+	case r := <-run:
+		if r.err != nil {
+			t.Fatalf("nix-build: %v\n%s", r.err, r.errOut)
+		}
+		return r
+	case <-time.After(2 * time.Minute):
+		t.Fatal("nix-build did not finish within 2 minutes")
+	}
+	return nixBuildResult{}
+}
+
+// TestBrokerGraphJoinsHookBuild: a graph that needs a derivation a nix-build's hook is
+// building through the broker waits for that build instead of building it again; once the
+// hook has made the output valid here, the graph has it as a local path. Built once, and
+// both succeed.
+func TestBrokerGraphJoinsHookBuild(t *testing.T) {
+	onEveryNix(t, func(t *testing.T, nix testbed.Nix, b *testbed.Builder, store string, env *brokerEnv) {
+		mark(t, b, true)
+		expr := env.writeExpr(t, joinedExpr(randomHex(8)))
+		before := brokerBuilds(t, env)
+		hooked := startNixBuild(t, nix, store, env.offloadEnv, expr)
+		testbed.WaitFor(t, time.Minute, "the hook's build to run", func() bool {
+			st := env.status(t)
+			return st.Running == 1 && slotsUsed(st) == 1
+		})
+		graph, graphOut, graphErr := startGraphBuild(t, nix, store, env.offloadEnv, "-no-link", expr)
+		id := graphID(t, graphErr)
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		defer cancel()
+		c, err := brokerapi.Dial(ctx, env.socket)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		events, err := c.FollowGraph(ctx, id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for {
+			ev, err := events.Next()
+			if err != nil {
+				t.Fatalf("the graph's events ended before it waited for the hook's build: %v\n%s", err, graphErr.String())
+			}
+			if ev.Type == brokerapi.EventQueued && strings.Contains(ev.Reason, "is being built for another client") {
+				break
+			}
+		}
+		events.Close()
+		mark(t, b, false)
+		r := hooked.wait(t)
+		if got := storeFile(t, store, r.out); got != "waited" {
+			t.Errorf("output %q, want %q", got, "waited")
+		}
+		if code := waitExit(t, graph, 2*time.Minute, graphErr); code != 0 {
+			t.Fatalf("the graph's build: exit %d\n%s", code, graphErr.String())
+		}
+		if got := strings.TrimSpace(graphOut.String()); got != r.out {
+			t.Errorf("the graph's build printed %q, want %s", got, r.out)
+		}
+		if n := brokerBuilds(t, env) - before; n != 1 {
+			t.Errorf("the broker built the derivation %d times, want once", n)
+		}
+		env.stop(t)
+	})
+}

@@ -182,6 +182,11 @@ func (h *hook) buildThroughBroker(ctx context.Context, req *hookproto.Request, a
 		}
 		switch ev.Type {
 		case brokerapi.EventQueued:
+			if ev.Position == 0 {
+				// Not in the queue: it waits for another client's build of it.
+				h.log.Msg(hookproto.LvlInfo, fmt.Sprintf("nix-offload: '%s' waits: %s", req.DrvPath, ev.Reason))
+				break
+			}
 			h.log.Msg(hookproto.LvlInfo, fmt.Sprintf("nix-offload: '%s' waits for a machine (%d in the queue): %s", req.DrvPath, ev.Position, ev.Reason))
 		case brokerapi.EventStarted:
 			if ev.Machine != machine {

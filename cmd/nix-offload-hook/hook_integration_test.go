@@ -99,11 +99,16 @@ const graphRoot = "root c2 c1 c0 w1 w2 w3 w4"
 // nixBuild runs nix-build with our hook and everything offloaded.
 func nixBuild(t *testing.T, nix testbed.Nix, store string, env offloadEnv, args ...string) (string, string, error) {
 	t.Helper()
+	return runCmd(nixBuildCmd(t, nix, store, env, args...))
+}
+
+func nixBuildCmd(t *testing.T, nix testbed.Nix, store string, env offloadEnv, args ...string) *exec.Cmd {
+	t.Helper()
 	argv := append([]string{"nix-build", "--max-jobs", "0", "--no-out-link",
 		"--option", "build-hook", testbed.HookBinary(t), "--option", "substituters", ""}, args...)
 	cmd := nix.Command(store, env.mounts, argv...)
 	cmd.Env = append(cmd.Env, "NIX_OFFLOAD_CONFIG="+env.config)
-	return runCmd(cmd)
+	return cmd
 }
 
 // runCmd runs a test bed command to the end, ends whatever it left in its

@@ -35,50 +35,44 @@ in %s
 // attempt, and the user sees a success. On every Nix of the bed: each answers the failure in
 // band, which is what keeps the session in step for the second try.
 func TestBrokerStaleInputHint(t *testing.T) {
-	for _, v := range []string{"2.8", "2.26", "2.34"} {
-		t.Run(v, func(t *testing.T) {
-			nix := testbed.Lookup(t, v)
-			b := testbed.StartBuilder(t, nix)
-			store := testbed.NewStore(t)
-			env := newBrokerEnv(t, nix, store, 4, b)
-			salt := randomHex(8)
-			outA, errOut, err := nixBuild(t, nix, store, env.offloadEnv, env.writeExpr(t, staleExpr(salt, false)))
-			if err != nil {
-				t.Fatalf("nix-build a: %v\n%s", err, errOut)
-			}
-			sentBefore := env.status(t).Machines[0].BytesSent
+	onEveryNix(t, func(t *testing.T, nix testbed.Nix, b *testbed.Builder, store string, env *brokerEnv) {
+		salt := randomHex(8)
+		outA, errOut, err := nixBuild(t, nix, store, env.offloadEnv, env.writeExpr(t, staleExpr(salt, false)))
+		if err != nil {
+			t.Fatalf("nix-build a: %v\n%s", err, errOut)
+		}
+		sentBefore := env.status(t).Machines[0].BytesSent
 
-			// A reboot ends every session (and with them their GC locks); then a collection.
-			b.Kill()
-			b.Restart(t)
-			b.Run(t, "nix-store", "--delete", outA)
+		// A reboot ends every session (and with them their GC locks); then a collection.
+		b.Kill()
+		b.Restart(t)
+		b.Run(t, "nix-store", "--delete", outA)
 
-			outB, errOut, err := nixBuild(t, nix, store, env.offloadEnv, env.writeExpr(t, staleExpr(salt, true)))
-			if err != nil {
-				t.Fatalf("nix-build b after its input was collected on the machine: %v\n%s\nbroker log:\n%s", err, errOut, lastBytes(env.log.String(), 4000))
+		outB, errOut, err := nixBuild(t, nix, store, env.offloadEnv, env.writeExpr(t, staleExpr(salt, true)))
+		if err != nil {
+			t.Fatalf("nix-build b after its input was collected on the machine: %v\n%s\nbroker log:\n%s", err, errOut, lastBytes(env.log.String(), 4000))
+		}
+		if got := storeFile(t, store, outB); got != "b a" {
+			t.Errorf("b's output holds %q, want %q", got, "b a")
+		}
+		st := env.status(t)
+		m := st.Machines[0]
+		if m.Builds != 2 || m.Failed != 0 {
+			t.Errorf("status: %d builds, %d failed; want 2 and 0", m.Builds, m.Failed)
+		}
+		if m.BytesSent <= sentBefore {
+			t.Errorf("a was not sent again (%d bytes sent in all)", m.BytesSent)
+		}
+		// One attempt: the second try was on the same session, not the engine's retry.
+		starts := 0
+		for _, line := range strings.Split(env.log.String(), "\n") {
+			if strings.Contains(line, "build starts") && strings.Contains(line, "-b.drv") {
+				starts++
 			}
-			if got := storeFile(t, store, outB); got != "b a" {
-				t.Errorf("b's output holds %q, want %q", got, "b a")
-			}
-			st := env.status(t)
-			m := st.Machines[0]
-			if m.Builds != 2 || m.Failed != 0 {
-				t.Errorf("status: %d builds, %d failed; want 2 and 0", m.Builds, m.Failed)
-			}
-			if m.BytesSent <= sentBefore {
-				t.Errorf("a was not sent again (%d bytes sent in all)", m.BytesSent)
-			}
-			// One attempt: the second try was on the same session, not the engine's retry.
-			starts := 0
-			for _, line := range strings.Split(env.log.String(), "\n") {
-				if strings.Contains(line, "build starts") && strings.Contains(line, "-b.drv") {
-					starts++
-				}
-			}
-			if starts != 1 {
-				t.Errorf("b started %d times in the broker's log, want once", starts)
-			}
-			env.stop(t)
-		})
-	}
+		}
+		if starts != 1 {
+			t.Errorf("b started %d times in the broker's log, want once", starts)
+		}
+		env.stop(t)
+	})
 }

@@ -4,9 +4,9 @@ package broker
 // plans it (Load, against the local store and what the machines hold) and runs it (Execute);
 // each derivation is one of the broker's own submissions (submit: sameBuild, startBuild, the
 // queue and the placer), so a graph shares slots, queue and priorities with the hooks'
-// builds, and two graphs that need one derivation build it once. Intermediate outputs stay on
-// the machines; the client makes what the graph's fetch policy asks valid locally, reading
-// each NAR through GET /v1/graphs/{id}/nar/{base}.
+// builds, and two graphs, or a graph and a hook, that need one derivation build it once.
+// Intermediate outputs stay on the machines; the client makes what the graph's fetch policy
+// asks valid locally, reading each NAR through GET /v1/graphs/{id}/nar/{base}.
 
 import (
 	"context"

@@ -38,6 +38,9 @@ type build struct {
 	inputs []string
 	ctx    context.Context
 	cancel context.CancelCauseFunc
+	// leader, if set, is a graph's build of the same derivation that was running when this
+	// one (a hook's) started: this one waits for it (follow) before it builds.
+	leader *build
 
 	events   *eventWriter
 	terminal chan struct{} // closed after the last event was written
@@ -88,6 +91,15 @@ func (bd *build) run() {
 		close(bd.done)
 		bd.cancel(nil)
 	}()
+	if bd.leader != nil {
+		var served bool
+		if served, err = bd.follow(); served {
+			if err != nil {
+				bd.fail(brokerapi.FailMisc, err)
+			}
+			return
+		}
+	}
 	p := &placer{bd: bd}
 	local := &buildLocal{bd: bd}
 	err = engine.Run(bd.ctx, p, engine.Build{
@@ -151,23 +163,41 @@ func (bd *build) run() {
 	}
 }
 
-// sameBuild returns the running KeepOutputs build of req's derivation, if
-// req is a KeepOutputs submission and there is one: a derivation two graphs
-// need at once is built once, for the first, and the second waits for it.
-// With none, req's submission is the one that builds it: until it calls
-// started (once it is in b.builds, or failed to start), others of the same
-// derivation wait here, so that two at once do not both build.
+// sameBuild returns the running build of req's derivation that req's submission waits for
+// instead of building it again, if there is one: a derivation that two graphs, or a graph and
+// a hook, need at once is built once. A KeepOutputs submission (a graph's) waits for any
+// build of it, a graph's (KeepOutputs) first; a hook's build for a graph's only (nix-daemon's
+// output locks keep two hooks of one derivation from running at once). With none, req's
+// submission is the one that builds it: until it calls started (once it is in b.builds, or
+// failed to start), others of the same derivation wait here, so that two at once do not both
+// build.
 func (b *Broker) sameBuild(req brokerapi.BuildRequest) (leader *build, started func()) {
-	if !req.KeepOutputs || req.Reservation != "" {
+	if req.KeepOutputs && req.Reservation != "" {
 		return nil, func() {}
 	}
 	for {
 		b.mu.Lock()
+		var hook *build
 		for _, bd := range b.builds {
-			if bd.req.KeepOutputs && bd.req.DrvPath == req.DrvPath {
+			switch {
+			case bd.req.DrvPath != req.DrvPath:
+			case bd.req.KeepOutputs:
+				if !req.KeepOutputs {
+					priority := min(max(req.Priority, 0), brokerapi.MaxPriority)
+					if req.Reservation != "" {
+						priority = brokerapi.PriorityHook
+					}
+					b.lendPriorityLocked(bd.t, priority)
+				}
 				b.mu.Unlock()
 				return bd, func() {}
+			case req.KeepOutputs:
+				hook = bd
 			}
+		}
+		if hook != nil {
+			b.mu.Unlock()
+			return hook, func() {}
 		}
 		ch, busy := b.starting[req.DrvPath]
 		if !busy {
@@ -189,20 +219,140 @@ func (b *Broker) sameBuild(req brokerapi.BuildRequest) (leader *build, started f
 	}
 }
 
-// awaitKept waits for bd to end and returns its outputs event when it
-// succeeded; ok is false when it failed or was cancelled, or ctx ended.
-func (bd *build) awaitKept(ctx context.Context) (brokerapi.Event, bool) {
+// lendPriorityLocked raises queued t to priority, if it is lower: a hook that waits for a
+// graph's build waits no longer in the queue than its own build would.
+func (b *Broker) lendPriorityLocked(t *ticket, priority int) {
+	if !t.queued || t.priority >= priority {
+		return
+	}
+	if i := slices.Index(b.queue, t); i >= 0 {
+		b.queue = slices.Delete(b.queue, i, i+1)
+	}
+	t.priority = priority
+	b.enqueueLocked(t)
+	b.dispatchLocked()
+}
+
+// sameBuildReason is the reason of the queued event of a submission that waits for leader.
+func sameBuildReason(drvPath string, leader *build) string {
+	return fmt.Sprintf("'%s' is being built for another client (build %s)", drvPath, leader.t.id)
+}
+
+// await waits for bd to end and returns what a submission that waited for it gets (see
+// sameBuild): a KeepOutputs build's outputs event; for another build (a hook's), which brought
+// the outputs home, an outputs event naming none, once every output of the derivation is
+// valid locally. ok is false when bd failed or was cancelled, an output is not valid here, or
+// ctx ended.
+func (bd *build) await(ctx context.Context) (ev brokerapi.Event, ok bool) {
 	select {
 	case <-bd.done:
 	case <-ctx.Done():
 		return brokerapi.Event{}, false
 	}
 	bd.mu.Lock()
-	defer bd.mu.Unlock()
-	if bd.kept == nil {
+	kept, m := bd.kept, bd.machine
+	bd.mu.Unlock()
+	if kept != nil {
+		return *kept, true
+	}
+	if bd.req.KeepOutputs || bd.err != nil {
 		return brokerapi.Event{}, false
 	}
-	return *bd.kept, true
+	var paths []string
+	for _, o := range bd.drv.Outputs {
+		if o.Path == "" {
+			return brokerapi.Event{}, false // floating content-addressed: where is not known here
+		}
+		paths = append(paths, o.Path)
+	}
+	valid, err := bd.b.local.valid(paths)
+	if err != nil || len(valid) != len(paths) {
+		return brokerapi.Event{}, false
+	}
+	ev = brokerapi.Event{Type: brokerapi.EventOutputs, Build: bd.t.id}
+	if m != nil {
+		ev.Machine = m.name
+	}
+	return ev, true
+}
+
+// follow runs a hook's build whose derivation a graph's build (bd.leader) builds now: the
+// ticket's slot is given up while bd waits for it, and when it succeeded, the wanted outputs
+// are offered to the client from the leader's machine, where they stay. served is false when
+// bd must build it itself (the leader failed or was cancelled, or its machine no longer has
+// them): the ticket is queued again, ahead of those that came later.
+func (bd *build) follow() (served bool, err error) {
+	b, t := bd.b, bd.t
+	b.mu.Lock()
+	b.releaseLocked(t)
+	b.mu.Unlock()
+	bd.emit(brokerapi.Event{Type: brokerapi.EventQueued, Reason: sameBuildReason(bd.req.DrvPath, bd.leader)})
+	ev, ok := bd.leader.await(bd.ctx)
+	if bd.ctx.Err() != nil {
+		return true, context.Cause(bd.ctx)
+	}
+	var infos []serveproto.PathInfo
+	m := b.byName[ev.Machine]
+	if ok && m != nil {
+		infos, ok = bd.wanted(ev.Outputs)
+	}
+	if ok && m != nil && bd.stillOn(m, infos) {
+		b.log.Debug("build served from another client's build", zap.String("drv", bd.req.DrvPath), zap.String("machine", m.name), zap.String("leader", bd.leader.t.id))
+		return true, bd.offer(m, infos, func(p string, w io.Writer) error {
+			i := slices.IndexFunc(infos, func(in serveproto.PathInfo) bool { return in.Path == p })
+			return b.readOn(bd.ctx, m.name, func(ms engine.MachineStore) error {
+				_, err := ms.Dump(bd.ctx, infos[i], w)
+				return err
+			})
+		})
+	}
+	b.mu.Lock()
+	if b.stopping {
+		t.failure = handBack
+		t.wake()
+	} else {
+		b.requeueLocked(t)
+		b.dispatchLocked()
+	}
+	b.mu.Unlock()
+	return false, nil
+}
+
+// wanted picks the outputs bd's client wants (all if it named none) out of a build's outputs;
+// ok is false if one of them is not there.
+func (bd *build) wanted(outputs []brokerapi.PathInfo) ([]serveproto.PathInfo, bool) {
+	names := bd.req.WantedOutputs
+	if len(names) == 0 {
+		for n := range bd.drv.Outputs {
+			names = append(names, n)
+		}
+	}
+	infos := make([]serveproto.PathInfo, 0, len(names))
+	for _, n := range names {
+		o, ok := bd.drv.Outputs[n]
+		i := slices.IndexFunc(outputs, func(in brokerapi.PathInfo) bool { return in.Path == o.Path })
+		if !ok || o.Path == "" || i < 0 {
+			return nil, false
+		}
+		infos = append(infos, outputs[i].ServeInfo())
+	}
+	return infos, true
+}
+
+// stillOn reports whether m still has every one of infos (a machine's garbage collector may
+// have taken what no session holds).
+func (bd *build) stillOn(m *machine, infos []serveproto.PathInfo) bool {
+	paths := make([]string, len(infos))
+	for i, in := range infos {
+		paths[i] = in.Path
+	}
+	var have []string
+	err := bd.b.readOn(bd.ctx, m.name, func(ms engine.MachineStore) error {
+		var err error
+		have, err = ms.Valid(bd.ctx, paths, false)
+		return err
+	})
+	return err == nil && len(have) == len(paths)
 }
 
 // options are the build's settings as the machine takes them.
@@ -561,23 +711,30 @@ func (l *buildLocal) Valid(paths []string) ([]string, error) {
 // them valid. The machine's slot is free from here on: the build is over.
 func (l *buildLocal) AddOutputs(infos []serveproto.PathInfo, fetch func(path string, w io.Writer) error) error {
 	bd := l.bd
+	m := l.machine()
+	bd.b.mu.Lock()
+	bd.b.releaseLocked(bd.t)
+	bd.b.mu.Unlock()
+	return bd.offer(m, infos, fetch)
+}
+
+// offer offers those of infos, outputs on m, that are not valid locally to the client, which
+// reads each with fetch (GET .../nar/{base}), and waits until it has made them valid.
+func (bd *build) offer(m *machine, infos []serveproto.PathInfo, fetch func(path string, w io.Writer) error) error {
 	missing, err := bd.b.local.missingOutputs(infos)
 	if err != nil {
 		return &engine.LocalError{Err: err}
 	}
-	m := l.machine()
 	bd.b.mu.Lock()
-	bd.b.releaseLocked(bd.t)
-	if m != nil {
-		for _, in := range infos {
-			m.knowLocked(in.Path, in.NarSize)
-		}
+	for _, in := range infos {
+		m.knowLocked(in.Path, in.NarSize)
 	}
 	bd.b.mu.Unlock()
 
 	ho := &handoff{outputs: missing, fetch: fetch, imported: make(chan error, 1)}
 	bd.mu.Lock()
 	bd.ho = ho
+	bd.machine = m
 	bd.mu.Unlock()
 	bd.end(brokerapi.Event{Type: brokerapi.EventOutputs, Build: bd.t.id, Machine: m.name, Outputs: apiInfos(missing)})
 	select {

@@ -258,27 +258,28 @@ func ndjson[T any](w http.ResponseWriter) (send func(T) bool, begin func()) {
 	return send, begin
 }
 
-// submit runs req to its last event, giving every event to sink. A KeepOutputs submission of
-// a derivation that another of the broker's builds builds now waits for that one
-// (sameBuild); any other starts its own build (startBuild), owned by c. When ctx ends first,
-// the build is cancelled. The code and error are those of a build that could not start
-// before any event was sent; after one, that is a failed event. begin, if not nil, is called
-// once the build has started.
+// submit runs req to its last event, giving every event to sink. A submission of a derivation
+// that another of the broker's builds builds now waits for that one (sameBuild): a
+// KeepOutputs one (a graph's) here, a hook's in its own build, which then offers the outputs
+// from the other's machine (build.follow). Any other starts its own build (startBuild), owned
+// by c. When ctx ends first, the build is cancelled. The code and error are those of a build
+// that could not start before any event was sent; after one, that is a failed event. begin,
+// if not nil, is called once the build has started.
 func (b *Broker) submit(ctx context.Context, req brokerapi.BuildRequest, c *client, sink func(brokerapi.Event) bool, begin func()) (int, error) {
 	sent := false
 	emit := func(ev brokerapi.Event) {
 		sent = true
 		sink(ev)
 	}
+	var leader *build
 	var started func()
 	for {
-		var leader *build
-		if leader, started = b.sameBuild(req); leader == nil {
+		if leader, started = b.sameBuild(req); leader == nil || !req.KeepOutputs {
 			break
 		}
-		// Another client's graph builds it now: wait for that build.
-		emit(brokerapi.Event{Type: brokerapi.EventQueued, Reason: fmt.Sprintf("'%s' is being built for another client (build %s)", req.DrvPath, leader.t.id)})
-		ev, ok := leader.awaitKept(ctx)
+		// Another client's graph or hook builds it now: wait for that build.
+		emit(brokerapi.Event{Type: brokerapi.EventQueued, Reason: sameBuildReason(req.DrvPath, leader)})
+		ev, ok := leader.await(ctx)
 		if ok {
 			emit(ev)
 		}
@@ -287,7 +288,7 @@ func (b *Broker) submit(ctx context.Context, req brokerapi.BuildRequest, c *clie
 		}
 		// It failed there: build it here, unless another began.
 	}
-	bd, code, err := b.startBuild(req, c)
+	bd, code, err := b.startBuild(req, c, leader)
 	started()
 	if err != nil && sent {
 		sink(brokerapi.Event{Type: brokerapi.EventFailed, Kind: brokerapi.FailMisc, Error: err.Error()})
@@ -382,9 +383,9 @@ func (s *Server) cancel(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, struct{}{})
 }
 
-// startBuild resolves req's ticket and starts the build. The code is the
-// HTTP status for an error.
-func (b *Broker) startBuild(req brokerapi.BuildRequest, c *client) (*build, int, error) {
+// startBuild resolves req's ticket and starts the build, which waits for leader first if
+// that is set (build.follow). The code is the HTTP status for an error.
+func (b *Broker) startBuild(req brokerapi.BuildRequest, c *client, leader *build) (*build, int, error) {
 	drv, err := readDerivation(req.DrvPath)
 	if err != nil {
 		return nil, http.StatusUnprocessableEntity, err
@@ -423,7 +424,7 @@ func (b *Broker) startBuild(req brokerapi.BuildRequest, c *client) (*build, int,
 	ctx, cancel := context.WithCancelCause(b.ctx)
 	bd := &build{
 		b: b, t: t, req: req, drv: drv, inputs: inputs,
-		ctx: ctx, cancel: cancel,
+		ctx: ctx, cancel: cancel, leader: leader,
 		events:   newEventWriter(),
 		terminal: make(chan struct{}),
 		done:     make(chan struct{}),
