@@ -66,7 +66,20 @@ func runBuild(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	if err != nil {
 		return err
 	}
-	local, err := localstore.Open(localstore.Options{})
+	// This process adds what it fetches by itself, not under a nix-daemon
+	// worker's locks: it takes Nix's own, as nix-store --import would, so
+	// that a hook or a local build writing the same output is not raced.
+	waited := map[string]bool{}
+	local, err := localstore.Open(localstore.Options{
+		LockOutputs: true,
+		LockWait: func(p string) error {
+			if !waited[p] {
+				waited[p] = true
+				fmt.Fprintf(stderr, "nix-offload-hook: waiting for the lock on '%s' (another Nix process is adding it)\n", p)
+			}
+			return context.Cause(ctx)
+		},
+	})
 	if err != nil {
 		return err
 	}

@@ -205,9 +205,10 @@ func TestBrokerHookJoinsGraphBuild(t *testing.T) {
 		mark(t, b, true)
 		expr := env.writeExpr(t, joinedExpr(randomHex(8)))
 		before := brokerBuilds(t, env)
-		// The graph leaves the output on the machine: the nix-build's hook is the one
-		// that makes it valid here.
-		graph, _, graphErr := startGraphBuild(t, nix, store, env.offloadEnv, "-no-link", "-fetch", "none", expr)
+		// Both bring the output home at once when the build ends: the command waits for
+		// the lock nix-daemon's worker holds while the hook writes it, then finds it
+		// valid.
+		graph, _, graphErr := startGraphBuild(t, nix, store, env.offloadEnv, "-no-link", expr)
 		testbed.WaitFor(t, time.Minute, "the graph's build to run", func() bool {
 			st := env.status(t)
 			return st.Running == 1 && slotsUsed(st) == 1

@@ -87,6 +87,18 @@ func (s *Store) AddOutputs(infos []serveproto.PathInfo, fetch func(path string, 
 	if err != nil || len(todo) == 0 {
 		return err
 	}
+	if s.opt.LockOutputs {
+		unlock, err := s.lockOutputs(todo)
+		if err != nil {
+			return err
+		}
+		defer unlock()
+		// Valid now? Ask a fresh session: this one has seen them invalid.
+		s.reset()
+		if todo, err = s.missingOutputs(todo); err != nil || len(todo) == 0 {
+			return err
+		}
+	}
 	return s.addChecked(todo, fetch)
 }
 

@@ -53,6 +53,15 @@
 // the input goes in one write, so the hook's death cannot cut it between
 // two records.
 //
+// A process that is not run by a worker (the build command) has no lock
+// of its own on the outputs it fetches, and a hook may be writing the same
+// output at that moment. With [Options.LockOutputs] it takes Nix's lock on
+// each output first, as Nix's addToStore would (flock(LOCK_EX) on
+// "<output>.lock", in path order; a lock file its holder removed while
+// this process waited is stale, and the new one is taken), asks a fresh
+// session which outputs are still not valid, writes only those, and
+// releases the locks as Nix does.
+//
 // # What AddOutputs guarantees
 //
 //   - Nothing is touched before everything is checked: every path, deriver

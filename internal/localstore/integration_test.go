@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -366,6 +367,10 @@ in [ a b m.out m.dev c ]`, system, system)
 		testEarlyRegistration(t, local, infoC, fromRemote, nars[c])
 	})
 
+	t.Run("taking Nix's locks", func(t *testing.T) {
+		testLockOutputs(t, nix, infoA, infoC, fromRemote)
+	})
+
 	t.Run("outputs referring to each other", func(t *testing.T) {
 		if !slices.Equal(infoOut.References, []string{mDev}) {
 			t.Fatalf("out's references: %q, want [%s]", infoOut.References, mDev)
@@ -573,4 +578,115 @@ func testEarlyRegistration(t *testing.T, local *bed, info serveproto.PathInfo, f
 		}
 		local.checkValid(t, info)
 	})
+}
+
+// testLockOutputs: a Store with LockOutputs (the build command's) waits
+// for Nix's lock on an output another process holds, and when it gets it
+// finds the output made valid meanwhile and writes nothing; one whose
+// LockWait gives up writes nothing either; and with the lock free it adds
+// the output and leaves no lock file behind.
+func testLockOutputs(t *testing.T, nix testbed.Nix, infoA, infoC serveproto.PathInfo, fromRemote func(string, io.Writer) error) {
+	hook := newBed(t, nix) // the hook's Store: it writes under the worker's lock
+	waits := make(chan string, 1)
+	var giveUp error
+	var mu sync.Mutex
+	own, err := Open(Options{
+		RealStoreDir: filepath.Join(hook.dir, "store"),
+		Command:      func(argv ...string) *exec.Cmd { return nix.Command(hook.dir, nil, argv...) },
+		LockOutputs:  true,
+		LockWait: func(path string) error {
+			select {
+			case waits <- path:
+			default:
+			}
+			mu.Lock()
+			defer mu.Unlock()
+			return giveUp
+		},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer own.Close()
+	fetched := 0
+	countFetch := func(p string, w io.Writer) error { fetched++; return fromRemote(p, w) }
+
+	// Opens the new store, and makes own's session see c as invalid.
+	if valid, err := own.Valid([]string{infoC.Path}); err != nil || len(valid) != 0 {
+		t.Fatalf("Valid in an empty store: %v, %v", valid, err)
+	}
+	// The worker holds c's lock; the build command waits for it.
+	release := takeLock(t, hook.real(infoC.Path)+".lock")
+	done := make(chan error, 1)
+	go func() { done <- own.AddOutputs([]serveproto.PathInfo{infoC}, countFetch) }()
+	select {
+	case p := <-waits:
+		if p != infoC.Path {
+			t.Fatalf("waited for the lock of %s, want %s", p, infoC.Path)
+		}
+	case err := <-done:
+		t.Fatalf("AddOutputs returned %v with the lock held by another process", err)
+	case <-time.After(addBound):
+		t.Fatal("AddOutputs neither waited for the lock nor returned")
+	}
+	// Under the worker's lock, the hook makes c valid.
+	if err := hook.store.AddOutputs([]serveproto.PathInfo{infoC}, fromRemote); err != nil {
+		t.Fatal(err)
+	}
+	release()
+	select {
+	case err := <-done:
+		if err != nil || fetched != 0 {
+			t.Errorf("after the lock was released: %v, %d fetches; want c found valid and nothing written", err, fetched)
+		}
+	case <-time.After(addBound):
+		t.Fatal("AddOutputs did not return once the lock was released")
+	}
+	hook.checkValid(t, infoC)
+
+	// Given up while waiting: nothing written.
+	release = takeLock(t, hook.real(infoA.Path)+".lock")
+	mu.Lock()
+	giveUp = errors.New("interrupted")
+	mu.Unlock()
+	err = own.AddOutputs([]serveproto.PathInfo{infoA}, countFetch)
+	if !errors.Is(err, giveUp) || fetched != 0 {
+		t.Errorf("with LockWait giving up: %v, %d fetches; want its error and nothing fetched", err, fetched)
+	}
+	hook.checkClean(t, infoA.Path)
+
+	// The lock free: a is added, and its lock file is gone.
+	release()
+	if err := own.AddOutputs([]serveproto.PathInfo{infoA}, countFetch); err != nil || fetched != 1 {
+		t.Fatalf("with the lock free: %v, %d fetches", err, fetched)
+	}
+	hook.checkValid(t, infoA)
+	if _, err := os.Lstat(hook.real(infoA.Path) + ".lock"); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("lock file after AddOutputs: %v, want it removed", err)
+	}
+}
+
+// takeLock takes an output's lock as Nix's worker does, and returns what
+// releases it as Nix does once the output is valid: a byte into the file
+// for any waiter, which then knows it is stale, and the file removed.
+func takeLock(t *testing.T, name string) (release func()) {
+	t.Helper()
+	f, err := os.OpenFile(name, os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+		f.Close()
+		t.Fatalf("flock %s: %v", name, err)
+	}
+	var once sync.Once
+	release = func() {
+		once.Do(func() {
+			f.Write([]byte("d"))
+			os.Remove(name)
+			f.Close()
+		})
+	}
+	t.Cleanup(release)
+	return release
 }

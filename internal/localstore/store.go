@@ -46,6 +46,22 @@ type Options struct {
 	// to run nix-store in a test bed namespace. exec.Command if nil.
 	Command func(argv ...string) *exec.Cmd
 
+	// LockOutputs makes AddOutputs take Nix's own lock on each output it
+	// is going to write (flock on "<output>.lock", as Nix's PathLocks
+	// does), and ask again, once it holds them, which are still not
+	// valid: another Nix process (nix-daemon adding the same output for a
+	// hook, a local build of it) may have made them valid meanwhile. A
+	// process that adds paths by itself, the build command, sets it. The
+	// hook must not: the nix-daemon worker that runs it holds those locks
+	// for it, and would wait for the hook forever.
+	LockOutputs bool
+	// LockWait, with LockOutputs, is called with an output's path each
+	// time AddOutputs finds its lock held by another process, before it
+	// waits LockPoll and tries again; an error it returns stops
+	// AddOutputs with that error, having written nothing. Nil waits as
+	// long as the lock is held.
+	LockWait func(path string) error
+
 	// Mark, if set, is told when each step of writing outputs ends:
 	// "staged", "restored" (once per output), "placed", "register-started"
 	// (a nix-store process runs; see StartRegistration), "register-fed"
