@@ -8,6 +8,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"testing/iotest"
 	"time"
 
 	"github.com/nix-offload/nix-offload/internal/serveproto"
@@ -407,21 +408,6 @@ func TestUntrustedDecline(t *testing.T) {
 	t.Logf("CA build on the fake: %+v", res.Status)
 }
 
-// failingNAR gives some bytes of a NAR, then fails with err.
-type failingNAR struct {
-	b   []byte
-	err error
-}
-
-func (r *failingNAR) Read(p []byte) (int, error) {
-	if len(r.b) == 0 {
-		return 0, r.err
-	}
-	n := copy(p, r.b)
-	r.b = r.b[n:]
-	return n, nil
-}
-
 // A NAR source that fails mid-request (an input read from another
 // machine, whose session broke) breaks the Conn with the source's error,
 // and is not explained as this daemon's: it is alive, waiting for the
@@ -436,7 +422,7 @@ func TestRequestSourceFails(t *testing.T) {
 	}
 	infoA, narA := sourcePath(t, "fake-a", "a\n")
 	other := &StreamError{Op: "NarFromPath", Err: io.ErrUnexpectedEOF} // an ssh-ng holder's
-	err = c.AddMultipleToStore(bg(t), []Item{{Info: infoA, NAR: &failingNAR{b: narA[:len(narA)/2], err: other}}}, true)
+	err = c.AddMultipleToStore(bg(t), []Item{{Info: infoA, NAR: io.MultiReader(bytes.NewReader(narA[:len(narA)/2]), iotest.ErrReader(other))}}, true)
 	if !errors.Is(err, other) || explained != 0 {
 		t.Fatalf("got %v (explained %d), want the source's error, unexplained", err, explained)
 	}

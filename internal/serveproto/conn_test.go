@@ -7,6 +7,7 @@ import (
 	"io"
 	"strings"
 	"testing"
+	"testing/iotest"
 	"time"
 
 	"github.com/google/go-cmp/cmp"
@@ -693,21 +694,6 @@ func TestExplainNilKeepsError(t *testing.T) {
 	}
 }
 
-// errAfter is a NAR source that gives some bytes, then fails with err.
-type errAfter struct {
-	b   []byte
-	err error
-}
-
-func (r *errAfter) Read(p []byte) (int, error) {
-	if len(r.b) == 0 {
-		return 0, r.err
-	}
-	n := copy(p, r.b)
-	r.b = r.b[n:]
-	return n, nil
-}
-
 // A NAR source that fails mid-request (an input streamed from another
 // machine, whose own session broke) breaks the Conn with the source's
 // error, and is not explained as this machine's: the machine is alive and
@@ -733,7 +719,7 @@ func TestRequestSourceFails(t *testing.T) {
 	narBytes := fileNAR(t, "x")
 	info := PathInfo{Path: pathA, NarSize: uint64(len(narBytes)), NarHash: "sha256:" + hexSHA256(narBytes)}
 	other := &StreamError{Op: "DumpStorePath", Err: io.ErrUnexpectedEOF} // the holder's
-	err = c.AddToStoreNar(info, &errAfter{b: narBytes[:len(narBytes)/2], err: other})
+	err = c.AddToStoreNar(info, io.MultiReader(bytes.NewReader(narBytes[:len(narBytes)/2]), iotest.ErrReader(other)))
 	if !errors.Is(err, other) || explained != 0 {
 		t.Fatalf("got %v (explained %d), want the source's error, unexplained", err, explained)
 	}
