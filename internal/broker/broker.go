@@ -217,6 +217,9 @@ type ticket struct {
 	// and sizes their NAR sizes where the local store knows them.
 	hint  []string
 	sizes map[string]uint64
+	// held counts, per machine, the inputs only it holds (a graph's kept outputs):
+	// scheduler.View.Held.
+	held map[string]int
 }
 
 // New starts a broker: it opens the machines' pools and the local store
@@ -687,6 +690,10 @@ func (b *Broker) try(req brokerapi.TryRequest, owner *client, priority int, held
 	for _, h := range held {
 		if m := b.byName[h.Machine]; m != nil {
 			m.knowLocked(h.Path, h.NarSize)
+			if t.held == nil {
+				t.held = map[string]int{}
+			}
+			t.held[m.name]++
 		}
 	}
 	d := b.decideLocked(t)

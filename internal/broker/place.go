@@ -217,7 +217,7 @@ func (b *Broker) viewLocked(t *ticket) scheduler.View {
 	for _, m := range b.machines {
 		live[m.name] = liveOf(m.live)
 	}
-	return scheduler.View{Load: b.loadLocked(), Down: down, Live: live, Present: b.presentLocked(t)}
+	return scheduler.View{Load: b.loadLocked(), Down: down, Live: live, Present: b.presentLocked(t), Held: t.held}
 }
 
 // logPlacement says, at debug level, where t goes and what of its inputs is where.

@@ -35,7 +35,10 @@
 //     input bytes goes first (View.Present). The bytes count weighted by the machine's share
 //     of free slots, so that a machine with everything does not take every build while others
 //     idle: with its slots half full, its bytes count half. Differences below 1 MiB do not
-//     count, and load ÷ speed decides.
+//     count; then the one that alone holds most of the build's inputs (View.Held: a graph's
+//     outputs kept where they were built, which any other machine would have streamed to it
+//     through this host, a few round trips each however small), so that a chain of small
+//     steps stays on one machine; then load ÷ speed decides.
 //
 // # Replies
 //

@@ -124,6 +124,12 @@ type View struct {
 	// being sent (a hint from what the caller built or sent there; the build still asks the
 	// machine which paths it lacks).
 	Present map[string]uint64
+	// Held is, for this request, how many of its inputs each machine holds that are valid
+	// nowhere else this host knows of (a graph's outputs kept on the machine that built them):
+	// on another machine each of them is streamed from there through this host, a few round
+	// trips whatever its size. Among machines whose bytes present count the same, more held
+	// inputs go first.
+	Held map[string]int
 }
 
 // Decide answers req given the configured machines ms, the builds running on each machine from
@@ -158,6 +164,7 @@ func Place(ms []machines.Machine, req Request, v View) Decision {
 		load  int
 		speed float64
 		near  uint64 // bytes present, weighted by the share of free slots, in localityUnits
+		held  int    // inputs only it holds (View.Held)
 	}
 	var (
 		capable, free []candidate
@@ -191,6 +198,7 @@ func Place(ms []machines.Machine, req Request, v View) Decision {
 		default:
 			share := float64(m.ParallelBuilds-c.load) / float64(m.ParallelBuilds)
 			c.near = uint64(float64(v.Present[m.Name()])*share) / localityUnit
+			c.held = v.Held[m.Name()]
 			free = append(free, c)
 		}
 	}
@@ -201,11 +209,15 @@ func Place(ms []machines.Machine, req Request, v View) Decision {
 	}
 
 	if len(free) > 0 {
-		// Most input bytes already there (weighed by free slots), then build-remote's order:
-		// lowest load ÷ speed, then the faster, then the less loaded; a stable sort keeps
-		// config order among equals, as build-remote's strict comparisons do.
+		// Most input bytes already there (weighed by free slots), then most inputs held only
+		// there, then build-remote's order: lowest load ÷ speed, then the faster, then the less
+		// loaded; a stable sort keeps config order among equals, as build-remote's strict
+		// comparisons do.
 		slices.SortStableFunc(free, func(a, b candidate) int {
 			if c := cmp.Compare(b.near, a.near); c != 0 {
+				return c
+			}
+			if c := cmp.Compare(b.held, a.held); c != 0 {
 				return c
 			}
 			if c := cmp.Compare(float64(a.load)/a.speed, float64(b.load)/b.speed); c != 0 {

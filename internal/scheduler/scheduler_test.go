@@ -439,6 +439,14 @@ func TestPlaceLocality(t *testing.T) {
 		{"little present on a busy machine", View{Load: map[string]int{"a": 3}, Present: map[string]uint64{"a": 1 << 20}}, []string{"b", "a"}},
 		{"more present wins", View{Present: map[string]uint64{"a": 8 << 20, "b": 16 << 20}}, []string{"b", "a"}},
 		{"under a MiB apart: config order", View{Present: map[string]uint64{"a": 100, "b": 900 << 10}}, []string{"a", "b"}},
+		// A chain of small steps: the step before this one ran on b, which holds its output
+		// and nothing else does; b still finishes it, a is idle. On a, the output would be
+		// streamed from b first: b goes first.
+		{"small held input on a busier machine", View{Load: map[string]int{"b": 1}, Present: map[string]uint64{"b": 128}, Held: map[string]int{"b": 1}},
+			[]string{"b", "a"}},
+		{"more held inputs win", View{Held: map[string]int{"a": 1, "b": 2}}, []string{"b", "a"}},
+		// Bytes present still come first.
+		{"bytes present before held inputs", View{Present: map[string]uint64{"a": input}, Held: map[string]int{"b": 3}}, []string{"a", "b"}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
