@@ -22,6 +22,9 @@ func asNobody(t *testing.T, argv ...string) {
 	cmd := exec.Command(setpriv, append([]string{"--reuid=65534", "--regid=65534", "--clear-groups"}, argv...)...)
 	var out syncBuffer
 	cmd.Stdout, cmd.Stderr = &out, &out
+	// A group of its own, which KillCommand kills: flock's child (the sleep, which holds
+	// the lock) goes too, not only flock.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
