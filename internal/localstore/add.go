@@ -93,10 +93,14 @@ func (s *Store) AddOutputs(infos []serveproto.PathInfo, fetch func(path string, 
 			return err
 		}
 		defer unlock()
-		// Valid now? Ask a fresh session: this one has seen them invalid.
-		s.reset()
-		if todo, err = s.missingOutputs(todo); err != nil || len(todo) == 0 {
-			return err
+		// Made valid meanwhile? Only one that is on disk can be (a path is put in place
+		// before it is registered), and only a fresh session can say: this one has seen
+		// them invalid.
+		if slices.ContainsFunc(todo, s.onDisk) {
+			s.reset()
+			if todo, err = s.missingOutputs(todo); err != nil || len(todo) == 0 {
+				return err
+			}
 		}
 	}
 	return s.addChecked(todo, fetch)
@@ -334,6 +338,12 @@ func (l *sizeLimit) Read(p []byte) (int, error) {
 	n, err := l.r.Read(p)
 	l.n -= int64(n)
 	return n, err
+}
+
+// onDisk reports whether something is at o's name in the store.
+func (s *Store) onDisk(o *output) bool {
+	_, err := os.Lstat(filepath.Join(s.opt.RealStoreDir, o.base))
+	return err == nil
 }
 
 // place moves a staged output to its name in the store, after removing

@@ -59,8 +59,9 @@
 // each output first, as Nix's addToStore would (flock(LOCK_EX) on
 // "<output>.lock", in path order; a lock file its holder removed while
 // this process waited is stale, and the new one is taken), asks a fresh
-// session which outputs are still not valid, writes only those, and
-// releases the locks as Nix does.
+// session which outputs are still not valid if any is on disk by then (a
+// path is in place before it is registered, so one that is not cannot have
+// become valid), writes only those, and releases the locks as Nix does.
 //
 // # What AddOutputs guarantees
 //
