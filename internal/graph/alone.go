@@ -30,8 +30,8 @@ func DefaultLogDir() string {
 // the host's slot files and health, shared with every hook of the host, and warm sessions,
 // one pool per machine, shared by every derivation of the graph (a derivation costs no SSH
 // handshake and no nix-store start), with one upload table per machine (what the graph's
-// builds send or build there is not asked about again). warn hears what goes wrong on the way that does not stop
-// the build. Shut closes the pools.
+// builds send or build there is not asked about again). warn hears what goes wrong on the way
+// that does not stop the build. Shut closes the pools.
 func NewAlone(cfg *machines.Config, local Store, warn func(string)) (*Remote, error) {
 	sl, tracker, err := engine.OpenHostState(cfg, func(herr error) {
 		warn(fmt.Sprintf("%v; machine health is kept in this process only", herr))

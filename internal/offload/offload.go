@@ -293,14 +293,8 @@ func (fl *buildFlight) outputInfos(conn *serveproto.Conn, job Job) ([]serveproto
 		}
 		return queryOutputs(fl.paths, conn.QueryPathInfos)
 	}
-	infos, err := fl.infos.Read()
-	if err != nil {
-		return nil, err
-	}
-	if err := allReported(infos, fl.paths); err != nil {
-		return nil, err
-	}
-	return infos, nil
+	// Asked for in the flight after the result: read its answer.
+	return queryOutputs(fl.paths, func([]string) ([]serveproto.PathInfo, error) { return fl.infos.Read() })
 }
 
 // fetchOutputs has the local store fetch and register the outputs, from
@@ -497,18 +491,10 @@ func queryOutputs(paths []string, query func(paths []string) ([]serveproto.PathI
 	if err != nil {
 		return nil, err
 	}
-	if err := allReported(infos, paths); err != nil {
-		return nil, err
+	if got := len(infos); got != len(paths) {
+		return nil, fmt.Errorf("the machine reports %d of %d outputs valid after building", got, len(paths))
 	}
 	return infos, nil
-}
-
-// allReported checks that the machine reported every output it built.
-func allReported(infos []serveproto.PathInfo, paths []string) error {
-	if got := len(infos); got != len(paths) {
-		return fmt.Errorf("the machine reports %d of %d outputs valid after building", got, len(paths))
-	}
-	return nil
 }
 
 // outputPaths returns the store paths of the wanted outputs (all if none
