@@ -392,9 +392,16 @@ func (h *hook) readAccepted() (*accepted, error) {
 	return &accepted{inputs: inputs, wanted: wanted, log: hookproto.NewBuildLog(logFile, 8<<20)}, nil
 }
 
-// storeOptions are the options of the hook's local store.
+// storeOptions are the options of the hook's local store: outputs are
+// registered by writing Nix's database directly where nix-daemon's
+// settings and environment allow it.
 func (h *hook) storeOptions() localstore.Options {
-	var opt localstore.Options
+	opt := localstore.Options{
+		DBDir: localstore.DirectDBDir(func(name string) string { return h.settings.String(name, "") }, os.Getenv),
+		Fallback: func(err error) {
+			h.log.Msg(hookproto.LvlTalkative, fmt.Sprintf("nix-offload: outputs registered with nix-store: %v", err))
+		},
+	}
 	if h.sw != nil {
 		opt.Mark = h.sw.Mark
 	}

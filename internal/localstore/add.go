@@ -174,9 +174,24 @@ func (s *Store) addChecked(todo []*output, fetch func(path string, w io.Writer) 
 	}
 	s.opt.Mark("placed")
 	if err := s.register(placed); err != nil {
+		if errors.As(err, new(*uncommitted)) {
+			return errors.Join(err, removePlaced(s.opt.RealStoreDir, placed))
+		}
 		return errors.Join(err, s.removeUnregistered(placed))
 	}
 	return nil
+}
+
+// removePlaced removes outs from the store directory dir, none of which is
+// valid.
+func removePlaced(dir string, outs []*output) error {
+	var errs []error
+	for _, o := range outs {
+		if err := os.RemoveAll(filepath.Join(dir, o.base)); err != nil {
+			errs = append(errs, fmt.Errorf("localstore: removing unregistered %s: %w", o.path, err))
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // checkOutputs validates infos without touching anything.
@@ -382,14 +397,6 @@ func (s *Store) removeUnregistered(outs []*output) error {
 	if err != nil {
 		return fmt.Errorf("localstore: cannot tell which outputs became valid, so %s stay in place: %w", strings.Join(paths, ", "), err)
 	}
-	var errs []error
-	for _, o := range outs {
-		if slices.Contains(valid, o.path) {
-			continue
-		}
-		if err := os.RemoveAll(filepath.Join(s.opt.RealStoreDir, o.base)); err != nil {
-			errs = append(errs, fmt.Errorf("localstore: removing unregistered %s: %w", o.path, err))
-		}
-	}
-	return errors.Join(errs...)
+	invalid := slices.DeleteFunc(slices.Clone(outs), func(o *output) bool { return slices.Contains(valid, o.path) })
+	return removePlaced(s.opt.RealStoreDir, invalid)
 }

@@ -16,6 +16,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/google/go-cmp/cmp"
 	"github.com/nix-community/go-nix/pkg/nixhash"
 	"github.com/nix-offload/nix-offload/internal/nar"
 	"github.com/nix-offload/nix-offload/internal/serveproto"
@@ -689,4 +690,117 @@ func takeLock(t *testing.T, name string) (release func()) {
 	}
 	t.Cleanup(release)
 	return release
+}
+
+// TestIntegrationDirect checks the rows registerDirect writes against
+// those the same Nix's `nix-store --register-validity` writes for the same
+// outputs, and that Nix then treats the paths as any other: their info,
+// references and contents verify, and the garbage collector sees the
+// references.
+func TestIntegrationDirect(t *testing.T) {
+	system := testbed.System(t)
+	for _, nix := range testbed.All(t) {
+		t.Run(nix.Series(), func(t *testing.T) {
+			t.Parallel()
+			testIntegrationDirect(t, nix, system)
+		})
+	}
+}
+
+func testIntegrationDirect(t *testing.T, nix testbed.Nix, system string) {
+	remote := newBed(t, nix)
+	expr := fmt.Sprintf(`let
+  mk = name: script: derivation { inherit name; system = %q; builder = "/bin/sh"; args = ["-c" script]; };
+  a = mk "direct-a" "echo a > $out";
+  b = mk "direct-b" "/bin/mkdir -p $out/bin; echo ${a} > $out/a; echo '#!/bin/sh' > $out/bin/run; /bin/chmod +x $out/bin/run; /bin/ln -s a $out/link";
+  m = derivation { name = "direct-m"; system = %q; builder = "/bin/sh"; outputs = ["out" "dev"];
+                   args = ["-c" "echo dev > $dev; echo $dev $out > $out"]; };
+in [ a b m.out m.dev ]`, system, system)
+	built := strings.Fields(remote.run(t, "nix-build", "--no-out-link", "-E", expr))
+	if len(built) != 4 {
+		t.Fatalf("nix-build printed %q", built)
+	}
+	a, b, mOut, mDev := built[0], built[1], built[2], built[3]
+	infos, err := remote.store.PathInfos(built)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fromRemote := func(path string, w io.Writer) error {
+		_, err := remote.store.Dump(path, w)
+		return err
+	}
+
+	// The same outputs go into two local stores: through nix-store, and
+	// written directly.
+	viaNix := newBed(t, nix)
+	nix.InitStore(t, viaNix.dir)
+	direct := &bed{nix: nix, dir: testbed.NewStore(t)}
+	nix.InitStore(t, direct.dir)
+	var fallbacks []error
+	var err2 error
+	direct.store, err2 = Open(Options{
+		RealStoreDir: filepath.Join(direct.dir, "store"),
+		DBDir:        filepath.Join(direct.dir, "var", "nix", "db"),
+		Command:      func(argv ...string) *exec.Cmd { return nix.Command(direct.dir, nil, argv...) },
+		Fallback:     func(err error) { fallbacks = append(fallbacks, err) },
+	})
+	if err2 != nil {
+		t.Fatal(err2)
+	}
+	t.Cleanup(func() { direct.store.Close() })
+	for _, p := range built {
+		viaNix.holdLock(t, p)
+		direct.holdLock(t, p)
+	}
+
+	missing := infos[1]
+	missing.References = append(slices.Clone(missing.References), DefaultStoreDir+"/00000000000000000000000000000000-direct-gone")
+	err = direct.store.AddOutputs([]serveproto.PathInfo{missing}, fromRemote)
+	checkNotValid(t, "AddOutputs", err, sorted(a, missing.References[len(missing.References)-1])...)
+	direct.checkClean(t, b)
+
+	for _, batch := range [][]serveproto.PathInfo{{infos[0]}, {infos[1]}, {infos[2], infos[3]}} {
+		if err := viaNix.store.AddOutputs(batch, fromRemote); err != nil {
+			t.Fatal(err)
+		}
+		direct.store.StartRegistration() // as the hook does at accept: it must start nothing
+		if direct.store.pending != nil {
+			t.Error("StartRegistration started a process")
+		}
+		if err := direct.store.AddOutputs(batch, fromRemote); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if len(fallbacks) > 0 {
+		t.Fatalf("fell back to nix-store: %v", fallbacks)
+	}
+	for _, info := range infos {
+		direct.checkValid(t, info)
+	}
+	if diff := cmp.Diff(readRows(t, filepath.Join(viaNix.dir, "var", "nix", "db")), readRows(t, filepath.Join(direct.dir, "var", "nix", "db"))); diff != "" {
+		t.Errorf("rows (-nix-store +direct):\n%s", diff)
+	}
+	for _, p := range []string{a, b, filepath.Join(b, "bin", "run"), filepath.Join(b, "link")} {
+		vst, err1 := os.Lstat(viaNix.real(p))
+		dst, err2 := os.Lstat(direct.real(p))
+		if err1 != nil || err2 != nil || vst.Mode() != dst.Mode() || !vst.ModTime().Equal(dst.ModTime()) {
+			t.Errorf("%s: nix-store made %v %v, direct %v %v (%v, %v)", p, vst.Mode(), vst.ModTime(), dst.Mode(), dst.ModTime(), err1, err2)
+		}
+	}
+	if refs := strings.Fields(direct.run(t, "nix-store", "-q", "--references", mOut)); !slices.Equal(refs, sorted(mDev, mOut)) {
+		t.Errorf("nix-store -q --references %s: %q", mOut, refs)
+	}
+	if out, err := direct.try("nix-store", "--verify", "--check-contents"); err != nil || strings.Contains(out, "error") {
+		t.Errorf("nix-store --verify --check-contents: %v\n%s", err, out)
+	}
+	// The garbage collector sees b's reference to a.
+	if _, err := direct.try("nix-store", "--delete", a); err == nil {
+		t.Errorf("nix-store --delete %s succeeded while %s refers to it", a, b)
+	}
+	direct.run(t, "nix-store", "--delete", b)
+	direct.run(t, "nix-store", "--delete", a)
+	direct.store.Refresh()
+	if valid, err := direct.store.Valid([]string{a, b}); err != nil || len(valid) != 0 {
+		t.Errorf("after deleting them: valid %q, %v", valid, err)
+	}
 }

@@ -53,8 +53,14 @@ type registration struct {
 //
 // It does nothing if a registration process is started already, or the
 // store is closed.
+//
+// With [Options.DBDir] and a database registerDirect can write, it starts
+// nothing: no process is needed then.
 func (s *Store) StartRegistration() {
 	if s.closed || s.pending != nil {
+		return
+	}
+	if s.opt.DBDir != "" && s.directReady() == nil {
 		return
 	}
 	ch := make(chan *registration, 1)
@@ -161,7 +167,22 @@ func (r *registration) abandon() {
 // batch and that they form no cycle (the transaction is rolled back
 // otherwise), and canonicalises their metadata (mode 0444/0555, mtime 1,
 // owner).
+//
+// With [Options.DBDir], registerDirect writes the rows itself first; if it
+// cannot, or fails short of committing, nix-store does it after all (it
+// skips what is valid by then), except when the outputs refer to a path
+// that is not valid, which nix-store would refuse too.
 func (s *Store) register(outs []*output) error {
+	if s.opt.DBDir != "" {
+		err := s.registerDirect(outs)
+		if err == nil {
+			return nil
+		}
+		if errors.As(err, new(*NotValidError)) {
+			return &uncommitted{err}
+		}
+		s.opt.Fallback(err)
+	}
 	input := registrationInput(outs)
 	if r := s.takePending(); r != nil {
 		if r.exited() {
@@ -191,6 +212,13 @@ func (s *Store) register(outs []*output) error {
 	s.opt.Mark("registered")
 	return err
 }
+
+// uncommitted is a registration error after which none of the outputs can
+// be valid: the transaction that would have made them so was never
+// committed.
+type uncommitted struct{ error }
+
+func (e *uncommitted) Unwrap() error { return e.error }
 
 // registrationInput is what --register-validity --hash-given reads for
 // outs: path, narHash, narSize, deriver, the number of references and
