@@ -27,7 +27,7 @@ buildGoModule {
 
   # The NAR hash of `go mod vendor` (see the README, "Install" → "Nix flake", for how to
   # recompute it; TestFlakeVendorHash fails when it is stale).
-  vendorHash = "sha256-JPDZABxXNkQqLNVuTmwiP/iBQsCrgH4tC8GSuhpOv0k=";
+  vendorHash = "sha256-5Xi09JRNdglL5pH0oeSVC6z9VRfT1xV7Zkr0g75JOCY=";
 
   subPackages = [ "cmd/nix-offload-hook" ];
   env.CGO_ENABLED = 0;

@@ -69,8 +69,11 @@ func runBuild(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	// This process adds what it fetches by itself, not under a nix-daemon
 	// worker's locks: it takes Nix's own, as nix-store --import would, so
 	// that a hook or a local build writing the same output is not raced.
+	// It writes the outputs' rows itself where the default store's
+	// database allows it (no nix-daemon settings to consult here).
 	waited := map[string]bool{}
 	local, err := localstore.Open(localstore.Options{
+		DBDir:       localstore.DirectDBDir(func(string) string { return "" }, os.Getenv),
 		LockOutputs: true,
 		LockWait: func(p string) error {
 			if !waited[p] {

@@ -360,3 +360,35 @@ func mustDo(t *testing.T, err error) {
 		t.Fatal(err)
 	}
 }
+
+// Only nix-daemon's own local store at its default place is written
+// directly: any setting or variable that moves it leaves it to nix-store.
+func TestDirectDBDir(t *testing.T) {
+	tests := []struct {
+		name     string
+		settings map[string]string
+		env      map[string]string
+		want     string
+	}{
+		{"defaults", nil, nil, DefaultDBDir},
+		{"store = auto", map[string]string{"store": "auto"}, nil, DefaultDBDir},
+		{"store = local", map[string]string{"store": "local"}, nil, DefaultDBDir},
+		{"use-sqlite-wal = true", map[string]string{"use-sqlite-wal": "true"}, nil, DefaultDBDir},
+		{"store = daemon", map[string]string{"store": "daemon"}, nil, ""},
+		{"a chroot store", map[string]string{"store": "/srv/nix"}, nil, ""},
+		{"local with a root", map[string]string{"store": "local?root=/srv/nix"}, nil, ""},
+		{"use-sqlite-wal = false", map[string]string{"use-sqlite-wal": "false"}, nil, ""},
+		{"NIX_REMOTE", nil, map[string]string{"NIX_REMOTE": "daemon"}, ""},
+		{"NIX_STATE_DIR", nil, map[string]string{"NIX_STATE_DIR": "/srv/state"}, ""},
+		{"NIX_STORE_DIR", nil, map[string]string{"NIX_STORE_DIR": "/srv/store"}, ""},
+		{"NIX_DB_DIR", nil, map[string]string{"NIX_DB_DIR": "/srv/db"}, ""},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got := DirectDBDir(func(n string) string { return tt.settings[n] }, func(n string) string { return tt.env[n] })
+			if got != tt.want {
+				t.Errorf("got %q, want %q", got, tt.want)
+			}
+		})
+	}
+}

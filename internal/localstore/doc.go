@@ -30,28 +30,44 @@
 //     Nix's own build-remote is linked into the worker and skips the lock
 //     in process, which an external program cannot do.
 //
-// What works on every Nix from 2.8 to 2.35 (the input format is the same in
-// every tag; run here on 2.8, 2.26 and 2.34) takes no lock at all:
+// What works on every Nix from 2.8 to 2.35 takes no lock at all:
 // [Store.AddOutputs] unpacks each NAR at the output's path itself and then
-// runs one `nix-store --register-validity --hash-given`, which writes the
-// paths' metadata (narHash, narSize, deriver, references) into the database
-// in one transaction and canonicalises their files (mode, mtime 1, owner).
-// It needs what the hook has: root, and a writable store (nix-daemon's
-// mount namespace).
+// registers the paths' metadata (narHash, narSize, deriver, references) in
+// Nix's database, in one transaction, after giving their files the store's
+// metadata (mode 0444/0555, mtime 1, owner). It needs what the hook has:
+// root, and a writable store (nix-daemon's mount namespace).
 //
-// Nearly all that registration costs is nix-store starting: loading Nix's
-// libraries and configuration and opening the database take 12–20 ms on
-// the test bed (an empty `--register-validity` on Nix 2.8, 2.26 and 2.34),
-// the registration of a few outputs 1–2 ms. Nix's registerValidity reads
-// its input before it asks the store anything, so [Store.StartRegistration]
-// starts the process early (the hook does at `# accept`) and AddOutputs
-// gives it its input when the outputs are in place: the start-up overlaps
-// the remote build. Waiting for its input it holds only what any Nix
-// process with the store open holds. An empty input registers nothing, and
-// one cut inside a record fails before anything is registered (NixOS/nix
-// 2.8.0 src/libstore/store-api.cc decodeValidPathInfo: "missing input");
-// the input goes in one write, so the hook's death cannot cut it between
-// two records.
+// # Registering
+//
+// With [Options.DBDir] (the hook sets it through [DirectDBDir] whenever
+// nix-daemon's store is the local one at its default place), AddOutputs
+// writes the rows itself, with SQLite (modernc.org/sqlite: the same C
+// code as the SQLite linked into Nix, translated to Go, so the same file
+// locks and WAL index), as `nix-store --register-validity --hash-given`
+// writes them: see registerDirect for what, and the integration test for
+// the proof, which compares both stores' rows on 2.8, 2.26 and 2.34. It
+// writes only a database it knows: schema version 10 (that of every Nix
+// since 2.0), in WAL mode (with use-sqlite-wal = false, Nix locks the
+// database with dot files another SQLite cannot see), with the big lock
+// held shared as every Nix process holds it, and no output that is a
+// derivation. Anything else, and any failure short of the commit, goes to
+// nix-store after all, and [Options.Fallback] is told why.
+//
+// The reason is time. A `nix-store` process takes 12–48 ms to start on
+// the test bed (loading Nix's libraries and configuration, opening the
+// database), the transaction 1–3 ms, and the hook pays it once per
+// derivation, with nix-daemon waiting. Without DBDir (or when falling
+// back), one `nix-store --register-validity --hash-given` registers the
+// batch; [Store.StartRegistration] starts it early (the hook does at
+// `# accept`; with a database registerDirect can write, it starts
+// nothing) so that its start-up overlaps the remote build. Nix's
+// registerValidity reads its input before it asks the store anything, so
+// waiting for its input it holds only what any Nix process with the store
+// open holds. An empty input registers nothing, and one cut inside a
+// record fails before anything is registered (NixOS/nix 2.8.0
+// src/libstore/store-api.cc decodeValidPathInfo: "missing input"); the
+// input goes in one write, so the hook's death cannot cut it between two
+// records. The input format is the same in every tag from 2.8 to 2.35.
 //
 // A process that is not run by a worker (the build command) has no lock
 // of its own on the outputs it fetches, and a hook may be writing the same
@@ -80,7 +96,7 @@
 //     from the bytes that were unpacked.
 //   - Only when every NAR is verified do the trees move to their names,
 //     replacing what an earlier failed attempt may have left there (an
-//     invalid path), and are registered, together, in one command.
+//     invalid path), and are registered, together, in one transaction.
 //   - On any error, the staging directory is removed, and so is every path
 //     that was moved into place but did not become valid: a partial or
 //     unverified output never becomes valid, and nothing is left behind. A
@@ -92,10 +108,11 @@
 //
 // # Store directories in two mount namespaces
 //
-// AddOutputs writes the trees itself but runs nix-store for the database.
-// In the hook both see the same /nix/store. In tests, nix-store runs in a
-// mount namespace where a test directory D is /nix, so Options.RealStoreDir
-// (D/store) says where this process finds what nix-store calls StoreDir.
+// AddOutputs writes the trees itself, and the database itself or through
+// nix-store. In the hook all see the same /nix. In tests, nix-store runs
+// in a mount namespace where a test directory D is /nix, so
+// Options.RealStoreDir (D/store) says where this process finds what
+// nix-store calls StoreDir, and Options.DBDir is D/var/nix/db.
 //
 // # Freshness
 //
