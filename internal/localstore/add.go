@@ -179,6 +179,12 @@ func (s *Store) addChecked(todo []*output, fetch func(path string, w io.Writer) 
 		}
 		return errors.Join(err, s.removeUnregistered(placed))
 	}
+	if s.registered == nil {
+		s.registered = make(map[string]bool, len(placed))
+	}
+	for _, o := range placed {
+		s.registered[o.path] = true
+	}
 	return nil
 }
 

@@ -144,6 +144,11 @@ func TestRegisterDirect(t *testing.T) {
 	if len(*fallbacks) > 0 {
 		t.Errorf("fell back to nix-store: %v", *fallbacks)
 	}
+	// What it registered is valid without a question (noNix fails the
+	// test if a read session starts).
+	if valid, err := s.Valid([]string{out, dev}); err != nil || !slices.Equal(valid, []string{out, dev}) {
+		t.Errorf("Valid: %q, %v; want both", valid, err)
+	}
 	base16 := func(b []byte) string {
 		sum := sha256.Sum256(b)
 		return "sha256:" + hex.EncodeToString(sum[:])

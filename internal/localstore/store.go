@@ -107,6 +107,10 @@ type Store struct {
 	// pending brings the registration process StartRegistration started
 	// (nil if it could not start); nil if there is none.
 	pending chan *registration
+	// registered holds the paths this Store made valid itself, which
+	// Valid reports without asking (a fresh session would cost a
+	// nix-store start), until Refresh.
+	registered map[string]bool
 }
 
 // Open returns a Store for the local store that opt describes. It starts no
@@ -155,6 +159,7 @@ func (s *Store) Close() error {
 // reported invalid. AddOutputs takes care of the paths it writes itself.
 func (s *Store) Refresh() {
 	s.reset()
+	clear(s.registered)
 }
 
 // reset ends the read session; the next read starts a new one. A serve
@@ -222,20 +227,33 @@ func (e *NotValidError) Error() string {
 }
 
 // Valid returns those of paths that are valid in the local store, sorted.
-// Malformed paths are an error, and nothing is sent.
+// Malformed paths are an error, and nothing is sent. Paths this Store
+// registered itself are valid without a question, until [Store.Refresh].
 func (s *Store) Valid(paths []string) ([]string, error) {
 	if err := s.checkPaths(paths); err != nil {
 		return nil, err
 	}
-	c, err := s.session()
-	if err != nil {
-		return nil, err
+	var known, ask []string
+	for _, p := range paths {
+		if s.registered[p] {
+			known = append(known, p)
+		} else {
+			ask = append(ask, p)
+		}
 	}
-	valid, err := c.QueryValidPaths(paths, false, false)
-	if err != nil {
-		return nil, fmt.Errorf("localstore: %w", err)
+	if len(ask) > 0 {
+		c, err := s.session()
+		if err != nil {
+			return nil, err
+		}
+		valid, err := c.QueryValidPaths(ask, false, false)
+		if err != nil {
+			return nil, fmt.Errorf("localstore: %w", err)
+		}
+		known = append(known, valid...)
 	}
-	return valid, nil
+	slices.Sort(known)
+	return slices.Compact(known), nil
 }
 
 // requireValid returns a *NotValidError if some of paths are not valid.
