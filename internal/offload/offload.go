@@ -390,14 +390,26 @@ func upload(ctx context.Context, conn *serveproto.Conn, local Local, job Job, ev
 		}
 		ev.Copying(len(infos), total)
 	}
+	// One flight when no other build is sending any of them: each path's
+	// request and NAR go out without waiting for the reply before, which
+	// at a round-trip time of 20 ms took 0.5 s for a root with 21 inputs.
+	if tr == nil {
+		return sendAll(conn, local, infos, func(string, error) {})
+	}
+	all, done, err := tr.ClaimAll(ctx, missing)
+	if err != nil {
+		return err
+	}
+	if all {
+		return sendAll(conn, local, infos, func(p string, err error) {
+			done(p, err)
+			if err == nil {
+				tr.MarkLocked([]string{p})
+			}
+		})
+	}
 	var sentElsewhere []string
 	for _, info := range infos {
-		if tr == nil {
-			if err := sendOne(conn, local, info); err != nil {
-				return err
-			}
-			continue
-		}
 		upload, done, err := tr.Claim(ctx, info.Path)
 		if err != nil {
 			return err
@@ -429,8 +441,53 @@ func upload(ctx context.Context, conn *serveproto.Conn, local Local, job Job, ev
 	return nil
 }
 
+// sendAll sends infos, in their order, in one flight of AddToStoreNar
+// requests, then reads the replies; done is told each path's outcome,
+// once, whether it was sent or not.
+func sendAll(conn *serveproto.Conn, local Local, infos []serveproto.PathInfo, done func(path string, err error)) error {
+	replies := make([]*serveproto.Reply[struct{}], 0, len(infos))
+	var err error
+	for _, info := range infos {
+		r, serr := sendAhead(conn, local, info)
+		if serr != nil {
+			err = serr
+			break
+		}
+		replies = append(replies, r)
+	}
+	for i, info := range infos {
+		var perr error
+		switch {
+		case i < len(replies):
+			if _, rerr := replies[i].Read(); rerr != nil {
+				perr = fmt.Errorf("%s: %w", info.Path, rerr)
+			}
+		default:
+			perr = err // never sent, or its send failed
+		}
+		if perr != nil && err == nil {
+			err = perr
+		}
+		done(info.Path, perr)
+	}
+	return err
+}
+
 // sendOne streams one path from the local store into AddToStoreNar.
 func sendOne(conn *serveproto.Conn, local Local, info serveproto.PathInfo) error {
+	r, err := sendAhead(conn, local, info)
+	if err == nil {
+		_, err = r.Read()
+	}
+	if err != nil {
+		return fmt.Errorf("%s: %w", info.Path, err)
+	}
+	return nil
+}
+
+// sendAhead streams one path from the local store into an AddToStoreNar
+// request whose reply is read later.
+func sendAhead(conn *serveproto.Conn, local Local, info serveproto.PathInfo) (*serveproto.Reply[struct{}], error) {
 	pr, pw := io.Pipe()
 	dumpErr := make(chan error, 1)
 	go func() {
@@ -438,15 +495,15 @@ func sendOne(conn *serveproto.Conn, local Local, info serveproto.PathInfo) error
 		pw.CloseWithError(err)
 		dumpErr <- err
 	}()
-	err := conn.AddToStoreNar(info, pr)
+	r, err := conn.SendAddToStoreNar(info, pr)
 	pr.CloseWithError(errors.New("upload ended"))
 	if derr := <-dumpErr; derr != nil && err == nil {
 		err = derr
 	}
 	if err != nil {
-		return fmt.Errorf("%s: %w", info.Path, err)
+		return nil, fmt.Errorf("%s: %w", info.Path, err)
 	}
-	return nil
+	return r, nil
 }
 
 // bringHome has the local store fetch and register the outputs whose

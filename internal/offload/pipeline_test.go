@@ -71,6 +71,9 @@ func (f *fakeTransfers) Forget(paths []string)  { f.forgot = append(f.forgot, pa
 func (f *fakeTransfers) Claim(context.Context, string) (bool, func(error), error) {
 	return true, func(error) {}, nil
 }
+func (f *fakeTransfers) ClaimAll(context.Context, []string) (bool, func(string, error), error) {
+	return true, func(string, error) {}, nil
+}
 
 // runCounted runs e's build on a session whose turns it counts, and
 // returns the Conn for a look at its state afterwards.
@@ -239,5 +242,38 @@ func TestOutputsFetchedInAnotherOrder(t *testing.T) {
 	}
 	if _, err := conn.QueryValidPaths([]string{outPath}, false, false); err != nil {
 		t.Fatalf("a query after the build: %v", err)
+	}
+}
+
+// Missing inputs go to the machine in one flight, references first: a
+// turn for all of them, not one each.
+func TestUploadsInOneFlight(t *testing.T) {
+	for _, broker := range []bool{false, true} {
+		name := map[bool]string{false: "alone", true: "with a transfers table"}[broker]
+		t.Run(name, func(t *testing.T) {
+			e := newEnv(t)
+			dep := "/nix/store/dddddddddddddddddddddddddddddddd-dep"
+			top := "/nix/store/ssssssssssssssssssssssssssssssss-top"
+			e.local.Add(t, serveproto.PathInfo{Path: dep}, inputNAR)
+			e.local.Add(t, serveproto.PathInfo{Path: top, References: []string{dep, inputPath}}, inputNAR)
+			e.job.Drv.InputSources = []string{top, inputPath, dep}
+			if broker {
+				e.job.Transfers = &fakeTransfers{}
+			}
+			_, n, err := e.runCounted(t)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if n != 5 {
+				t.Errorf("%d turns, want 5 (greeting, input query, the three uploads, build, outputs)", n)
+			}
+			checkOps(t, e.srv, servetest.QueryValidPaths, servetest.AddToStoreNar, servetest.AddToStoreNar, servetest.AddToStoreNar,
+				servetest.BuildDerivation, servetest.QueryPathInfos, servetest.DumpStorePath)
+			for _, p := range []string{dep, inputPath, top} {
+				if _, ok := e.srv.Lookup(p); !ok {
+					t.Errorf("%s was not sent", p)
+				}
+			}
+		})
 	}
 }

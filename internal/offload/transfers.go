@@ -29,4 +29,9 @@ type Transfers interface {
 	// machine sent it while Claim waited, and done is nil. If that other
 	// upload failed, Claim hands the path to this caller instead.
 	Claim(ctx context.Context, path string) (upload bool, done func(error), err error)
+	// ClaimAll claims every one of paths for one flight of uploads, if no
+	// other build is sending any of them: the caller sends them all and
+	// then calls done for each with its outcome. ok false claims nothing;
+	// the caller then claims them one at a time.
+	ClaimAll(ctx context.Context, paths []string) (ok bool, done func(path string, err error), err error)
 }

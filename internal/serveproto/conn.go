@@ -403,6 +403,9 @@ type Reply[T any] struct {
 	c      *Conn
 	op     operation
 	result func() T
+	// check, if set, may fail a reply that was read whole (the Conn
+	// stays usable).
+	check func() error
 }
 
 // Read reads the reply, flushing what was sent before if it is still
@@ -411,6 +414,11 @@ func (r *Reply[T]) Read() (T, error) {
 	if err := r.c.receive(r.op); err != nil {
 		var zero T
 		return zero, err
+	}
+	if r.check != nil {
+		if err := r.check(); err != nil {
+			return r.result(), err
+		}
 	}
 	return r.result(), nil
 }

@@ -239,6 +239,49 @@ func testIntegration(t *testing.T, nix testbed.Nix, system string) {
 		}
 	})
 
+	// C refers to D, and both go in one flight, D first: the server adds
+	// them in order, so C's reference is valid when C arrives.
+	infoD, narD := sourcePath(t, "serveproto-d", "d\n")
+	infoC, narC := sourcePath(t, "serveproto-c", "c refers to "+infoD.Path+"\n")
+	infoC.References = []string{infoD.Path}
+	infoC.CA = ""
+	t.Run("AddToStoreNar pipelined", func(t *testing.T) {
+		rd, err := c.SendAddToStoreNar(infoD, bytes.NewReader(narD))
+		if err != nil {
+			t.Fatal(err)
+		}
+		rc, err := c.SendAddToStoreNar(infoC, bytes.NewReader(narC))
+		if err != nil {
+			t.Fatal(err)
+		}
+		rv, err := c.SendQueryValidPaths([]string{infoC.Path, infoD.Path}, false, false)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := rd.Read(); err != nil {
+			t.Fatalf("D: %v", err)
+		}
+		if _, err := rc.Read(); err != nil {
+			t.Fatalf("C: %v", err)
+		}
+		want := []string{infoC.Path, infoD.Path}
+		slices.Sort(want)
+		if got, err := rv.Read(); err != nil || !slices.Equal(got, want) {
+			t.Errorf("valid after the flight: %q, %v; want %q", got, err, want)
+		}
+		// A reader with bytes after the NAR: said at Read, and the Conn is in step.
+		r, err := c.SendAddToStoreNar(infoD, io.MultiReader(bytes.NewReader(narD), strings.NewReader("extra")))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := r.Read(); err == nil || !strings.Contains(err.Error(), "more bytes after the NAR") {
+			t.Errorf("trailing bytes: %v", err)
+		}
+		if _, err := c.QueryValidPaths([]string{infoD.Path}, false, false); err != nil {
+			t.Errorf("the Conn after trailing bytes: %v", err)
+		}
+	})
+
 	t.Run("QueryClosure", func(t *testing.T) {
 		got, err := c.QueryClosure([]string{infoB.Path}, false)
 		if err != nil {

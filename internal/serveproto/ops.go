@@ -428,31 +428,48 @@ func (op *importPathsOp) readReply(d *decoder) error {
 // reader with more bytes after NarSize is reported after the server
 // accepted the path, and the Conn stays usable.
 func (c *Conn) AddToStoreNar(info PathInfo, r io.Reader) error {
+	_, err := call(c, "AddToStoreNar", func() (*Reply[struct{}], error) { return c.SendAddToStoreNar(info, r) })
+	return err
+}
+
+// SendAddToStoreNar is [Conn.AddToStoreNar] sent ahead: the request and
+// the whole NAR are written now, and the reply is read later, after those
+// of the requests sent before it. The server adds paths in the order they
+// are sent, so a path may refer to one sent before it in the same flight.
+// Its Read returns AddToStoreNar's errors, the reader's trailing bytes
+// among them.
+func (c *Conn) SendAddToStoreNar(info PathInfo, r io.Reader) (*Reply[struct{}], error) {
 	const opName = "AddToStoreNar"
 	if c.Err() == nil && c.minor() < 5 {
-		return fmt.Errorf("serveproto: %s: server protocol %s, need 2.5: %w", opName, c.server, ErrUnsupported)
+		return nil, fmt.Errorf("serveproto: %s: server protocol %s, need 2.5: %w", opName, c.server, ErrUnsupported)
 	}
 	if err := checkInfo(opName, "info", info); err != nil {
-		return err
+		return nil, err
 	}
 	if r == nil {
-		return fmt.Errorf("serveproto: %s: %s: no NAR reader", opName, info.Path)
+		return nil, fmt.Errorf("serveproto: %s: %s: no NAR reader", opName, info.Path)
 	}
 	if info.NarSize == 0 {
-		return fmt.Errorf("serveproto: %s: %s: NarSize is 0", opName, info.Path)
+		return nil, fmt.Errorf("serveproto: %s: %s: NarSize is 0", opName, info.Path)
 	}
 	h, err := parseNarHash(info.NarHash)
 	if err != nil {
-		return fmt.Errorf("serveproto: %s: %s: narHash: %w", opName, info.Path, err)
+		return nil, fmt.Errorf("serveproto: %s: %s: narHash: %w", opName, info.Path, err)
 	}
 	op := &addToStoreNarOp{Info: info, hexHash: h.Format(nixhash.Base16, false), r: r}
-	if err := c.do(op); err != nil {
-		return err
+	reply, err := sendFor(c, op, func() struct{} { return struct{}{} })
+	if err != nil {
+		return nil, err
 	}
-	if op.trailing {
-		return fmt.Errorf("serveproto: %s: %s: the reader has more bytes after the NAR of NarSize %d; the path was added", opName, info.Path, info.NarSize)
+	// Said once the reply is read: the server has added the path then,
+	// and the Conn is in step.
+	reply.check = func() error {
+		if op.trailing {
+			return fmt.Errorf("serveproto: %s: %s: the reader has more bytes after the NAR of NarSize %d; the path was added", opName, info.Path, info.NarSize)
+		}
+		return nil
 	}
-	return nil
+	return reply, nil
 }
 
 // addToStoreNarOp is command 9 (cmdAddToStoreNar, protocol 2.5+; server:

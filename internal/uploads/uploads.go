@@ -84,6 +84,50 @@ func (u *Table) Claim(ctx context.Context, path string) (upload bool, done func(
 	}
 }
 
+// ClaimAll implements offload.Transfers.ClaimAll for the machine: it
+// waits for one upload stream, then claims every one of paths at once if
+// no other build is sending any of them; otherwise it claims nothing and
+// gives the stream back (ok false). It never waits while it holds a claim,
+// so builds that claim paths this way and one at a time cannot wait for
+// each other in a circle. The stream is held until done has been called
+// for every path.
+func (u *Table) ClaimAll(ctx context.Context, paths []string) (ok bool, done func(path string, err error), err error) {
+	select {
+	case u.streams <- struct{}{}:
+	case <-ctx.Done():
+		return false, nil, context.Cause(ctx)
+	}
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	for _, p := range paths {
+		if u.inflight[p] != nil {
+			<-u.streams
+			return false, nil, nil
+		}
+	}
+	mine := make(map[string]*flight, len(paths))
+	for _, p := range paths {
+		f := &flight{done: make(chan struct{})}
+		u.inflight[p] = f
+		mine[p] = f
+	}
+	return true, func(path string, err error) {
+		u.mu.Lock()
+		defer u.mu.Unlock()
+		f := mine[path]
+		if f == nil {
+			return // not claimed here, or done already
+		}
+		delete(mine, path)
+		delete(u.inflight, path)
+		f.err = err
+		close(f.done)
+		if len(mine) == 0 {
+			<-u.streams
+		}
+	}, nil
+}
+
 // Known reports whether every one of paths is in the valid table.
 func (u *Table) Known(paths []string) bool {
 	u.mu.Lock()
@@ -153,4 +197,7 @@ func (t transfers) Present(paths []string)    { t.up.Present(paths) }
 func (t transfers) Forget(paths []string)     { t.up.Forget(paths) }
 func (t transfers) Claim(ctx context.Context, path string) (bool, func(error), error) {
 	return t.up.Claim(ctx, path)
+}
+func (t transfers) ClaimAll(ctx context.Context, paths []string) (bool, func(string, error), error) {
+	return t.up.ClaimAll(ctx, paths)
 }

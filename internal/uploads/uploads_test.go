@@ -109,3 +109,54 @@ func TestUploadsKnowWhatIsValid(t *testing.T) {
 		t.Error("a path found gone is still known, or forgetting it forgot another")
 	}
 }
+
+// ClaimAll claims a whole flight of paths with one stream, or nothing if
+// another build is sending one of them; a build claiming one of its paths
+// waits for that flight, and the stream is free once every path is done.
+func TestUploadsClaimAll(t *testing.T) {
+	u := New(2)
+	ctx := context.Background()
+	a, b, c := "/nix/store/a", "/nix/store/b", "/nix/store/c"
+	ok, done, err := u.ClaimAll(ctx, []string{a, b})
+	if err != nil || !ok {
+		t.Fatalf("ClaimAll of free paths: %v, %v", ok, err)
+	}
+	// Another build needs b: it waits for this flight, and then b is sent.
+	got := make(chan bool)
+	go func() {
+		up, _, err := u.Claim(ctx, b)
+		if err != nil {
+			t.Error(err)
+		}
+		got <- up
+	}()
+	testbed.WaitFor(t, 10*time.Second, "a claim waiting for b", func() bool { return u.Waiting(b) == 1 })
+	// A flight with a path another flight is sending claims nothing, and
+	// gives its stream back at once.
+	for range 3 {
+		if ok, _, err := u.ClaimAll(ctx, []string{c, a}); ok || err != nil {
+			t.Fatalf("ClaimAll of a path in flight: %v, %v", ok, err)
+		}
+	}
+	done(a, nil)
+	done(a, errors.New("told twice: ignored"))
+	done(b, nil)
+	if up := <-got; up {
+		t.Error("b was claimed again after the flight sent it")
+	}
+	// Both streams are free again, and nothing is claimed.
+	ok1, done1, err1 := u.ClaimAll(ctx, []string{c, a})
+	ok2, done2, err2 := u.ClaimAll(ctx, []string{b})
+	if !ok1 || !ok2 || err1 != nil || err2 != nil {
+		t.Fatalf("two flights after the first: %v %v, %v %v", ok1, err1, ok2, err2)
+	}
+	// With both streams taken, a cancelled wait for one claims nothing.
+	cctx, cancel := context.WithCancel(ctx)
+	cancel()
+	if ok, _, err := u.ClaimAll(cctx, []string{"/nix/store/d"}); ok || !errors.Is(err, context.Canceled) {
+		t.Errorf("ClaimAll with the streams taken and ctx cancelled: %v, %v", ok, err)
+	}
+	done1(c, nil)
+	done1(a, nil)
+	done2(b, nil)
+}
