@@ -43,9 +43,10 @@ func (e *errNotDirect) Error() string { return "not written directly: " + e.why 
 // ([Options.DBDir]), or "" if only nix-store may: when any variable that
 // moves Nix's store, state or database elsewhere is set, or setting, which
 // looks up nix-daemon's settings, says that the store is not the local one
-// at its default place, or that its database is not in WAL mode (with
+// at its default place, that its database is not in WAL mode (with
 // use-sqlite-wal = false Nix locks it with dot files, which another SQLite
-// cannot see).
+// cannot see), or that the file systems are to be synced before paths are
+// registered (sync-before-registering).
 func DirectDBDir(setting func(name string) string, getenv func(name string) string) string {
 	for _, v := range []string{"NIX_REMOTE", "NIX_STORE_DIR", "NIX_STORE", "NIX_STATE_DIR", "NIX_DB_DIR"} {
 		if getenv(v) != "" {
@@ -59,6 +60,9 @@ func DirectDBDir(setting func(name string) string, getenv func(name string) stri
 	}
 	if setting("use-sqlite-wal") == "false" {
 		return ""
+	}
+	if setting("sync-before-registering") == "true" {
+		return "" // nix-store syncs the file systems first, as asked
 	}
 	return DefaultDBDir
 }

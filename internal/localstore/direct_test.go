@@ -383,6 +383,8 @@ func TestDirectDBDir(t *testing.T) {
 		{"a chroot store", map[string]string{"store": "/srv/nix"}, nil, ""},
 		{"local with a root", map[string]string{"store": "local?root=/srv/nix"}, nil, ""},
 		{"use-sqlite-wal = false", map[string]string{"use-sqlite-wal": "false"}, nil, ""},
+		{"sync-before-registering = true", map[string]string{"sync-before-registering": "true"}, nil, ""},
+		{"sync-before-registering = false", map[string]string{"sync-before-registering": "false"}, nil, DefaultDBDir},
 		{"NIX_REMOTE", nil, map[string]string{"NIX_REMOTE": "daemon"}, ""},
 		{"NIX_STATE_DIR", nil, map[string]string{"NIX_STATE_DIR": "/srv/state"}, ""},
 		{"NIX_STORE_DIR", nil, map[string]string{"NIX_STORE_DIR": "/srv/store"}, ""},
