@@ -10,6 +10,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strings"
 	"syscall"
@@ -46,8 +47,12 @@ func (e *errNotDirect) Error() string { return "not written directly: " + e.why 
 // at its default place, that its database is not in WAL mode (with
 // use-sqlite-wal = false Nix locks it with dot files, which another SQLite
 // cannot see), or that the file systems are to be synced before paths are
-// registered (sync-before-registering).
+// registered (sync-before-registering). On systems other than Linux it
+// always returns "".
 func DirectDBDir(setting func(name string) string, getenv func(name string) string) string {
+	if runtime.GOOS != "linux" {
+		return "" // see canonicalise
+	}
 	for _, v := range []string{"NIX_REMOTE", "NIX_STORE_DIR", "NIX_STORE", "NIX_STATE_DIR", "NIX_DB_DIR"} {
 		if getenv(v) != "" {
 			return ""
