@@ -50,7 +50,7 @@
 // since 2.0), in WAL mode (with use-sqlite-wal = false, Nix locks the
 // database with dot files another SQLite cannot see), with the big lock
 // held shared as every Nix process holds it, and no output that is a
-// derivation. Anything else, and any failure short of the commit, goes to
+// derivation; and only on Linux, where canonicalise follows Nix's rules. Anything else, and any failure short of the commit, goes to
 // nix-store after all, and [Options.Fallback] is told why.
 //
 // The reason is time. A `nix-store` process takes 12–48 ms to start on
