@@ -7,6 +7,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -126,7 +127,15 @@ func KillCommand(cmd *exec.Cmd) error {
 		return errors.New("testbed: KillCommand: command was not started")
 	}
 	pid := cmd.Process.Pid
-	ns, nsErr := nsOf(pid)
+	// The namespace is held open while its processes are killed: a namespace that
+	// nothing holds is freed when its last process exits, and the kernel gives its
+	// number to the next new one, a parallel test's nix-store among them.
+	nsFile, nsErr := os.Open("/proc/" + strconv.Itoa(pid) + "/ns/mnt")
+	var ns nsID
+	if nsErr == nil {
+		defer nsFile.Close()
+		ns, nsErr = nsOfFile(nsFile)
+	}
 	if err := syscall.Kill(-pid, syscall.SIGKILL); err != nil && !errors.Is(err, syscall.ESRCH) {
 		return fmt.Errorf("testbed: KillCommand: %v", err)
 	}

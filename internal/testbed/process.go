@@ -170,18 +170,27 @@ func reapOrphans() (int, error) {
 		if err != nil || pid == 1 || pid == os.Getpid() {
 			continue
 		}
-		ns, err := nsOf(pid)
+		// Held open while it is reaped, so that its number cannot pass to a new
+		// namespace once its last process has exited (see KillCommand).
+		nsFile, err := os.Open("/proc/" + strconv.Itoa(pid) + "/ns/mnt")
+		if err != nil {
+			continue
+		}
+		ns, err := nsOfFile(nsFile)
 		if err != nil || seen[ns] {
+			nsFile.Close()
 			continue
 		}
 		seen[ns] = true
 		owner, ok := nsOwner(pid)
 		if !ok || ownerAlive(owner) || sharedNS(ns) {
+			nsFile.Close()
 			continue
 		}
 		if err := killNS(ns, killTimeout); err != nil {
 			errs = append(errs, err)
 		}
+		nsFile.Close()
 		reaped++
 	}
 	return reaped, errors.Join(errs...)
