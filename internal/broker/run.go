@@ -595,9 +595,6 @@ type buildLocal struct {
 
 	mu       sync.Mutex
 	lostPath string // a held input its machine could not give
-	// madeValid are the outputs the client has made valid locally (or
-	// that were valid already): Valid need not ask about them again.
-	madeValid []string
 }
 
 // held returns what the client said of p, if a machine holds it.
@@ -703,17 +700,6 @@ func (l *buildLocal) Dump(p string, w io.Writer) (nar.Stats, error) {
 }
 
 func (l *buildLocal) Valid(paths []string) ([]string, error) {
-	l.mu.Lock()
-	known := !slices.ContainsFunc(paths, func(p string) bool { return !slices.Contains(l.madeValid, p) })
-	l.mu.Unlock()
-	if known && len(paths) > 0 {
-		// The outputs' check after the client's import: it has said they
-		// are valid, and a question to the local store would only delay the
-		// hook's exit, after which nix-daemon checks them itself.
-		valid := slices.Clone(paths)
-		slices.Sort(valid)
-		return slices.Compact(valid), nil
-	}
 	valid, err := l.bd.b.local.valid(paths)
 	if err != nil {
 		return nil, &engine.LocalError{Err: err}
@@ -729,15 +715,7 @@ func (l *buildLocal) AddOutputs(infos []serveproto.PathInfo, fetch func(path str
 	bd.b.mu.Lock()
 	bd.b.releaseLocked(bd.t)
 	bd.b.mu.Unlock()
-	if err := bd.offer(m, infos, fetch); err != nil {
-		return err
-	}
-	l.mu.Lock()
-	for _, in := range infos {
-		l.madeValid = append(l.madeValid, in.Path)
-	}
-	l.mu.Unlock()
-	return nil
+	return bd.offer(m, infos, fetch)
 }
 
 // offer offers those of infos, outputs on m, that are not valid locally to the client, which

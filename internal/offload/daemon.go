@@ -234,13 +234,11 @@ func fetchOutputsDaemon(ctx context.Context, conn *daemonproto.Conn, local Local
 	if err != nil {
 		return err
 	}
-	paths := make([]string, len(infos))
 	byPath := map[string]serveproto.PathInfo{}
-	for i, info := range infos {
-		paths[i] = info.Path
+	for _, info := range infos {
 		byPath[info.Path] = info
 	}
-	return bringHome(local, infos, paths, ev, func(path string, w io.Writer) error {
+	return bringHome(local, infos, ev, func(path string, w io.Writer) error {
 		_, err := conn.NarFromPath(ctx, byPath[path], w)
 		return err
 	})

@@ -36,7 +36,8 @@ type Local interface {
 	PathInfos(paths []string) ([]serveproto.PathInfo, error)
 	// Dump writes the NAR of a local path to w.
 	Dump(path string, w io.Writer) (nar.Stats, error)
-	// AddOutputs makes the outputs valid; fetch writes one output's NAR.
+	// AddOutputs makes the outputs valid, all of them when it returns nil;
+	// fetch writes one output's NAR.
 	AddOutputs(infos []serveproto.PathInfo, fetch func(path string, w io.Writer) error) error
 	// Valid returns the subset of paths that are valid.
 	Valid(paths []string) ([]string, error)
@@ -309,7 +310,7 @@ func (fl *buildFlight) fetchOutputs(conn *serveproto.Conn, local Local, infos []
 		}
 		return nil
 	}
-	err := bringHome(local, infos, fl.paths, ev, func(path string, w io.Writer) error {
+	err := bringHome(local, infos, ev, func(path string, w io.Writer) error {
 		i := slices.IndexFunc(fl.dumps, func(d *serveproto.DumpReply) bool { return d.Path() == path })
 		if i < 0 {
 			// Not asked for, or asked for and read past: ask now.
@@ -507,9 +508,11 @@ func sendAhead(conn *serveproto.Conn, local Local, info serveproto.PathInfo) (*s
 }
 
 // bringHome has the local store fetch and register the outputs whose
-// metadata the machine gave (whichever protocol it speaks), then checks that
-// every one of paths is valid here.
-func bringHome(local Local, infos []serveproto.PathInfo, paths []string, ev Events, fetch func(path string, w io.Writer) error) error {
+// metadata the machine gave (whichever protocol it speaks). AddOutputs
+// returns only once every one of them is valid here, so nothing is asked
+// again: a question would only delay the hook's exit, and nix-daemon
+// checks the outputs itself once the hook has exited.
+func bringHome(local Local, infos []serveproto.PathInfo, ev Events, fetch func(path string, w io.Writer) error) error {
 	if ev.Fetching != nil {
 		var total uint64
 		for _, i := range infos {
@@ -517,17 +520,7 @@ func bringHome(local Local, infos []serveproto.PathInfo, paths []string, ev Even
 		}
 		ev.Fetching(len(infos), total)
 	}
-	if err := local.AddOutputs(infos, fetch); err != nil {
-		return err
-	}
-	valid, err := local.Valid(paths)
-	if err != nil {
-		return err
-	}
-	if lost := without(paths, valid); len(lost) > 0 {
-		return fmt.Errorf("outputs not valid after import: %s", strings.Join(lost, ", "))
-	}
-	return nil
+	return local.AddOutputs(infos, fetch)
 }
 
 // outputInfos asks the machine for the wanted outputs' metadata with
