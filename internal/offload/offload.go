@@ -419,9 +419,7 @@ func upload(ctx context.Context, conn *serveproto.Conn, local Local, job Job, ev
 			sentElsewhere = append(sentElsewhere, info.Path)
 			continue
 		}
-		err = sendOne(conn, local, info)
-		done(err)
-		if err != nil {
+		if err := sendAll(conn, local, []serveproto.PathInfo{info}, func(_ string, err error) { done(err) }); err != nil {
 			return err
 		}
 		tr.MarkLocked([]string{info.Path})
@@ -472,18 +470,6 @@ func sendAll(conn *serveproto.Conn, local Local, infos []serveproto.PathInfo, do
 		done(info.Path, perr)
 	}
 	return err
-}
-
-// sendOne streams one path from the local store into AddToStoreNar.
-func sendOne(conn *serveproto.Conn, local Local, info serveproto.PathInfo) error {
-	r, err := sendAhead(conn, local, info)
-	if err == nil {
-		_, err = r.Read()
-	}
-	if err != nil {
-		return fmt.Errorf("%s: %w", info.Path, err)
-	}
-	return nil
 }
 
 // sendAhead streams one path from the local store into an AddToStoreNar
