@@ -54,9 +54,7 @@ func (u *Table) Claim(ctx context.Context, path string) (upload bool, done func(
 			u.mu.Unlock()
 			finish := func(err error) {
 				u.mu.Lock()
-				delete(u.inflight, path)
-				f.err = err
-				close(f.done)
+				u.endLocked(path, f, err)
 				u.mu.Unlock()
 			}
 			select {
@@ -82,6 +80,14 @@ func (u *Table) Claim(ctx context.Context, path string) (upload bool, done func(
 			return false, nil, context.Cause(ctx)
 		}
 	}
+}
+
+// endLocked ends the upload f of path with err: the claims waiting for it
+// go on. u.mu is held.
+func (u *Table) endLocked(path string, f *flight, err error) {
+	delete(u.inflight, path)
+	f.err = err
+	close(f.done)
 }
 
 // ClaimAll implements offload.Transfers.ClaimAll for the machine: it
@@ -119,9 +125,7 @@ func (u *Table) ClaimAll(ctx context.Context, paths []string) (ok bool, done fun
 			return // not claimed here, or done already
 		}
 		delete(mine, path)
-		delete(u.inflight, path)
-		f.err = err
-		close(f.done)
+		u.endLocked(path, f, err)
 		if len(mine) == 0 {
 			<-u.streams
 		}
