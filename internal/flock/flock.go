@@ -11,7 +11,13 @@ import (
 
 // TryLock takes an exclusive flock on f without waiting; ok is false if
 // another open file holds it.
-func TryLock(f *os.File) (ok bool, err error) {
+func TryLock(f *os.File) (ok bool, err error) { return try(f, syscall.LOCK_EX) }
+
+// TryLockShared takes a shared flock on f without waiting; ok is false if
+// another open file holds it exclusively.
+func TryLockShared(f *os.File) (ok bool, err error) { return try(f, syscall.LOCK_SH) }
+
+func try(f *os.File, how int) (ok bool, err error) {
 	rc, err := f.SyscallConn()
 	if err != nil {
 		return false, err
@@ -19,7 +25,7 @@ func TryLock(f *os.File) (ok bool, err error) {
 	var ferr error
 	err = rc.Control(func(fd uintptr) {
 		for {
-			ferr = syscall.Flock(int(fd), syscall.LOCK_EX|syscall.LOCK_NB)
+			ferr = syscall.Flock(int(fd), how|syscall.LOCK_NB)
 			if ferr != syscall.EINTR {
 				return
 			}

@@ -13,9 +13,9 @@ import (
 	"runtime"
 	"slices"
 	"strings"
-	"syscall"
 	"time"
 
+	"github.com/nix-offload/nix-offload/internal/flock"
 	"github.com/nix-offload/nix-offload/internal/serveproto"
 	_ "modernc.org/sqlite" // the "sqlite" database/sql driver: SQLite itself, in Go
 )
@@ -266,12 +266,16 @@ func insertRows(ctx context.Context, tx *sql.Tx, outs []*output, now int64) erro
 // is held exclusively only while a Nix upgrades the schema, and then the
 // registration is better left to a nix-store that waits for it.
 func lockShared(name string) (unlock func(), err error) {
-	f, err := os.OpenFile(name, os.O_RDWR|os.O_CREATE|syscall.O_CLOEXEC, 0o600)
+	f, err := os.OpenFile(name, os.O_RDWR|os.O_CREATE, 0o600)
 	if err != nil {
 		return nil, &errNotDirect{fmt.Sprintf("the big lock: %v", err)}
 	}
-	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_SH|syscall.LOCK_NB); err != nil {
+	ok, err := flock.TryLockShared(f)
+	if !ok {
 		f.Close()
+		if err == nil {
+			err = errors.New("held exclusively (a Nix is upgrading the schema)")
+		}
 		return nil, &errNotDirect{fmt.Sprintf("the big lock %s: %v", name, err)}
 	}
 	return func() { f.Close() }, nil
